@@ -1,0 +1,348 @@
+"""DINOv2Backbone: the reference DinoVisionTransformer as a functional keras-hub Backbone."""
+
+import keras
+import keras_hub
+from keras import ops
+
+from keras_dinov2.layers.block import TransformerBlock
+from keras_dinov2.layers.embeddings import DINOv2Embeddings
+
+OFFICIAL_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+_SIZES = {
+    # name: (hidden_dim, num_layers, num_heads, ffn_type, official hub name)
+    "small14": (384, 12, 6, "mlp", "vits14"),
+    "base14": (768, 12, 12, "mlp", "vitb14"),
+    "large14": (1024, 24, 16, "mlp", "vitl14"),
+    "giant14": (1536, 40, 24, "swiglu", "vitg14"),
+}
+
+
+def _architectures():
+    table = {}
+    for size, (dim, depth, heads, ffn, hub) in _SIZES.items():
+        for registers in (0, 4):
+            name = f"dinov2_vit_{size}" + ("_reg4" if registers else "")
+            table[name] = {
+                "config": {
+                    "patch_size": 14,
+                    "hidden_dim": dim,
+                    "num_layers": depth,
+                    "num_heads": heads,
+                    "mlp_ratio": 4.0,
+                    "ffn_type": ffn,
+                    "num_register_tokens": registers,
+                    # The released models were trained at 518 px: a 37 x 37 position grid.
+                    "image_size": 518,
+                    "interpolation": "registers" if registers else "original",
+                    "layer_scale_init": 1.0,
+                },
+                "hub_name": f"dinov2_{hub}",
+                "weights": f"dinov2_{hub}" + ("_reg4" if registers else "") + "_pretrain.pth",
+            }
+    table["dinov2_vit_tiny4"] = {
+        # For tests and the CPU default on 32 x 32 images (an 8 x 8 patch grid).
+        "config": {
+            "patch_size": 4,
+            "hidden_dim": 96,
+            "num_layers": 4,
+            "num_heads": 3,
+            "mlp_ratio": 4.0,
+            "ffn_type": "mlp",
+            "num_register_tokens": 0,
+            "image_size": 32,
+            "interpolation": "transformers",
+            "layer_scale_init": 1e-5,
+        },
+        "hub_name": None,
+        "weights": None,
+    }
+    return table
+
+
+ARCHITECTURES = _architectures()
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class DINOv2Backbone(keras_hub.models.Backbone):
+    """The DINOv2 Vision Transformer (the reference's DinoVisionTransformer).
+
+    A functional model taking `{"images": (B, H, W, 3), "masks": (B, N) bool (optional)}` and
+    returning a dict: `cls_token` (B, D), `register_tokens` (B, R, D) and `patch_tokens`
+    (B, N, D) after the final LayerNorm, and `prenorm` (B, 1 + R + N, D) before it. H and W
+    can be any multiples of the patch size, different from call to call (224 x 224 global
+    and 98 x 98 local crops in one training step): the position table is resampled to the
+    input's grid exactly as the `interpolation` source does. Masked patches (True) are
+    replaced by the learned mask token before position embeddings are added (iBOT).
+
+    Args:
+        patch_size: int, default 14.
+        hidden_dim: int, default 384. Token width D.
+        num_layers: int, default 12.
+        num_heads: int, default 6. The reference uses hidden_dim / 64.
+        mlp_ratio: float, default 4.0.
+        ffn_type: str, default "mlp". "swiglu" for the giant model's fused SwiGLU.
+        num_register_tokens: int, default 0.
+        image_size: int, default 224. Square size the position table is stored for.
+        interpolation: str, default "original". "original" (first release: scale offset 0.1,
+            no antialias), "registers" (registers release: antialias) or "transformers"
+            (Hugging Face's Dinov2Model: no offset, no antialias).
+        layer_scale_init: float or None, default 1e-5. Initial LayerScale gamma (the
+            reference's training configs use 1e-5; None disables LayerScale).
+        drop_path_rate: float, default 0.0. Stochastic depth rate of the last block.
+        drop_path_uniform: bool, default False. Same rate in every block instead of a linear
+            ramp from 0, as the reference's `drop_path_uniform`.
+        subset_drop_path: bool, default True. Compute residual branches only for the kept
+            samples at rates above 0.1, as the reference does; see `TransformerBlock`.
+        layer_norm_epsilon: float, default 1e-6.
+        dtype: optional dtype policy, e.g. "mixed_bfloat16". Position interpolation and the
+            attention softmax always run in float32.
+
+    Example:
+    >>> backbone = DINOv2Backbone.from_preset("dinov2_vit_small14", load_weights=False)
+    >>> out = backbone({"images": np.zeros((2, 224, 224, 3), "float32")})
+    >>> out["cls_token"].shape   # (2, 384)
+    """
+
+    def __init__(
+        self,
+        patch_size=14,
+        hidden_dim=384,
+        num_layers=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        ffn_type="mlp",
+        num_register_tokens=0,
+        image_size=224,
+        interpolation="original",
+        layer_scale_init=1e-5,
+        drop_path_rate=0.0,
+        drop_path_uniform=False,
+        subset_drop_path=True,
+        layer_norm_epsilon=1e-6,
+        dtype=None,
+        **kwargs,
+    ):
+        for name, value in (
+            ("patch_size", patch_size),
+            ("hidden_dim", hidden_dim),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, received {value!r}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"`drop_path_rate` must be in [0, 1), received {drop_path_rate}.")
+        # === Layers ===
+        self.embeddings = DINOv2Embeddings(
+            hidden_dim,
+            patch_size,
+            image_size,
+            num_register_tokens=num_register_tokens,
+            interpolation=interpolation,
+            dtype=dtype,
+            name="embeddings",
+        )
+        if drop_path_uniform or num_layers == 1:
+            rates = [float(drop_path_rate)] * num_layers
+        else:
+            rates = [drop_path_rate * i / (num_layers - 1) for i in range(num_layers)]
+        self.transformer_blocks = [
+            TransformerBlock(
+                hidden_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                ffn_type=ffn_type,
+                layer_scale_init=layer_scale_init,
+                drop_path_rate=rates[i],
+                subset_drop_path=subset_drop_path,
+                layer_norm_epsilon=layer_norm_epsilon,
+                dtype=dtype,
+                name=f"block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="norm"
+        )
+
+        # === Functional model ===
+        images = keras.Input(shape=(None, None, 3), name="images")
+        masks = keras.Input(shape=(None,), dtype="bool", name="masks", optional=True)
+        x = self.embeddings(images, masks)
+        for block in self.transformer_blocks:
+            x = block(x)
+        normed = self.norm(x)
+        first_patch = 1 + num_register_tokens
+        outputs = {
+            "cls_token": normed[:, 0],
+            "register_tokens": normed[:, 1:first_patch],
+            "patch_tokens": normed[:, first_patch:],
+            "prenorm": x,
+        }
+        super().__init__(
+            inputs={"images": images, "masks": masks}, outputs=outputs, dtype=dtype, **kwargs
+        )
+
+        # === Config ===
+        self.patch_size = patch_size
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.ffn_type = ffn_type
+        self.num_register_tokens = num_register_tokens
+        self.image_size = image_size
+        self.interpolation = interpolation
+        self.layer_scale_init = layer_scale_init
+        self.drop_path_rate = drop_path_rate
+        self.drop_path_uniform = drop_path_uniform
+        self.subset_drop_path = subset_drop_path
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+    @staticmethod
+    def _standardize(inputs):
+        """Accepts {"images": x}, {"images": x, "masks": m} or a bare image tensor."""
+        if isinstance(inputs, dict):
+            masks = inputs.get("masks")
+            if masks is not None and "bool" not in str(getattr(masks, "dtype", "")):
+                raise ValueError(
+                    "`masks` must be boolean (True = masked patch), received dtype "
+                    f"{getattr(masks, 'dtype', type(masks))}."
+                )
+            if "masks" not in inputs:
+                inputs = {**inputs, "masks": None}
+            return inputs
+        if inputs is not None and not isinstance(inputs, (list, tuple)):
+            return {"images": inputs, "masks": None}
+        return inputs
+
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(self._standardize(inputs), *args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(self._standardize(inputs), training=training, mask=mask)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "patch_size": self.patch_size,
+                "hidden_dim": self.hidden_dim,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio,
+                "ffn_type": self.ffn_type,
+                "num_register_tokens": self.num_register_tokens,
+                "image_size": self.image_size,
+                "interpolation": self.interpolation,
+                "layer_scale_init": self.layer_scale_init,
+                "drop_path_rate": self.drop_path_rate,
+                "drop_path_uniform": self.drop_path_uniform,
+                "subset_drop_path": self.subset_drop_path,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
+
+    def get_intermediate_layers(self, images, n=1, masks=None, norm=True, training=False):
+        """Outputs of the last `n` blocks (or of the blocks listed in `n`), for probes.
+
+        The reference's `get_intermediate_layers`: each output is split into the CLS token
+        (B, D), the register tokens (B, R, D) and the patch tokens (B, N, D), optionally
+        through the final LayerNorm.
+
+        Args:
+            images: tensor (B, H, W, 3).
+            n: int or sequence of int, default 1. The last n blocks, or these block indices.
+            masks: optional bool tensor (B, N).
+            norm: bool, default True. Apply the final LayerNorm.
+            training: bool, default False.
+
+        Returns:
+            A list of dicts with keys "cls_token", "register_tokens", "patch_tokens",
+            ordered from the earliest block to the last.
+
+        Example:
+        >>> feats = backbone.get_intermediate_layers(images, n=4)
+        >>> ops.concatenate([f["cls_token"] for f in feats], axis=-1)   # linear-probe input
+        """
+        if isinstance(n, int):
+            if not 1 <= n <= self.num_layers:
+                raise ValueError(f"`n` must be in [1, {self.num_layers}], received {n}.")
+            wanted = set(range(self.num_layers - n, self.num_layers))
+        else:
+            wanted = {int(i) % self.num_layers for i in n}
+        x = self.embeddings(ops.convert_to_tensor(images), masks)
+        first_patch = 1 + self.num_register_tokens
+        results = []
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, training=training)
+            if i in wanted:
+                y = self.norm(x) if norm else x
+                results.append(
+                    {
+                        "cls_token": y[:, 0],
+                        "register_tokens": y[:, 1:first_patch],
+                        "patch_tokens": y[:, first_patch:],
+                    }
+                )
+        return results
+
+    def last_attention_weights(self, images):
+        """CLS-query attention of the last block, (B, heads, N) in float32, for pictures.
+
+        Example:
+        >>> attn = backbone.last_attention_weights(images)   # reshape to the patch grid
+        """
+        x = self.embeddings(ops.convert_to_tensor(images))
+        for block in self.transformer_blocks[:-1]:
+            x = block(x)
+        last = self.transformer_blocks[-1]
+        weights = last.attn.attention_weights(last.norm1(x))
+        return weights[:, :, 0, 1 + self.num_register_tokens :]
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a backbone from an architecture name, a local preset folder or a hub URI.
+
+        Architecture names (`dinov2_vit_small14`, `_base14`, `_large14`, `_giant14`, each also
+        with `_reg4`, and `dinov2_vit_tiny4`) build the reference's dimensions. With
+        `load_weights=True` they download the official torch-hub checkpoint once (into the
+        Keras cache) and convert it; this needs network access to Meta's file server. Any
+        other string goes to keras-hub's loader: a folder written by `save_to_preset`,
+        `hf://user/repo` or `kaggle://...`.
+
+        Args:
+            preset: str. An architecture name, a folder or a URI.
+            load_weights: bool, default True.
+            **kwargs: overrides of the constructor arguments (e.g. `drop_path_rate`).
+
+        Example:
+        >>> DINOv2Backbone.from_preset("dinov2_vit_small14_reg4", load_weights=False)
+        """
+        if preset in ARCHITECTURES:
+            entry = ARCHITECTURES[preset]
+            if not load_weights:
+                return cls(**{**entry["config"], **kwargs})
+            if entry["weights"] is None:
+                raise ValueError(
+                    f"The architecture preset {preset!r} has no released weights; pass "
+                    "`load_weights=False`."
+                )
+            from keras_dinov2.convert import load_torch_hub_checkpoint
+
+            url = f"{OFFICIAL_WEIGHTS_URL}/{entry['hub_name']}/{entry['weights']}"
+            try:
+                path = keras.utils.get_file(entry["weights"], url, cache_subdir="keras_dinov2")
+            except Exception as error:
+                raise ValueError(
+                    f"Could not download the official weights of {preset!r} from {url} "
+                    f"({error}). Pass `load_weights=False` for random weights, or download the "
+                    "file yourself and use keras_dinov2.convert.load_torch_hub_checkpoint(path)."
+                ) from error
+            overrides = {
+                k: v for k, v in kwargs.items() if k in entry["config"] or k == "dtype"
+            }
+            return load_torch_hub_checkpoint(path, **{**entry["config"], **overrides})
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)

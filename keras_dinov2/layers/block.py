@@ -1,0 +1,221 @@
+"""The pre-norm transformer block: LayerScale, stochastic depth, attention and feed-forward."""
+
+import keras
+from keras import ops
+
+from keras_dinov2.layers.attention import Attention
+from keras_dinov2.layers.feedforward import MLP, SwiGLU, swiglu_hidden_dim
+
+FFN_TYPES = ("mlp", "swiglu")
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class LayerScale(keras.layers.Layer):
+    """Multiplies each channel by a learned gamma (CaiT's LayerScale).
+
+    Args:
+        hidden_dim: int. Channel count.
+        init_value: float, default 1e-5. The reference's training configs start at 1e-5.
+
+    Example:
+    >>> LayerScale(384)(ops.ones((1, 2, 384)))   # every entry 1e-5 at initialization
+    """
+
+    def __init__(self, hidden_dim, init_value=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = int(hidden_dim)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape=None):
+        self.gamma = self.add_weight(
+            shape=(self.hidden_dim,),
+            initializer=keras.initializers.Constant(self.init_value),
+            name="gamma",
+        )
+        self.built = True
+
+    def call(self, x):
+        return x * ops.cast(self.gamma, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"hidden_dim": self.hidden_dim, "init_value": self.init_value})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drops the whole residual branch of random samples in training.
+
+    Each sample keeps its branch with probability 1 - rate (a Bernoulli draw per sample) and a
+    kept branch is divided by 1 - rate, so the expectation is unchanged. Identity in inference.
+
+    Args:
+        rate: float, default 0. Probability of dropping a sample's branch.
+        seed: optional int.
+
+    Example:
+    >>> DropPath(0.2)(ops.ones((8, 4, 16)), training=True)   # rows of 0 or 1.25
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"`rate` must be in [0, 1), received {rate}.")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        draw = keras.random.uniform(shape, seed=self.seed_generator, dtype="float32")
+        keep = ops.cast(draw < keep_prob, x.dtype)
+        return x * keep / ops.cast(keep_prob, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"rate": self.rate, "seed": self.seed})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm ViT block: x += ls1 * attn(norm1(x)); x += ls2 * ffn(norm2(x)).
+
+    Stochastic depth follows the reference: at rates above `subset_threshold` (0.1) in
+    training, each residual branch is computed only for a random subset of
+    max(int(B * (1 - rate)), 1) samples and added back scaled by B / subset, which saves the
+    dropped samples' compute; at lower rates, or when the batch size is not static, an
+    ordinary per-sample drop path is used. Both keep the expectation of the branch.
+
+    Args:
+        hidden_dim: int. Token width.
+        num_heads: int. Attention heads.
+        mlp_ratio: float, default 4.0. Feed-forward width over `hidden_dim`.
+        ffn_type: str, default "mlp". "mlp" (GELU) or "swiglu" (the giant model's fused
+            SwiGLU, hidden width `swiglu_hidden_dim(hidden_dim, mlp_ratio)`).
+        layer_scale_init: float or None, default 1e-5. None disables LayerScale.
+        drop_path_rate: float, default 0.
+        subset_drop_path: bool, default True. Use the subset form above its threshold.
+        layer_norm_epsilon: float, default 1e-6.
+        seed: optional int for stochastic depth.
+
+    Example:
+    >>> TransformerBlock(384, 6)(ops.zeros((2, 257, 384))).shape   # (2, 257, 384)
+    """
+
+    subset_threshold = 0.1
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        mlp_ratio=4.0,
+        ffn_type="mlp",
+        layer_scale_init=1e-5,
+        drop_path_rate=0.0,
+        subset_drop_path=True,
+        layer_norm_epsilon=1e-6,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if ffn_type not in FFN_TYPES:
+            raise ValueError(f"`ffn_type` must be one of {FFN_TYPES}, received {ffn_type!r}.")
+        self.hidden_dim = int(hidden_dim)
+        self.num_heads = int(num_heads)
+        self.mlp_ratio = float(mlp_ratio)
+        self.ffn_type = ffn_type
+        self.layer_scale_init = None if layer_scale_init is None else float(layer_scale_init)
+        self.drop_path_rate = float(drop_path_rate)
+        self.subset_drop_path = bool(subset_drop_path)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.seed = seed
+        policy = self.dtype_policy
+        self.norm1 = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="norm1"
+        )
+        self.attn = Attention(hidden_dim, num_heads, dtype=policy, name="attn")
+        self.norm2 = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
+        )
+        if ffn_type == "mlp":
+            self.mlp = MLP(hidden_dim, int(hidden_dim * mlp_ratio), dtype=policy, name="mlp")
+        else:
+            self.mlp = SwiGLU(
+                hidden_dim, swiglu_hidden_dim(hidden_dim, mlp_ratio), dtype=policy, name="mlp"
+            )
+        if self.layer_scale_init is not None:
+            self.ls1 = LayerScale(hidden_dim, self.layer_scale_init, dtype=policy, name="ls1")
+            self.ls2 = LayerScale(hidden_dim, self.layer_scale_init, dtype=policy, name="ls2")
+        else:
+            self.ls1 = self.ls2 = None
+        self.drop_path = DropPath(self.drop_path_rate, seed=seed, dtype=policy, name="drop_path")
+
+    def build(self, input_shape):
+        for layer in (self.norm1, self.attn, self.norm2, self.mlp):
+            layer.build(input_shape)
+        if self.ls1 is not None:
+            self.ls1.build(input_shape)
+            self.ls2.build(input_shape)
+        self.built = True
+
+    def _attention_branch(self, x):
+        y = self.attn(self.norm1(x))
+        return y if self.ls1 is None else self.ls1(y)
+
+    def _ffn_branch(self, x):
+        y = self.mlp(self.norm2(x))
+        return y if self.ls2 is None else self.ls2(y)
+
+    def _subset_residual(self, x, branch):
+        batch = x.shape[0]
+        kept = max(int(batch * (1.0 - self.drop_path_rate)), 1)
+        order = keras.random.shuffle(
+            ops.arange(batch, dtype="int32"), seed=self.drop_path.seed_generator
+        )
+        index = order[:kept]
+        residual = branch(ops.take(x, index, axis=0)) * ops.cast(batch / kept, x.dtype)
+        return x + ops.scatter(index[:, None], residual, ops.shape(x))
+
+    def call(self, x, training=None):
+        subset = (
+            training
+            and self.subset_drop_path
+            and self.drop_path_rate > self.subset_threshold
+            and x.shape[0] is not None
+        )
+        if subset:
+            x = self._subset_residual(x, self._attention_branch)
+            return self._subset_residual(x, self._ffn_branch)
+        x = x + self.drop_path(self._attention_branch(x), training=training)
+        return x + self.drop_path(self._ffn_branch(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio,
+                "ffn_type": self.ffn_type,
+                "layer_scale_init": self.layer_scale_init,
+                "drop_path_rate": self.drop_path_rate,
+                "subset_drop_path": self.subset_drop_path,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "seed": self.seed,
+            }
+        )
+        return config

@@ -1,0 +1,108 @@
+"""PyTorch-exact bicubic resampling of position-embedding grids, written with keras.ops.
+
+TensorFlow's and JAX's bicubic resizers use a different cubic coefficient and edge rules, so
+they cannot reproduce the position embeddings of checkpoints trained with PyTorch. Here the
+resampling is separable: one dense (out, in) weight matrix per axis, built from the same
+formulas as PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` kernels, applied
+with two matrix products. The matrices are built with keras.ops from the (possibly symbolic)
+output size, so the same code runs under eager execution, `jit` and `tf.function` with
+unknown image sizes.
+"""
+
+from keras import ops
+
+# The three resampling rules found in released DINOv2 models.
+INTERPOLATION_MODES = ("original", "registers", "transformers")
+
+
+def _cubic(x, a):
+    """Keys' cubic convolution kernel with coefficient `a`, evaluated at distance `x`."""
+    x = ops.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return ops.where(x < 1.0, near, ops.where(x < 2.0, far, ops.zeros_like(x)))
+
+
+def bicubic_matrix(in_size, out_size, step=None, antialias=False):
+    """Returns the (out_size, in_size) float32 matrix of PyTorch's 1-D bicubic resampling.
+
+    Args:
+        in_size: int. Length of the input axis.
+        out_size: int or scalar tensor. Length of the output axis.
+        step: optional float or scalar tensor. Distance in input pixels between two output
+            pixels. PyTorch uses `1 / scale_factor` when a scale factor is given and
+            `in_size / out_size` (the default here) when an output size is given.
+        antialias: bool, default False. False reproduces PyTorch's plain bicubic kernel
+            (a = -0.75, four taps clamped to the edge). True reproduces its antialiased kernel
+            (a = -0.5, support widened by the step when downsampling, taps outside the input
+            dropped, weights renormalized to sum to one).
+
+    Example:
+    >>> w = bicubic_matrix(16, 7, antialias=True)   # (7, 16); resized = w @ grid
+    """
+    if step is None:
+        step = float(in_size) / ops.cast(out_size, "float32")
+    step = ops.cast(step, "float32")
+    i = ops.cast(ops.arange(out_size), "float32")[:, None]
+    j = ops.cast(ops.arange(in_size), "float32")[None, :]
+    if not antialias:
+        src = step * (i + 0.5) - 0.5
+        base = ops.floor(src)
+        t = src - base
+        weights = 0.0
+        for tap in (-1, 0, 1, 2):
+            index = ops.clip(base + tap, 0.0, float(in_size - 1))
+            coefficient = _cubic(t - tap, -0.75)
+            weights = weights + coefficient * ops.cast(ops.equal(index, j), "float32")
+        return weights
+    support = ops.where(step >= 1.0, 2.0 * step, 2.0)
+    inv_scale = ops.where(step >= 1.0, 1.0 / step, 1.0)
+    center = step * (i + 0.5)
+    # PyTorch truncates these bounds to integers before clamping them to the input.
+    low = ops.maximum(ops.floor(center - support + 0.5), 0.0)
+    high = ops.minimum(ops.floor(center + support + 0.5), float(in_size))
+    inside = ops.logical_and(j >= low, j < high)
+    weights = ops.where(inside, _cubic((j - center + 0.5) * inv_scale, -0.5), 0.0)
+    total = ops.sum(weights, axis=1, keepdims=True)
+    return weights / ops.where(total == 0.0, 1.0, total)
+
+
+def resample_grid(grid, out_height, out_width, mode):
+    """Resamples a square (M, M, D) position grid to (out_height, out_width, D) in float32.
+
+    Args:
+        grid: tensor (M, M, D). The learned patch position embeddings as a grid.
+        out_height: int or scalar tensor. Rows of the output grid.
+        out_width: int or scalar tensor. Columns of the output grid.
+        mode: str. `"original"`: the first DINOv2 release (PyTorch bicubic given
+            `scale_factor = (g + 0.1) / M`, so input coordinates step by M / (g + 0.1), no
+            antialias); `"registers"`: the registers release (output size given, antialias);
+            `"transformers"`: Hugging Face's `Dinov2Model` port (output size given, no
+            antialias). At interpolated sizes the three give different embeddings.
+
+    Example:
+    >>> resample_grid(ops.zeros((16, 16, 8)), 7, 7, "registers").shape   # (7, 7, 8)
+    """
+    if mode not in INTERPOLATION_MODES:
+        raise ValueError(
+            f"`interpolation` must be one of {INTERPOLATION_MODES}, received {mode!r}."
+        )
+    size = int(grid.shape[0])
+    grid = ops.cast(grid, "float32")
+    if mode == "original":
+        rows_step = _offset_step(size, out_height)
+        cols_step = _offset_step(size, out_width)
+        rows = bicubic_matrix(size, out_height, step=rows_step)
+        cols = bicubic_matrix(size, out_width, step=cols_step)
+    else:
+        antialias = mode == "registers"
+        rows = bicubic_matrix(size, out_height, antialias=antialias)
+        cols = bicubic_matrix(size, out_width, antialias=antialias)
+    return ops.einsum("hm,mnd,wn->hwd", rows, grid, cols)
+
+
+def _offset_step(size, out):
+    """Step of the "original" rule: PyTorch inverts the double `scale_factor` (g + 0.1) / M."""
+    if isinstance(out, int):
+        return 1.0 / ((out + 0.1) / size)
+    return float(size) / (ops.cast(out, "float32") + 0.1)
