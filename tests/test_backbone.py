@@ -1,0 +1,212 @@
+"""DINOv2Backbone: token path, masks, registers, stochastic depth, errors, saving, precision."""
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from conftest import to_numpy
+from keras import ops
+
+from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
+from keras_dinov2.layers.block import DropPath, TransformerBlock
+from keras_dinov2.layers.feedforward import swiglu_hidden_dim
+
+TINY = dict(patch_size=4, hidden_dim=32, num_layers=2, num_heads=2, image_size=16,
+            layer_scale_init=0.5)
+
+
+def _images(batch, height, width, seed=0):
+    return np.random.default_rng(seed).random((batch, height, width, 3)).astype("float32")
+
+
+def _patchify(images, patch):
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def test_outputs_for_several_sizes_in_one_model():
+    backbone = DINOv2Backbone(num_register_tokens=3, **TINY)
+    for height, width in [(16, 16), (8, 8), (12, 20)]:
+        out = backbone({"images": _images(2, height, width)})
+        n = (height // 4) * (width // 4)
+        assert tuple(out["cls_token"].shape) == (2, 32)
+        assert tuple(out["register_tokens"].shape) == (2, 3, 32)
+        assert tuple(out["patch_tokens"].shape) == (2, n, 32)
+        assert tuple(out["prenorm"].shape) == (2, 1 + 3 + n, 32)
+    # A bare tensor is read as the images.
+    bare = backbone(_images(2, 16, 16))
+    keyed = backbone({"images": _images(2, 16, 16)})
+    np.testing.assert_allclose(to_numpy(bare["cls_token"]), to_numpy(keyed["cls_token"]))
+
+
+def test_token_path_matches_a_numpy_reimplementation():
+    """Patch projection, mask token, CLS, positions, then registers without positions."""
+    backbone = DINOv2Backbone(num_register_tokens=2, **TINY)
+    emb = backbone.embeddings
+    rng = np.random.default_rng(1)
+    for variable in (emb.mask_token, emb.cls_token, emb.register_tokens):
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    images = _images(2, 16, 16)
+    masks = rng.random((2, 16)) < 0.5
+    got = to_numpy(emb(images, ops.convert_to_tensor(masks)))
+
+    kernel = to_numpy(emb.patch_embedding.projection.kernel).reshape(-1, 32)
+    bias = to_numpy(emb.patch_embedding.projection.bias)
+    patches = _patchify(images, 4) @ kernel + bias
+    patches = np.where(masks[..., None], to_numpy(emb.mask_token)[None], patches)
+    tokens = np.concatenate([np.broadcast_to(to_numpy(emb.cls_token), (2, 1, 32)), patches], 1)
+    tokens = tokens + to_numpy(emb.position_embedding)  # 16 x 16 image: the table as is
+    registers = np.broadcast_to(to_numpy(emb.register_tokens), (2, 2, 32))
+    expected = np.concatenate([tokens[:, :1], registers, tokens[:, 1:]], axis=1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_table_is_resampled_for_non_square_images_with_the_same_patch_count():
+    emb = DINOv2Backbone(**TINY).embeddings
+    table = to_numpy(emb.position_embedding)
+    square = to_numpy(emb.interpolated_position_embedding(16, 16))
+    np.testing.assert_array_equal(square, table)
+    wide = to_numpy(emb.interpolated_position_embedding(8, 32))  # 2 x 8 = 16 patches too
+    assert wide.shape == table.shape
+    assert np.abs(wide - table).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "inputs,match",
+    [
+        ({"images": np.zeros((1, 18, 16, 3), "float32")}, "multiple of the patch size"),
+        ({"images": np.zeros((1, 16, 16, 4), "float32")}, "3"),
+        ({"images": np.zeros((2, 16, 16, 3), "float32"), "masks": np.zeros((2, 15), bool)},
+         "num_patches"),
+        ({"images": np.zeros((2, 16, 16, 3), "float32"), "masks": np.zeros((2, 16), "int32")},
+         "boolean"),
+    ],
+)
+def test_bad_inputs_raise_value_errors(inputs, match):
+    backbone = DINOv2Backbone(**TINY)
+    with pytest.raises(ValueError, match=match):
+        backbone(inputs)
+
+
+def test_bad_constructor_arguments_raise():
+    with pytest.raises(ValueError, match="interpolation"):
+        DINOv2Backbone(interpolation="bilinear", **TINY)
+    with pytest.raises(ValueError, match="num_heads"):
+        DINOv2Backbone(**{**TINY, "num_heads": 3})
+    with pytest.raises(ValueError, match="ffn_type"):
+        DINOv2Backbone(ffn_type="geglu", **TINY)
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    layer = DropPath(0.25, seed=3)
+    x = np.ones((4000, 2, 3), "float32")
+    y = to_numpy(layer(x, training=True))
+    per_sample = y.reshape(4000, -1)
+    assert set(np.unique(per_sample)) <= {0.0, np.float32(1 / 0.75)}
+    assert (per_sample.min(axis=1) == per_sample.max(axis=1)).all()
+    assert abs((per_sample[:, 0] > 0).mean() - 0.75) < 0.03
+    np.testing.assert_array_equal(to_numpy(layer(x, training=False)), x)
+
+
+def test_subset_stochastic_depth_updates_only_the_kept_samples():
+    block = TransformerBlock(8, 2, drop_path_rate=0.4, seed=1)
+    block.build((6, 3, 8))
+    x = np.zeros((6, 3, 8), "float32")
+    out = to_numpy(block._subset_residual(ops.convert_to_tensor(x), lambda t: t * 0 + 1.0))
+    kept = int(6 * (1 - 0.4))
+    changed = np.abs(out).reshape(6, -1).max(axis=1) > 0
+    assert changed.sum() == kept
+    np.testing.assert_allclose(out[changed], 6 / kept, rtol=1e-6)
+    # In inference the block is deterministic and uses every sample.
+    tokens = _images(6, 3, 8)[..., 0]
+    a = to_numpy(block(tokens, training=False))
+    np.testing.assert_array_equal(a, to_numpy(block(tokens, training=False)))
+
+
+def test_training_with_drop_path_differs_from_inference():
+    backbone = DINOv2Backbone(drop_path_rate=0.5, **TINY)
+    x = _images(4, 16, 16)
+    train = to_numpy(backbone({"images": x}, training=True)["prenorm"])
+    infer = to_numpy(backbone({"images": x}, training=False)["prenorm"])
+    assert np.abs(train - infer).max() > 1e-4
+
+
+def test_intermediate_layers_end_with_the_model_output():
+    backbone = DINOv2Backbone(num_register_tokens=1, **TINY)
+    x = _images(2, 16, 16)
+    out = backbone({"images": x})
+    layers = backbone.get_intermediate_layers(x, n=2)
+    assert len(layers) == 2
+    np.testing.assert_allclose(to_numpy(layers[-1]["patch_tokens"]),
+                               to_numpy(out["patch_tokens"]), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layers[-1]["cls_token"]), to_numpy(out["cls_token"]),
+                               atol=1e-5)
+    raw = backbone.get_intermediate_layers(x, n=1, norm=False)[0]
+    np.testing.assert_allclose(to_numpy(raw["cls_token"]), to_numpy(out["prenorm"][:, 0]),
+                               atol=1e-5)
+    attention = to_numpy(backbone.last_attention_weights(x))
+    assert attention.shape == (2, 2, 16)
+    assert (attention.sum(-1) <= 1 + 1e-5).all()
+
+
+def test_config_round_trip_and_presets(tmp_path):
+    backbone = DINOv2Backbone(num_register_tokens=2, ffn_type="swiglu", **TINY)
+    x = _images(2, 12, 12)
+    expected = to_numpy(backbone({"images": x})["prenorm"])
+
+    clone = DINOv2Backbone.from_config(backbone.get_config())
+    clone.set_weights(backbone.get_weights())
+    np.testing.assert_allclose(to_numpy(clone({"images": x})["prenorm"]), expected, atol=1e-6)
+
+    preset = str(tmp_path / "preset")
+    backbone.save_to_preset(preset)
+    for loader in (DINOv2Backbone.from_preset, keras_hub.models.Backbone.from_preset):
+        loaded = loader(preset)
+        assert isinstance(loaded, DINOv2Backbone)
+        np.testing.assert_allclose(to_numpy(loaded({"images": x})["prenorm"]), expected,
+                                   atol=1e-6)
+
+    path = str(tmp_path / "model.keras")
+    backbone.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_numpy(loaded({"images": x})["prenorm"]), expected, atol=1e-6)
+
+
+def test_architecture_presets_have_the_reference_dimensions():
+    dims = {"small14": (384, 12, 6), "base14": (768, 12, 12), "large14": (1024, 24, 16),
+            "giant14": (1536, 40, 24)}
+    for size, (dim, depth, heads) in dims.items():
+        for suffix, registers in (("", 0), ("_reg4", 4)):
+            config = ARCHITECTURES[f"dinov2_vit_{size}{suffix}"]["config"]
+            assert (config["hidden_dim"], config["num_layers"], config["num_heads"]) == (
+                dim, depth, heads)
+            assert config["num_register_tokens"] == registers
+            assert config["image_size"] // config["patch_size"] == 37
+            assert config["ffn_type"] == ("swiglu" if size == "giant14" else "mlp")
+            assert config["interpolation"] == ("registers" if registers else "original")
+    assert swiglu_hidden_dim(1536, 4.0) == 4096
+    small = DINOv2Backbone.from_preset("dinov2_vit_small14", load_weights=False)
+    # 22.06 M parameters, as the released ViT-S/14 (37 x 37 position grid).
+    assert small.count_params() == 22_056_576
+    tiny = DINOv2Backbone.from_preset("dinov2_vit_tiny4", load_weights=False,
+                                      drop_path_rate=0.1)
+    assert tiny.drop_path_rate == 0.1
+    with pytest.raises(ValueError, match="no released weights"):
+        DINOv2Backbone.from_preset("dinov2_vit_tiny4")
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision(policy):
+    reference = DINOv2Backbone(**TINY)
+    x = _images(2, 12, 12)
+    expected = to_numpy(reference({"images": x})["cls_token"])
+    backbone = DINOv2Backbone(dtype=policy, **TINY)
+    backbone.set_weights(reference.get_weights())
+    out = backbone({"images": x})
+    assert keras.backend.standardize_dtype(out["cls_token"].dtype) == policy.split("_")[1]
+    # Variables stay float32; position interpolation runs in float32.
+    assert backbone.embeddings.position_embedding.dtype == "float32"
+    assert "float32" in str(backbone.embeddings.interpolated_position_embedding(12, 12).dtype)
+    got = to_numpy(ops.cast(out["cls_token"], "float32"))
+    np.testing.assert_allclose(got, expected, atol=0.1)
