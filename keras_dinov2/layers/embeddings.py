@@ -128,7 +128,8 @@ class DINOv2Embeddings(keras.layers.Layer):
         )
         self.position_embedding = self.add_weight(
             shape=(1, num_positions, self.hidden_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            # The reference's trunc_normal_(std=0.02) is in effect untruncated.
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
             name="position_embedding",
         )
         if self.num_register_tokens:

@@ -1,0 +1,186 @@
+"""The DINO / iBOT projection head: MLP -> L2 normalization -> weight-normalized prototypes."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_dinov2.layers.attention import torch_linear_init
+
+_MIXED_COMPUTE_DTYPES = ("float16", "bfloat16")
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class WeightNormPrototypes(keras.layers.Layer):
+    """Bias-free linear layer with weight normalization: W[:, k] = g_k * v[:, k] / ||v[:, k]||.
+
+    The reference's `weight_norm(nn.Linear(bottleneck, K, bias=False))`. The variables are `weight_v`
+    (bottleneck, K), the direction, initialized like torch's default Linear (uniform in +-1/sqrt(bottleneck)),
+    and `weight_g` (K,), the per-prototype norm, initialized to 1. Like the reference, `weight_g` is trainable
+    (the reference fills it with 1 but does not freeze it, and its weight decay applies to it); a recipe that
+    wants unit-norm prototypes can set `weight_g.trainable = False`.
+
+    Args:
+        units: int. Number of prototypes K.
+
+    Example:
+    >>> WeightNormPrototypes(1024)(ops.zeros((4, 256))).shape   # (4, 1024)
+    """
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+
+    def build(self, input_shape):
+        fan_in = int(input_shape[-1])
+        limit = 1.0 / math.sqrt(fan_in)
+        self.weight_v = self.add_weight(
+            name="weight_v",
+            shape=(fan_in, self.units),
+            initializer=keras.initializers.RandomUniform(-limit, limit),
+        )
+        self.weight_g = self.add_weight(name="weight_g", shape=(self.units,), initializer="ones")
+        self.built = True
+
+    def effective_kernel(self):
+        """The kernel the layer applies, g * v / ||v|| per prototype (column), (bottleneck, K)."""
+        v = ops.cast(self.weight_v, self.compute_dtype)
+        g = ops.cast(self.weight_g, self.compute_dtype)
+        # The floor only matters for an all-zero column (the reference has none and would divide by 0).
+        norm = ops.sqrt(ops.maximum(ops.sum(ops.square(v), axis=0), 1e-24))
+        return v * (g / norm)
+
+    def call(self, x):
+        return ops.matmul(x, self.effective_kernel())
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"units": self.units})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class DINOHead(keras.layers.Layer):
+    """DINO head: MLP -> L2 normalization -> weight-normalized linear layer onto the prototypes.
+
+    As the reference's `DINOHead` (no batch norm): `num_layers` Dense layers with exact GELU between them
+    (in -> hidden -> ... -> hidden -> bottleneck; one layer is a single Dense in -> bottleneck), kernels
+    Normal(0, 0.02) kernels and zero biases; then x / max(||x||, 1e-12); then
+    `WeightNormPrototypes` (sublayer "last_layer", variables `weight_v` and `weight_g`, with g trainable like
+    the reference's). Under a mixed policy the MLP runs in the compute dtype, while the normalization and the
+    last layer run in float32 and the logits come out in float32 (so the reference's fp16 epsilon 1e-6 is
+    not needed). The reference's `trunc_normal_(std=0.02)` cuts at +-2 in absolute value, so it is in
+    effect an untruncated normal, which is what is used here.
+
+    The trainer can tell the last layer apart by `last_layer_variables` (frozen during the first epoch in the
+    reference) and the variable paths ".../last_layer/weight_v", ".../last_layer/weight_g"; biases end in
+    "bias". The reference decays `weight_g` like any weight.
+
+    Args:
+        num_prototypes: int, default 65536. Output width K.
+        hidden_dim: int, default 2048. Width of the hidden MLP layers.
+        bottleneck_dim: int, default 256. Width before the L2 normalization.
+        num_layers: int, default 3. Dense layers in the MLP (at least 1).
+        use_bias: bool, default True. Biases in the MLP layers (the last layer never has one).
+        epsilon: float, default 1e-12. Floor of the norm in the L2 normalization.
+
+    Example:
+    >>> head = DINOHead(num_prototypes=4096)
+    >>> head(ops.zeros((8, 384))).shape   # (8, 4096), float32
+    """
+
+    def __init__(
+        self,
+        num_prototypes=65536,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        num_layers=3,
+        use_bias=True,
+        epsilon=1e-12,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("num_prototypes", num_prototypes),
+            ("hidden_dim", hidden_dim),
+            ("bottleneck_dim", bottleneck_dim),
+            ("num_layers", num_layers),
+        ):
+            if int(value) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, received {value}.")
+        self.num_prototypes = int(num_prototypes)
+        self.hidden_dim = int(hidden_dim)
+        self.bottleneck_dim = int(bottleneck_dim)
+        self.num_layers = int(num_layers)
+        self.use_bias = bool(use_bias)
+        self.epsilon = float(epsilon)
+
+        widths = [self.hidden_dim] * (self.num_layers - 1) + [self.bottleneck_dim]
+        self.mlp_layers = [
+            keras.layers.Dense(
+                width,
+                use_bias=self.use_bias,
+                kernel_initializer=torch_linear_init(),
+                bias_initializer="zeros",
+                dtype=self.dtype_policy,
+                name=f"mlp_{i}",
+            )
+            for i, width in enumerate(widths)
+        ]
+        # The prototype logits are softmaxed at temperatures down to 0.04: keep them in float32.
+        if self.dtype_policy.compute_dtype in _MIXED_COMPUTE_DTYPES:
+            last_policy = keras.DTypePolicy("float32")
+        else:
+            last_policy = self.dtype_policy
+        self.last_layer = WeightNormPrototypes(
+            self.num_prototypes, dtype=last_policy, name="last_layer"
+        )
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.mlp_layers:
+            layer.build(shape)
+            shape = (*shape[:-1], layer.units)
+        self.last_layer.build(shape)
+        self.built = True
+
+    @property
+    def last_layer_variables(self):
+        """The prototype layer's variables, [weight_v, weight_g]."""
+        return list(self.last_layer.weights)
+
+    def call(self, x):
+        for i, layer in enumerate(self.mlp_layers):
+            x = layer(x)
+            if i < len(self.mlp_layers) - 1:
+                x = ops.gelu(x, approximate=False)
+        x = ops.cast(x, self.last_layer.compute_dtype)
+        squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
+        # sqrt(max(|x|^2, eps^2)) == max(|x|, eps) and keeps a finite gradient at x = 0.
+        x = x / ops.sqrt(ops.maximum(squared, self.epsilon**2))
+        return self.last_layer(x)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.num_prototypes)
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(
+            self.compute_output_shape(x.shape), dtype=self.last_layer.compute_dtype
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_prototypes": self.num_prototypes,
+                "hidden_dim": self.hidden_dim,
+                "bottleneck_dim": self.bottleneck_dim,
+                "num_layers": self.num_layers,
+                "use_bias": self.use_bias,
+                "epsilon": self.epsilon,
+            }
+        )
+        return config

@@ -1,0 +1,185 @@
+"""Tests of the DINO head: structure, weight normalization, precision, serialization."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_dinov2.layers.dino_head import DINOHead, WeightNormPrototypes
+
+SMALL = {"num_prototypes": 32, "hidden_dim": 24, "bottleneck_dim": 8}
+
+
+def _np(x):
+    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def _inputs(seed=0, shape=(5, 12)):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _erf_gelu(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def np_head(head, x):
+    """The head's forward pass from its variables, written from the formulas."""
+    x = np.asarray(x, np.float64)
+    for i, layer in enumerate(head.mlp_layers):
+        x = x @ _np(layer.kernel) + (_np(layer.bias) if layer.use_bias else 0.0)
+        if i < len(head.mlp_layers) - 1:
+            x = _erf_gelu(x)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    v, g = _np(head.last_layer.weight_v), _np(head.last_layer.weight_g)
+    return x @ (g * v / np.linalg.norm(v, axis=0))
+
+
+def _randomize_g(head, seed=1):
+    g = np.random.default_rng(seed).uniform(0.5, 2.0, head.num_prototypes).astype(np.float32)
+    head.last_layer.weight_g.assign(g)
+
+
+def test_output_shape_and_forward_matches_numpy():
+    head = DINOHead(**SMALL)
+    head.build((None, 12))
+    x = _inputs()
+    _randomize_g(head)
+    out = head(x)
+    assert tuple(out.shape) == (5, 32)
+    np.testing.assert_allclose(_np(out), np_head(head, x), atol=1e-5)
+    out3 = head(x.reshape(1, 5, 12))
+    assert tuple(out3.shape) == (1, 5, 32)
+    assert head.compute_output_shape((None, 7, 12)) == (None, 7, 32)
+
+
+@pytest.mark.parametrize("num_layers,widths", [(1, [8]), (2, [24, 8]), (4, [24, 24, 24, 8])])
+def test_mlp_structure(num_layers, widths):
+    head = DINOHead(num_layers=num_layers, **SMALL)
+    head.build((None, 12))
+    assert [layer.units for layer in head.mlp_layers] == widths
+    assert tuple(head.mlp_layers[0].kernel.shape) == (12, widths[0])
+    x = _inputs()
+    np.testing.assert_allclose(_np(head(x)), np_head(head, x), atol=1e-5)
+
+
+def test_initialization():
+    head = DINOHead(num_prototypes=512, hidden_dim=256, bottleneck_dim=64)
+    head.build((None, 256))
+    kernel = _np(head.mlp_layers[0].kernel)
+    # The reference's trunc_normal_(std=0.02) cuts at +-2 absolute: an untruncated N(0, 0.02).
+    assert 0.019 < kernel.std() < 0.021 and np.abs(kernel).max() > 0.05
+    for layer in head.mlp_layers:
+        assert not np.any(_np(layer.bias))
+    np.testing.assert_array_equal(_np(head.last_layer.weight_g), 1.0)
+    v = _np(head.last_layer.weight_v)
+    assert np.abs(v).max() <= 1.0 / math.sqrt(64) and v.std() > 0.5 / math.sqrt(3 * 64)
+
+
+def test_weight_norm_effective_kernel_and_scale_invariance():
+    layer = WeightNormPrototypes(16)
+    layer.build((None, 6))
+    g = np.linspace(0.5, 2.0, 16).astype(np.float32)
+    layer.weight_g.assign(g)
+    v = _np(layer.weight_v)
+    expected = g * v / np.linalg.norm(v, axis=0)
+    np.testing.assert_allclose(_np(layer.effective_kernel()), expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(_np(layer.effective_kernel()), axis=0), g, rtol=1e-5)
+    x = _inputs(shape=(3, 6))
+    before = _np(layer(x))
+    layer.weight_v.assign(ops.convert_to_tensor(3.7 * v.astype(np.float32)))  # direction unchanged
+    np.testing.assert_allclose(_np(layer(x)), before, atol=1e-5)
+
+
+def test_last_layer_variables_are_identifiable_and_g_trains():
+    head = DINOHead(**SMALL)
+    head.build((None, 12))
+    last = head.last_layer_variables
+    paths = [v.path.split("/", 1)[1] for v in last]  # the head's own name gets a unique suffix
+    assert paths == ["last_layer/weight_v", "last_layer/weight_g"]
+    assert all(v.trainable for v in last)
+    others = [v for v in head.trainable_variables if "last_layer" not in v.path]
+    assert len(others) == 6 and len(head.trainable_variables) == 8
+    # No weight-decay exclusion by name catches g (the reference decays it): no "bias", "norm" or "gamma".
+    assert not any(word in last[1].path for word in ("bias", "norm", "gamma"))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_outputs_float32_logits(policy):
+    x = _inputs()
+    reference = DINOHead(**SMALL)
+    reference.build((None, 12))
+    _randomize_g(reference)
+    head = DINOHead(dtype=policy, **SMALL)
+    head.build((None, 12))
+    head.set_weights(reference.get_weights())
+    out = head(x)
+    assert ops.convert_to_numpy(out).dtype == np.float32
+    assert head.mlp_layers[0].compute_dtype == policy.split("_")[1]
+    assert head.last_layer.compute_dtype == "float32"
+    assert all(v.dtype == "float32" for v in head.weights)
+    np.testing.assert_allclose(_np(out), _np(reference(x)), atol=0.05)
+    symbolic = head(keras.Input((12,)))
+    assert symbolic.dtype == "float32"
+
+
+def test_get_config_round_trip_and_saving(tmp_path):
+    head = DINOHead(num_layers=2, use_bias=False, epsilon=1e-6, name="ibot_head", **SMALL)
+    config = head.get_config()
+    for key, value in {
+        "num_prototypes": 32,
+        "hidden_dim": 24,
+        "bottleneck_dim": 8,
+        "num_layers": 2,
+        "use_bias": False,
+        "epsilon": 1e-6,
+    }.items():
+        assert config[key] == value
+    clone = DINOHead.from_config(config)
+    assert clone.get_config() == config
+
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, head(inputs))
+    x = _inputs()
+    path = str(tmp_path / "head.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(_np(restored(x)), _np(model(x)), atol=1e-6)
+    assert isinstance(restored.get_layer("ibot_head"), DINOHead)
+
+
+def test_matches_torch_weight_norm_head():
+    torch = pytest.importorskip("torch")
+    head = DINOHead(**SMALL)
+    head.build((None, 12))
+    _randomize_g(head)
+    modules = []
+    for i, layer in enumerate(head.mlp_layers):
+        linear = torch.nn.Linear(layer.kernel.shape[0], layer.units)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(_np(layer.kernel).T))
+            linear.bias.copy_(torch.from_numpy(_np(layer.bias)))
+        modules.append(linear)
+        if i < len(head.mlp_layers) - 1:
+            modules.append(torch.nn.GELU())
+    mlp = torch.nn.Sequential(*modules).double()
+    last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 32, bias=False).double())
+    with torch.no_grad():
+        last.parametrizations.weight.original0.copy_(
+            torch.from_numpy(_np(head.last_layer.weight_g)).reshape(32, 1)
+        )
+        last.parametrizations.weight.original1.copy_(
+            torch.from_numpy(_np(head.last_layer.weight_v).T)
+        )
+        x = _inputs()
+        y = torch.nn.functional.normalize(mlp(torch.from_numpy(x).double()), dim=-1, p=2, eps=1e-12)
+        expected = last(y).numpy()
+    np.testing.assert_allclose(_np(head(x)), expected, atol=1e-5)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="num_layers"):
+        DINOHead(num_layers=0)
+    with pytest.raises(ValueError, match="num_prototypes"):
+        DINOHead(num_prototypes=0)
