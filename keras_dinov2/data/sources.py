@@ -1,0 +1,596 @@
+"""Image sources for pretraining and evaluation: an image folder, a TFDS dataset, in-memory arrays, bundled digits.
+
+A source is an `ImageSource`: a finite collection of images, with integer labels when the data has them. Random
+access sources (folders, arrays, digits) are read by index, so every epoch can be an exact permutation; TFDS
+datasets are streams, shuffled with a buffer. Every source yields float32 RGB images in [0, 1], (H, W, 3).
+
+`get_source(spec)` turns what a user types (`--data digits|FOLDER|tfds:NAME[:SPLIT]`) into a source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageSource",
+    "image_folder_source",
+    "array_source",
+    "digits_source",
+    "tfds_source",
+    "split_source",
+    "get_source",
+]
+
+_INPUT_ONLY_CHECKED = False
+
+
+def _tensorflow_for_input_only():
+    """Keep TensorFlow off the GPUs when another Keras backend trains (TF then only runs the input pipeline).
+
+    Otherwise TensorFlow reserves the whole memory of every GPU when it first runs an op, next to JAX's or
+    PyTorch's own allocation. Runs once, before this module creates any tensor; a no-op for the TensorFlow backend
+    or when TensorFlow has already initialized its devices.
+    """
+    global _INPUT_ONLY_CHECKED
+    if _INPUT_ONLY_CHECKED:
+        return
+    _INPUT_ONLY_CHECKED = True
+    try:
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            tf.config.set_visible_devices([], "GPU")
+    except (ImportError, RuntimeError, ValueError):
+        pass
+
+
+# What `tf.io.decode_image` reads (GIF: first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+class ImageSource:
+    """A finite collection of images, optionally labelled, that the pipelines read.
+
+    Build one with `image_folder_source`, `array_source`, `digits_source`, `tfds_source` or `get_source`, not
+    directly. A random-access source has `read(index)`; a streaming one has `stream(num_shards, shard_index)`.
+
+    Args:
+        name: str. Human-readable description (used in messages).
+        num_examples: int or None. Number of images, None when unknown.
+        read: callable or None, default None. int64 scalar tensor -> record; makes the source random access.
+        stream: callable or None, default None. (num_shards, shard_index, shuffle_files) -> `tf.data.Dataset`
+            of records.
+        decode: callable. record -> (float32 image (H, W, 3) in [0, 1], int32 label, -1 when unlabelled).
+        labels: int NumPy array or None, default None. Labels of a random-access source, by index.
+        class_names: tuple of str or None, default None.
+
+    Example:
+        >>> src = array_source(np.zeros([4, 8, 8], np.uint8))
+        >>> src.num_examples, src.random_access, src.num_classes
+        (4, True, None)
+    """
+
+    def __init__(
+        self, name, num_examples, *, decode, read=None, stream=None, labels=None, class_names=None
+    ):
+        if (read is None) == (stream is None):
+            raise ValueError("ImageSource needs exactly one of `read` (random access) or `stream`.")
+        self.name = name
+        self.num_examples = None if num_examples is None else int(num_examples)
+        self._read = read
+        self._stream = stream
+        self._decode = decode
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
+        self.class_names = None if class_names is None else tuple(class_names)
+
+    def __repr__(self):
+        return f"ImageSource({self.name!r}, num_examples={self.num_examples}, num_classes={self.num_classes})"
+
+    def __len__(self):
+        if self.num_examples is None:
+            raise TypeError(f"{self.name}: the number of examples is unknown.")
+        return self.num_examples
+
+    @property
+    def random_access(self) -> bool:
+        """Whether images can be read by index (exact per-epoch permutations)."""
+        return self._read is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes, or None when the source is unlabelled."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        if self.labels is not None and self.labels.size:
+            return int(self.labels.max()) + 1
+        return None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the images carry class labels."""
+        return self.class_names is not None or self.labels is not None
+
+    def read(self, index):
+        """Return the record of example `index` (int64 scalar tensor); random-access sources only."""
+        if self._read is None:
+            raise ValueError(f"{self.name} is a stream; it cannot be read by index.")
+        return self._read(index)
+
+    def stream(
+        self, num_shards: int = 1, shard_index: int = 0, shuffle_files: bool = False
+    ) -> tf.data.Dataset:
+        """Return this shard's records, in stored order unless `shuffle_files`.
+
+        Random-access sources give every num_shards-th record, the same count for every shard (the tail that
+        does not divide is left out), so replicas run the same number of steps. TFDS sources give their
+        `even_splits` part; `shuffle_files` lets TFDS reorder its files at every pass (seeded).
+        """
+        _check_shards(num_shards, shard_index)
+        if self._stream is not None:
+            return self._stream(num_shards, shard_index, shuffle_files)
+        per_shard = self.num_examples // num_shards
+        indices = tf.data.Dataset.range(shard_index, per_shard * num_shards, num_shards)
+        return indices.map(tf.autograph.experimental.do_not_convert(self._read))
+
+    def decode(self, record):
+        """Return (float32 image (H, W, 3) in [0, 1], int32 label or -1) for a record."""
+        return self._decode(record)
+
+
+def _check_shards(num_shards, shard_index):
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be an integer >= 1; received {num_shards!r}.")
+    if (
+        isinstance(shard_index, bool)
+        or not isinstance(shard_index, int)
+        or not 0 <= shard_index < num_shards
+    ):
+        raise ValueError(
+            f"shard_index must be an integer in [0, {num_shards}); received {shard_index!r}."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _to_rgb_float(image):
+    """uint8 / float image with 1, 3 or 4 channels -> float32 RGB in [0, 1]."""
+    if image.dtype != tf.float32:
+        image = tf.image.convert_image_dtype(image, tf.float32)
+    channels = image.shape[-1]
+    if channels == 1:
+        image = tf.tile(image, [1, 1, 3])
+    elif channels == 4:
+        image = image[..., :3]
+    elif channels is None:
+        raise ValueError("image channels must be known (1, 3 or 4).")
+    return image
+
+
+def _decode_file(path):
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def _scan_folder(root):
+    paths = []
+    seen = set()
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a symlink cycle
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(directory, name))
+    return sorted(paths)
+
+
+def image_folder_source(path, split: str | None = None) -> ImageSource:
+    """Read every image under a folder, recursively; labels come from first-level subfolders when all images lie in one.
+
+    Files ending in .jpg, .jpeg, .png, .bmp, .gif (first frame) or .webp (any case) are read; names starting with
+    a dot are skipped. When every image sits inside a first-level subfolder, that subfolder is its class (sorted
+    names -> 0, 1, ...), as in an ImageNet-style layout; when some sit directly in the folder, the source is
+    unlabelled.
+
+    Args:
+        path: str or path-like. The folder.
+        split: str or None, default None. A subfolder to use instead (e.g. "train" or "val").
+
+    Example:
+        >>> src = image_folder_source("/data/my_photos")  # doctest: +SKIP
+    """
+    _tensorflow_for_input_only()
+    root = os.fspath(path)
+    if split is not None:
+        root = os.path.join(root, split)
+    if not os.path.isdir(root):
+        what = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise ValueError(
+            f"data folder {root!r} {what}; expected a folder of images (jpg, png, ...)."
+        )
+    paths = _scan_folder(root)
+    if not paths:
+        raise ValueError(
+            f"data folder {root!r} holds no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)}."
+        )
+    parts = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    labels = class_names = None
+    if all(len(p) > 1 for p in parts):
+        class_names = sorted({p[0] for p in parts})
+        lookup = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([lookup[p[0]] for p in parts], np.int32)
+    path_table = tf.constant(paths)
+    label_table = tf.constant(labels if labels is not None else np.full(len(paths), -1, np.int32))
+
+    def read(index):
+        return {"path": tf.gather(path_table, index), "label": tf.gather(label_table, index)}
+
+    def decode(record):
+        return _decode_file(record["path"]), record["label"]
+
+    return ImageSource(
+        f"image folder {root}",
+        len(paths),
+        read=read,
+        decode=decode,
+        labels=labels,
+        class_names=class_names,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In-memory arrays
+
+
+def array_source(images, labels=None, name: str = "arrays", class_names=None) -> ImageSource:
+    """Serve in-memory images: uint8 in [0, 255] or float in [0, 1], (N, H, W), (N, H, W, 1) or (N, H, W, 3).
+
+    The array is held as a constant of the input pipeline (keep it well under 2 GB; use a folder or TFDS for
+    bigger data). Gray images are repeated to RGB.
+
+    Args:
+        images: NumPy array (N, H, W[, C]), C in {1, 3}; dtype uint8 or floating point in [0, 1].
+        labels: int array (N,) or None, default None.
+        name: str, default "arrays". Description for messages.
+        class_names: sequence of str or None, default None.
+
+    Example:
+        >>> array_source(np.random.rand(10, 16, 16, 3), labels=np.arange(10) % 2).num_classes
+        2
+    """
+    _tensorflow_for_input_only()
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
+        raise ValueError(
+            f"images must have shape (N, H, W), (N, H, W, 1) or (N, H, W, 3) with N > 0; received {images.shape}."
+        )
+    if images.dtype == np.uint8:
+        pass
+    elif np.issubdtype(images.dtype, np.floating):
+        low, high = float(images.min()), float(images.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"float images must lie in [0, 1]; received values in [{low}, {high}] "
+                "(divide by 255, or pass uint8)."
+            )
+        images = images.astype(np.float32)
+    else:
+        raise ValueError(f"images must be uint8 or floating point; received dtype {images.dtype}.")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if (
+            labels.shape != (images.shape[0],)
+            or not np.issubdtype(labels.dtype, np.integer)
+            or labels.min() < 0
+        ):
+            raise ValueError(
+                f"labels must be non-negative integers of shape ({images.shape[0]},); received shape "
+                f"{labels.shape} and dtype {labels.dtype}."
+            )
+    table = tf.constant(images)
+    label_table = tf.constant(
+        labels.astype(np.int32) if labels is not None else np.full(images.shape[0], -1, np.int32)
+    )
+
+    def read(index):
+        return {"image": tf.gather(table, index), "label": tf.gather(label_table, index)}
+
+    def decode(record):
+        return _to_rgb_float(record["image"]), record["label"]
+
+    return ImageSource(
+        name, images.shape[0], read=read, decode=decode, labels=labels, class_names=class_names
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bundled digits
+
+
+def _stratified_split(labels, test_fraction, seed):
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    return train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
+
+
+def digits_source(
+    split: str = "train", image_size: int = 32, test_fraction: float = 0.25, seed: int = 0
+) -> ImageSource:
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), bundled, so nothing is downloaded.
+
+    The images (ink levels 0-16) are scaled to [0, 1], upsampled to `image_size` with antialiased bicubic
+    interpolation and repeated to RGB. A stratified, seeded split holds out `test_fraction` of every class for
+    k-NN evaluation: 1,347 train / 450 test images with the defaults.
+
+    Args:
+        split: str, default "train". "train", "test" or "all".
+        image_size: int, default 32. Side of the upsampled images.
+        test_fraction: float, default 0.25. Held-out fraction (stratified by class).
+        seed: int, default 0. Seed of the split.
+
+    Example:
+        >>> digits_source("test").num_examples
+        450
+    """
+    _tensorflow_for_input_only()
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"digits split must be 'train', 'test' or 'all'; received {split!r}.")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an integer >= 8; received {image_size!r}.")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[..., None] / 16.0
+    images = tf.image.resize(images, [image_size, image_size], method="bicubic", antialias=True)
+    images = np.round(np.clip(images.numpy(), 0.0, 1.0) * 255.0).astype(np.uint8)
+    labels = digits.target.astype(np.int32)
+    if split != "all":
+        train, test = _stratified_split(labels, test_fraction, seed)
+        keep = np.sort(train if split == "train" else test)
+        images, labels = images[keep], labels[keep]
+    names = [str(i) for i in range(10)]
+    return array_source(images, labels, name=f"digits:{split}", class_names=names)
+
+
+def split_source(source: ImageSource, test_fraction: float = 0.25, seed: int = 0):
+    """Split a labelled random-access source into (train, test) sources, stratified by class.
+
+    Args:
+        source: ImageSource. Random access and labelled (a folder with class subfolders, labelled arrays).
+        test_fraction: float, default 0.25.
+        seed: int, default 0.
+
+    Example:
+        >>> train, test = split_source(array_source(np.zeros([8, 4, 4]), np.arange(8) % 2), 0.5)
+        >>> train.num_examples, test.num_examples
+        (4, 4)
+    """
+    if not source.random_access or source.labels is None:
+        raise ValueError(
+            f"split_source needs a labelled random-access source; received {source!r}."
+        )
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1); received {test_fraction!r}.")
+    parts = [np.sort(p) for p in _stratified_split(source.labels, test_fraction, seed)]
+    return tuple(_subset(source, keep, tag) for keep, tag in zip(parts, ("train", "test")))
+
+
+def _subset(source, keep, tag):
+    table = tf.constant(keep.astype(np.int64))
+    return ImageSource(
+        f"{source.name} ({tag} split)",
+        len(keep),
+        read=lambda index: source.read(tf.gather(table, index)),
+        decode=source.decode,
+        labels=source.labels[keep],
+        class_names=source.class_names,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TensorFlow Datasets
+
+
+def _find_feature(features, kind, wanted, argument, preferred):
+    import tensorflow_datasets as tfds
+
+    feature_type = {"image": tfds.features.Image, "label": tfds.features.ClassLabel}[kind]
+    if wanted is not None:
+        if wanted not in features:
+            raise ValueError(
+                f"{argument} {wanted!r} is not a feature; available: {sorted(features.keys())}."
+            )
+        return wanted
+    found = [key for key, feature in features.items() if isinstance(feature, feature_type)]
+    if len(found) == 1:
+        return found[0]
+    if preferred in found:
+        return preferred
+    if kind == "label":
+        return None  # unlabelled, or ambiguous: leave it out
+    raise ValueError(
+        f"cannot pick the image feature automatically: candidates {found or sorted(features.keys())}; "
+        f"pass {argument}."
+    )
+
+
+def tfds_source(
+    name: str,
+    split: str = "train",
+    *,
+    image_key: str | None = None,
+    label_key: str | None = None,
+    data_dir: str | None = None,
+    download: bool = True,
+    shuffle_files_seed: int = 0,
+) -> ImageSource:
+    """A TensorFlow Datasets split as a streaming source; the image feature is found automatically.
+
+    The image feature is the only `tfds.features.Image` of the dataset (or the one called "image"); the label is
+    the only `ClassLabel` (or "label"), else the source is unlabelled. Encoded images are decoded in the
+    pipeline's parallel map, after shuffling, so the shuffle buffer holds compressed bytes. With several shards,
+    each reads its own `tfds.even_splits` part of the split.
+
+    Args:
+        name: str. Dataset name, optionally with config and version ("imagenet2012", "mnist:3.*.*").
+        split: str, default "train". Any TFDS split expression ("train", "train[:10%]").
+        image_key: str or None, default None. Name of the image feature, when automatic detection is ambiguous.
+        label_key: str or None, default None. Name of the label feature.
+        data_dir: str or None, default None. TFDS data directory.
+        download: bool, default True. Let TFDS download and prepare the dataset if needed.
+        shuffle_files_seed: int, default 0. Seed of the file order when the pretraining pipeline shuffles
+            (reshuffled at each pass); evaluation reads files in order.
+
+    Example:
+        >>> src = tfds_source("cifar10", "test")  # doctest: +SKIP
+    """
+    _tensorflow_for_input_only()
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # tfds raises its own DatasetNotFoundError and friends
+        raise ValueError(f"tfds dataset {name!r} could not be opened: {error}") from error
+    features = builder.info.features
+    image_key = _find_feature(features, "image", image_key, "image_key", "image")
+    label_key = _find_feature(features, "label", label_key, "label_key", "label")
+    image_feature = features[image_key]
+    # Encoded bytes can be shuffled cheaply and decoded in parallel later.
+    skip = isinstance(image_feature, tfds.features.Image) and image_feature.np_dtype == np.uint8
+    decoders = {image_key: tfds.decode.SkipDecoding()} if skip else None
+    class_names = None
+    if label_key is not None and isinstance(features[label_key], tfds.features.ClassLabel):
+        class_names = features[label_key].names
+
+    def load(sub_split, shuffle_files=False):
+        read_config = tfds.ReadConfig(
+            shuffle_seed=shuffle_files_seed, shuffle_reshuffle_each_iteration=True
+        )
+        ds = tfds.load(
+            name,
+            split=sub_split,
+            data_dir=data_dir,
+            download=download,
+            shuffle_files=shuffle_files,
+            decoders=decoders,
+            read_config=read_config,
+        )
+        keys = [image_key] + ([label_key] if label_key else [])
+        return ds.map(tf.autograph.experimental.do_not_convert(lambda ex: {k: ex[k] for k in keys}))
+
+    def stream(num_shards, shard_index, shuffle_files):
+        if num_shards > 1:
+            return load(
+                tfds.even_splits(split, n=num_shards, drop_remainder=True)[shard_index],
+                shuffle_files,
+            )
+        return load(split, shuffle_files)
+
+    def decode(record):
+        image = record[image_key]
+        if skip:
+            image = tf.io.decode_image(image, channels=3, expand_animations=False)
+            image.set_shape([None, None, 3])
+        image = _to_rgb_float(image)
+        label = tf.cast(record[label_key], tf.int32) if label_key else tf.constant(-1, tf.int32)
+        return image, label
+
+    first = load(split)
+    size = int(first.cardinality())
+    num_examples = size if size >= 0 else None
+    return ImageSource(
+        f"tfds:{name}:{split}", num_examples, stream=stream, decode=decode, class_names=class_names
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Spec strings
+
+
+_VERSION = re.compile(r"^(\d+|\*)(\.(\d+|\*)){0,2}$")
+
+
+def _parse_tfds(spec):
+    rest = spec[len("tfds:") :]
+    name, _, split = rest.partition(":")
+    # A version ("mnist:3.0.1") also uses a colon: keep it in the name.
+    if split:
+        version, _, after = split.partition(":")
+        if _VERSION.match(version):
+            name, split = f"{name}:{version}", after
+    if not re.fullmatch(r"[A-Za-z0-9_]+(/[A-Za-z0-9_.\-]+)?(:[0-9.*]+)?", name):
+        raise ValueError(
+            f"data spec {spec!r}: expected 'tfds:NAME[:SPLIT]' with a dataset name; received name {name!r}."
+        )
+    return name, split or None
+
+
+def get_source(spec, split: str | None = None, **kwargs) -> ImageSource:
+    """Turn a data spec into an `ImageSource`: "digits", a folder path, "tfds:NAME[:SPLIT]", arrays or a source.
+
+    Accepted specs:
+    - "digits" or "digits:train" / "digits:test" / "digits:all": the bundled digits (`digits_source`).
+    - "tfds:NAME[:SPLIT]": a TFDS dataset (`tfds_source`), split "train" unless given.
+    - any other string or path-like: an image folder (`image_folder_source`).
+    - a NumPy array, or a tuple (images, labels): `array_source`.
+    - an `ImageSource`: returned as is.
+
+    Args:
+        spec: str, path-like, NumPy array, (images, labels) tuple or ImageSource.
+        split: str or None, default None. Overrides the split of "digits" / "tfds:" specs; for a folder, a
+            subfolder name ("train", "val").
+        **kwargs: passed to the source builder (e.g. `image_key`, `data_dir` for TFDS).
+
+    Example:
+        >>> get_source("digits").num_examples
+        1347
+    """
+    if split is not None and not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(
+            f"split applies to 'digits', 'tfds:' and folder specs; received split={split!r} with a "
+            f"{type(spec).__name__} (use split_source for arrays and sources)."
+        )
+    if isinstance(spec, ImageSource):
+        return spec
+    if isinstance(spec, np.ndarray):
+        return array_source(spec, **kwargs)
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], np.ndarray):
+        return array_source(spec[0], spec[1], **kwargs)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(
+            "data must be 'digits', a folder path, 'tfds:NAME[:SPLIT]', a NumPy array or an ImageSource; "
+            f"received {type(spec).__name__}."
+        )
+    text = os.fspath(spec)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"data spec must be a non-empty string; received {spec!r}.")
+    if text == "digits" or text.startswith("digits:"):
+        spec_split = text.partition(":")[2] or None
+        return digits_source(split or spec_split or "train", **kwargs)
+    if text.startswith("tfds:"):
+        name, spec_split = _parse_tfds(text)
+        return tfds_source(name, split or spec_split or "train", **kwargs)
+    if (
+        ":" in text.split(os.sep)[0]
+        and not os.path.exists(text)
+        and not re.match(r"^[A-Za-z]:[\\/]", text)
+    ):
+        raise ValueError(
+            f"data spec {text!r} is not understood: expected 'digits', a folder path or 'tfds:NAME[:SPLIT]'."
+        )
+    return image_folder_source(text, split=split, **kwargs)
