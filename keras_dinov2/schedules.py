@@ -1,0 +1,346 @@
+"""Per-step schedules for DINOv2 pretraining: learning rate, weight decay, teacher momentum and temperature.
+
+Every schedule is a `keras.optimizers.schedules.LearningRateSchedule`: `schedule(step)` builds its value from a
+step tensor with `keras.ops` only, so it runs inside a compiled train step (`jax.jit`, `tf.function` with XLA,
+torch) and reads the current step instead of a value frozen at trace time. It returns a float32 tensor with the
+shape of `step` (a scalar for a scalar step). `schedule.value_at(step)` gives the same numbers in float64 NumPy,
+for logging and tests. Schedules serialize with `keras.saving.serialize_keras_object`.
+
+Reference: facebookresearch/dinov2 `utils/utils.py` (CosineScheduler), `train/train.py` (build_schedulers) and
+`configs/ssl_default_config.yaml` (the defaults of `dinov2_schedules`).
+"""
+
+import dataclasses
+import math
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = [
+    "OFFICIAL_EPOCH_LENGTH",
+    "CosineSchedule",
+    "FrozenStartSchedule",
+    "DINOv2Schedules",
+    "scaled_learning_rate",
+    "dinov2_schedules",
+]
+
+# The reference counts an "epoch" as a fixed number of iterations, whatever the dataset size.
+OFFICIAL_EPOCH_LENGTH = 1250
+
+_LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+
+
+def _check_int(name, value, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
+    return int(value)
+
+
+def _check_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, received {value!r}.")
+    return float(value)
+
+
+def _steps_from_epochs(name, epochs, steps_per_epoch):
+    if (
+        isinstance(epochs, bool)
+        or not isinstance(epochs, numbers.Real)
+        or not 0 <= epochs < math.inf
+    ):
+        raise ValueError(f"`{name}` must be a finite number >= 0, received {epochs!r}.")
+    return int(round(epochs * steps_per_epoch))
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class CosineSchedule(_LearningRateSchedule):
+    """Frozen start, linear warmup, then half-cosine decay: the reference's CosineScheduler.
+
+    For step s, with F = `freeze_steps`, W = `warmup_steps`, T = `total_steps` and n = T - W - F:
+
+    - s < F: 0;
+    - F <= s < F + W: linear from `start_warmup_value` (at s = F) to `base_value` (at s = F + W - 1, both
+      ends included, as `np.linspace(start, base, W)`);
+    - F + W <= s < T: final + (base - final) * (1 + cos(pi * i / n)) / 2 with i = s - F - W, so the cosine
+      starts at `base_value` and stops one step short of `final_value`;
+    - s >= T: `final_value`.
+
+    The graph evaluates the cosine as (base - final) * sin(pi/2 * (T - s) / n)^2, the same quantity written so
+    that float32 keeps full relative precision near the end, where the values are tiny (min_lr = 1e-6 under a
+    base lr of 4e-3). Steps are exact in float32 up to 2^24.
+
+    Args:
+        base_value: float. Value at the end of the warmup and at the start of the cosine.
+        final_value: float. Value the cosine decays to, and the value from `total_steps` on.
+        total_steps: int. Length of the schedule (freeze + warmup + cosine); may be 0 (always `final_value`).
+        warmup_steps: int, default 0.
+        start_warmup_value: float, default 0.0. First value of the warmup.
+        freeze_steps: int, default 0. Steps of value 0 before the warmup.
+
+    Example:
+    >>> lr = CosineSchedule(4e-3, 1e-6, total_steps=100 * 1250, warmup_steps=10 * 1250)
+    >>> lr(ops.convert_to_tensor(12500))   # 0.004 (float32 tensor)
+    >>> lr.value_at(0), lr.value_at(125000)   # (0.0, 1e-06)
+    """
+
+    def __init__(
+        self,
+        base_value,
+        final_value,
+        total_steps,
+        warmup_steps=0,
+        start_warmup_value=0.0,
+        freeze_steps=0,
+    ):
+        self.base_value = _check_float("base_value", base_value)
+        self.final_value = _check_float("final_value", final_value)
+        self.total_steps = _check_int("total_steps", total_steps)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps)
+        self.start_warmup_value = _check_float("start_warmup_value", start_warmup_value)
+        self.freeze_steps = _check_int("freeze_steps", freeze_steps)
+        if self.freeze_steps + self.warmup_steps > self.total_steps:
+            raise ValueError(
+                "`freeze_steps + warmup_steps` must be at most `total_steps`, received "
+                f"freeze_steps={freeze_steps}, warmup_steps={warmup_steps}, total_steps={total_steps}."
+            )
+
+    @property
+    def _cosine_steps(self):
+        return self.total_steps - self.warmup_steps - self.freeze_steps
+
+    def __call__(self, step):
+        s = ops.cast(step, "float32")
+        freeze, warmup, total = self.freeze_steps, self.warmup_steps, self.total_steps
+        # Denominators are clamped to 1: the branch they serve is never selected when they would be 0, and
+        # this keeps NaN out of the unselected side of `where`.
+        warmup_slope = (self.base_value - self.start_warmup_value) / max(warmup - 1, 1)
+        warm = self.start_warmup_value + warmup_slope * (s - freeze)
+        half_angle = (0.5 * math.pi / max(self._cosine_steps, 1)) * (total - s)
+        cosine = self.final_value + (self.base_value - self.final_value) * ops.square(
+            ops.sin(half_angle)
+        )
+        value = ops.where(s < freeze + warmup, warm, cosine)
+        value = ops.where(s < freeze, 0.0, value)
+        value = ops.where(s >= total, self.final_value, value)
+        return ops.cast(value, "float32")
+
+    def value_at(self, step):
+        """The schedule's value at `step` (int or integer array) in float64 NumPy, for logging and tests."""
+        s = np.asarray(step, dtype=np.float64)
+        freeze, warmup, total = self.freeze_steps, self.warmup_steps, self.total_steps
+        warm = self.start_warmup_value + (self.base_value - self.start_warmup_value) * (
+            s - freeze
+        ) / max(warmup - 1, 1)
+        fraction = (s - freeze - warmup) / max(self._cosine_steps, 1)
+        cosine = self.final_value + 0.5 * (self.base_value - self.final_value) * (
+            1.0 + np.cos(np.pi * fraction)
+        )
+        value = np.where(s < freeze + warmup, warm, cosine)
+        value = np.where(s < freeze, 0.0, value)
+        value = np.where(s >= total, self.final_value, value)
+        return float(value) if value.ndim == 0 else value
+
+    def get_config(self):
+        return {
+            "base_value": self.base_value,
+            "final_value": self.final_value,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "start_warmup_value": self.start_warmup_value,
+            "freeze_steps": self.freeze_steps,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class FrozenStartSchedule(_LearningRateSchedule):
+    """A schedule whose first `frozen_steps` values are replaced by 0: the reference's last-layer lr.
+
+    Unlike `CosineSchedule(freeze_steps=...)`, this does not shift the wrapped schedule: it overwrites its
+    start, as the reference does to the last layer's copy of the lr table (`schedule[:freeze] = 0`). Like the
+    reference, steps at or past the wrapped schedule's `total_steps` (when it has one) keep its final value even
+    if `frozen_steps` is larger.
+
+    Args:
+        schedule: `LearningRateSchedule` (anything with `__call__(step)`; `value_at(step)` for NumPy use).
+        frozen_steps: int. Number of leading steps with value 0.
+
+    Example:
+    >>> lr = CosineSchedule(4e-3, 1e-6, total_steps=125000, warmup_steps=12500)
+    >>> last_layer_lr = FrozenStartSchedule(lr, frozen_steps=1250)   # 0 for the first epoch
+    """
+
+    def __init__(self, schedule, frozen_steps):
+        if isinstance(schedule, dict):
+            schedule = keras.saving.deserialize_keras_object(schedule)
+        if not callable(schedule):
+            raise ValueError(
+                f"`schedule` must be a LearningRateSchedule or callable(step), received {schedule!r}."
+            )
+        self.schedule = schedule
+        self.frozen_steps = _check_int("frozen_steps", frozen_steps)
+
+    @property
+    def _zero_until(self):
+        total = getattr(self.schedule, "total_steps", None)
+        return self.frozen_steps if total is None else min(self.frozen_steps, int(total))
+
+    def __call__(self, step):
+        value = ops.cast(self.schedule(step), "float32")
+        return ops.where(ops.cast(step, "float32") < self._zero_until, 0.0, value)
+
+    def value_at(self, step):
+        """The schedule's value at `step` (int or integer array) in float64 NumPy."""
+        value = np.where(np.asarray(step) < self._zero_until, 0.0, self.schedule.value_at(step))
+        return float(value) if value.ndim == 0 else value
+
+    def get_config(self):
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "frozen_steps": self.frozen_steps,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DINOv2Schedules:
+    """The five per-step schedules of a DINOv2 run (see `dinov2_schedules`).
+
+    Args:
+        learning_rate: `CosineSchedule`. Base lr of every parameter group (times its lr multiplier).
+        last_layer_learning_rate: `FrozenStartSchedule`. Lr of the heads' prototype layers.
+        weight_decay: `CosineSchedule`. AdamW weight decay (times each group's wd multiplier).
+        teacher_momentum: `CosineSchedule`. EMA momentum of the teacher.
+        teacher_temperature: `CosineSchedule`. Softmax temperature of the teacher's outputs.
+
+    Example:
+    >>> s = dinov2_schedules(total_steps=125000, steps_per_epoch=1250, global_batch_size=1024)
+    >>> s.values(0)   # {"learning_rate": 0.0, ..., "teacher_temperature": 0.04}
+    """
+
+    learning_rate: CosineSchedule
+    last_layer_learning_rate: FrozenStartSchedule
+    weight_decay: CosineSchedule
+    teacher_momentum: CosineSchedule
+    teacher_temperature: CosineSchedule
+
+    def values(self, step):
+        """Every schedule's value at `step` as Python floats (NumPy evaluation), keyed by field name."""
+        return {
+            field.name: float(getattr(self, field.name).value_at(int(step)))
+            for field in dataclasses.fields(self)
+        }
+
+    def __call__(self, step):
+        """Every schedule's value at `step` as float32 tensors (in-graph evaluation), keyed by field name."""
+        return {field.name: getattr(self, field.name)(step) for field in dataclasses.fields(self)}
+
+
+def scaled_learning_rate(base_lr, global_batch_size, scaling_rule="sqrt_wrt_1024"):
+    """The peak learning rate for a global batch size under the reference's scaling rule.
+
+    Reference: `lr = base_lr * sqrt(global_batch_size / 1024)` ("sqrt_wrt_1024", the only rule it implements).
+
+    Args:
+        base_lr: float. Learning rate for a global batch of 1024 (the reference's `optim.base_lr`, 0.004).
+        global_batch_size: int. Images per optimizer step, summed over all replicas.
+        scaling_rule: str or None, default "sqrt_wrt_1024". None returns `base_lr` unchanged.
+
+    Example:
+    >>> scaled_learning_rate(0.004, 256)   # 0.002
+    """
+    base_lr = _check_float("base_lr", base_lr)
+    global_batch_size = _check_int("global_batch_size", global_batch_size, minimum=1)
+    if scaling_rule is None:
+        return base_lr
+    if scaling_rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch_size / 1024.0)
+    raise ValueError(f'`scaling_rule` must be "sqrt_wrt_1024" or None, received {scaling_rule!r}.')
+
+
+def dinov2_schedules(
+    total_steps,
+    steps_per_epoch,
+    global_batch_size,
+    base_lr=0.004,
+    min_lr=1e-6,
+    warmup_epochs=10,
+    weight_decay=0.04,
+    weight_decay_end=0.4,
+    momentum_teacher=0.992,
+    final_momentum_teacher=1.0,
+    teacher_temp=0.07,
+    warmup_teacher_temp=0.04,
+    warmup_teacher_temp_epochs=30,
+    freeze_last_layer_epochs=1,
+    scaling_rule="sqrt_wrt_1024",
+):
+    """The reference's five schedules (build_schedulers), for a run of `total_steps` optimizer steps.
+
+    - learning rate: linear warmup from 0 over `warmup_epochs`, then cosine to `min_lr`, peaking at
+      `base_lr * sqrt(global_batch_size / 1024)`;
+    - last-layer learning rate: the same, but 0 during the first `freeze_last_layer_epochs`;
+    - weight decay: cosine from `weight_decay` to `weight_decay_end`, no warmup;
+    - teacher momentum: cosine from `momentum_teacher` to `final_momentum_teacher`, no warmup;
+    - teacher temperature: linear from `warmup_teacher_temp` to `teacher_temp` over
+      `warmup_teacher_temp_epochs`, then constant (the reference builds it as a cosine with equal ends whose
+      length is the warmup, so the linear ramp includes both ends and the constant comes from "past the end").
+
+    An "epoch" is `steps_per_epoch` steps (the reference's OFFICIAL_EPOCH_LENGTH is 1250, whatever the dataset
+    size). Epoch counts may be fractional (useful for short runs) and are rounded to whole steps.
+
+    Args:
+        total_steps: int. Optimizer steps in the run (the reference's epochs * 1250).
+        steps_per_epoch: int. Steps in one "epoch".
+        global_batch_size: int. Images per optimizer step over all replicas (for the lr scaling rule).
+        base_lr: float, default 0.004. Lr for a global batch of 1024.
+        min_lr: float, default 1e-6.
+        warmup_epochs: float, default 10.
+        weight_decay: float, default 0.04.
+        weight_decay_end: float, default 0.4.
+        momentum_teacher: float, default 0.992.
+        final_momentum_teacher: float, default 1.0.
+        teacher_temp: float, default 0.07.
+        warmup_teacher_temp: float, default 0.04.
+        warmup_teacher_temp_epochs: float, default 30.
+        freeze_last_layer_epochs: float, default 1.
+        scaling_rule: str or None, default "sqrt_wrt_1024". None uses `base_lr` as the peak lr.
+
+    Returns:
+        `DINOv2Schedules`.
+
+    Example:
+    >>> s = dinov2_schedules(total_steps=100 * 1250, steps_per_epoch=1250, global_batch_size=1024)
+    >>> s.learning_rate.value_at(12500), s.teacher_temperature.value_at(40000)   # (0.004, 0.07)
+    """
+    total_steps = _check_int("total_steps", total_steps, minimum=1)
+    steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+    peak_lr = scaled_learning_rate(base_lr, global_batch_size, scaling_rule)
+    warmup_steps = _steps_from_epochs("warmup_epochs", warmup_epochs, steps_per_epoch)
+    if warmup_steps > total_steps:
+        raise ValueError(
+            f"`warmup_epochs` * `steps_per_epoch` ({warmup_steps} steps) must be at most `total_steps`, "
+            f"received warmup_epochs={warmup_epochs}, steps_per_epoch={steps_per_epoch}, "
+            f"total_steps={total_steps}. Lower `warmup_epochs` for a short run."
+        )
+    temp_steps = _steps_from_epochs(
+        "warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, steps_per_epoch
+    )
+    frozen_steps = _steps_from_epochs(
+        "freeze_last_layer_epochs", freeze_last_layer_epochs, steps_per_epoch
+    )
+    learning_rate = CosineSchedule(peak_lr, min_lr, total_steps, warmup_steps=warmup_steps)
+    return DINOv2Schedules(
+        learning_rate=learning_rate,
+        last_layer_learning_rate=FrozenStartSchedule(learning_rate, frozen_steps),
+        weight_decay=CosineSchedule(weight_decay, weight_decay_end, total_steps),
+        teacher_momentum=CosineSchedule(momentum_teacher, final_momentum_teacher, total_steps),
+        teacher_temperature=CosineSchedule(
+            teacher_temp,
+            teacher_temp,
+            temp_steps,
+            warmup_steps=temp_steps,
+            start_warmup_value=warmup_teacher_temp,
+        ),
+    )
