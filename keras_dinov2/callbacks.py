@@ -1,0 +1,309 @@
+"""Callbacks of a pretraining run: checkpoints and resume, per-step CSV, plots, run monitoring."""
+
+import csv
+import json
+import math
+import os
+import re
+import warnings
+
+import keras
+import numpy as np
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _sync(model):
+    # On JAX, fit() keeps the state outside the variables until the end of the epoch loop.
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+
+
+def _state_variables(model):
+    variables = list(model.variables)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    return variables
+
+
+def save_checkpoint(model, path, metadata=None):
+    """Writes every variable of `model` and its optimizer to `path` (.npz), atomically.
+
+    The file is written under a temporary name and moved into place, so a kill during the
+    save leaves the previous checkpoint intact and never a truncated one under `path`.
+
+    Args:
+        model: keras.Model (a DINOv2Pretrainer: students, teachers, heads, centers, optimizer
+            moments and step, and the random-generator states of stochastic depth).
+        path: str. Destination file.
+        metadata: optional dict, stored as JSON inside the file (epoch, step, config...).
+
+    Example:
+    >>> save_checkpoint(pretrainer, "runs/x/checkpoint-0003.npz", {"epoch": 3})
+    """
+    _sync(model)
+    variables = _state_variables(model)
+    arrays = {f"v{i:05d}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(variables)}
+    arrays["__paths__"] = np.array([v.path for v in variables])
+    arrays["__metadata__"] = np.array(json.dumps(metadata or {}))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(model, path):
+    """Restores what `save_checkpoint` wrote into `model` (built and compiled); returns metadata.
+
+    Raises:
+        ValueError: naming the first variable whose path or shape does not match.
+    """
+    if getattr(model, "optimizer", None) is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    variables = _state_variables(model)
+    with np.load(path, allow_pickle=False) as data:
+        paths = [str(p) for p in data["__paths__"]]
+        if len(paths) != len(variables):
+            raise ValueError(
+                f"Checkpoint {path} holds {len(paths)} variables, the model has "
+                f"{len(variables)}: it was written by a different configuration."
+            )
+        for i, (variable, stored_path) in enumerate(zip(variables, paths)):
+            value = data[f"v{i:05d}"]
+            same_path = _generic(stored_path) == _generic(variable.path)
+            if not same_path or tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Checkpoint {path} does not fit the model at variable {i}: it holds "
+                    f"{stored_path!r} {tuple(value.shape)}, the model has {variable.path!r} "
+                    f"{tuple(variable.shape)}."
+                )
+            variable.assign(value)
+        return json.loads(str(data["__metadata__"]))
+
+
+def _generic(path):
+    # Auto-generated names carry a process-wide counter ("seed_generator_12"): ignore it.
+    return re.sub(r"_\d+(?=/|$)", "", path)
+
+
+def latest_checkpoint(run_dir):
+    """Path of the newest complete checkpoint in `run_dir`, or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    names = sorted(n for n in os.listdir(run_dir)
+                   if n.startswith(CHECKPOINT_PREFIX) and n.endswith(".npz"))
+    return os.path.join(run_dir, names[-1]) if names else None
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves the full training state every `every_n_epochs` epochs; keeps the newest `keep`.
+
+    Args:
+        run_dir: str. Folder of the run.
+        every_n_epochs: int, default 1.
+        keep: int, default 2.
+        metadata: optional dict added to every checkpoint.
+    """
+
+    def __init__(self, run_dir, every_n_epochs=1, keep=2, metadata=None):
+        super().__init__()
+        self.run_dir = run_dir
+        self.every_n_epochs = int(every_n_epochs)
+        self.keep = int(keep)
+        self.metadata = dict(metadata or {})
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training and _bad(logs):
+            return  # never overwrite a good checkpoint with a diverged state
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        path = os.path.join(self.run_dir, f"{CHECKPOINT_PREFIX}{epoch + 1:05d}.npz")
+        save_checkpoint(self.model, path, {**self.metadata, "epoch": epoch + 1})
+        names = sorted(n for n in os.listdir(self.run_dir)
+                       if n.startswith(CHECKPOINT_PREFIX) and n.endswith(".npz"))
+        for old in names[: -self.keep]:
+            os.remove(os.path.join(self.run_dir, old))
+
+
+def _bad(logs):
+    return any(isinstance(v, (int, float)) and not math.isfinite(v) for v in (logs or {}).values())
+
+
+def _floats(logs):
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class StepLogger(keras.callbacks.Callback):
+    """Appends every step's logs to `run_dir/metrics.csv` (step, epoch, then the log keys).
+
+    Args:
+        run_dir: str.
+        initial_step: int, default 0. Global step of the first batch (for resumed runs).
+    """
+
+    def __init__(self, run_dir, initial_step=0):
+        super().__init__()
+        self.path = os.path.join(run_dir, "metrics.csv")
+        self.step = int(initial_step)
+        self.epoch = 0
+        self._fields = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Epoch-level values (k-NN accuracy...) go to epochs.csv, one row per epoch.
+        path = os.path.join(os.path.dirname(self.path), "epochs.csv")
+        row = {"epoch": epoch + 1, "step": self.step, **_floats(logs)}
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, list(row), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def on_train_batch_end(self, batch, logs=None):
+        row = {"step": self.step, "epoch": self.epoch, **_floats(logs)}
+        self.step += 1
+        if self._fields is None:
+            if os.path.exists(self.path):
+                with open(self.path, newline="") as f:
+                    self._fields = next(csv.reader(f), None)
+            if not self._fields:
+                self._fields = list(row)
+                with open(self.path, "w", newline="") as f:
+                    csv.writer(f).writerow(self._fields)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self._fields, extrasaction="ignore").writerow(row)
+
+
+class TrainingMonitor(keras.callbacks.Callback):
+    """Stops on a NaN or infinite loss and warns when the teacher's targets collapse.
+
+    Collapse shows in the teacher's outputs: targets close to uniform (mean KL to uniform
+    near 0: every prototype equally likely for every image) or every image sent to the
+    same few prototypes (entropy of the batch-mean target near 0). Either one holding for
+    `patience` consecutive steps after `warmup_steps` gets one warning with what to try.
+
+    Args:
+        warmup_steps: int, default 20. Steps before collapse is judged.
+        patience: int, default 20.
+        uniform_kl: float, default 0.01. Mean KL to uniform (nats) below which targets count
+            as uniform.
+        marginal_fraction: float, default 0.05. Batch-mean entropy below this fraction of
+            log(K) counts as one-prototype collapse.
+    """
+
+    ADVICE = (
+        "Try: a lower learning rate or a longer warmup, a lower teacher temperature "
+        "(warmup_teacher_temp, teacher_temp), fewer prototypes for a small dataset, larger "
+        "effective batches (gradient_accumulation_steps), Sinkhorn-Knopp centering, or a "
+        "higher teacher momentum."
+    )
+
+    def __init__(self, warmup_steps=20, patience=20, uniform_kl=0.01, marginal_fraction=0.05):
+        super().__init__()
+        self.warmup_steps = int(warmup_steps)
+        self.patience = int(patience)
+        self.uniform_kl = float(uniform_kl)
+        self.marginal_fraction = float(marginal_fraction)
+        self.seen = 0
+        self.uniform_run = 0
+        self.single_run = 0
+        self.warned = False
+        self.stopped_for_nan = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        values = _floats(logs)
+        self.seen += 1
+        loss = values.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.stopped_for_nan = True
+            self.model.stop_training = True
+            print(
+                f"\nThe loss became {loss} at step {self.seen}: stopping. The last good "
+                "checkpoint is kept; lower the learning rate or check the data before resuming."
+            )
+            return
+        kl = values.get("teacher_kl_uniform")
+        marginal = values.get("teacher_marginal_entropy")
+        entropy = values.get("teacher_entropy")
+        if kl is None or marginal is None or entropy is None or self.seen <= self.warmup_steps:
+            return
+        log_k = kl + entropy
+        self.uniform_run = self.uniform_run + 1 if kl < self.uniform_kl else 0
+        self.single_run = (self.single_run + 1
+                           if marginal < self.marginal_fraction * log_k else 0)
+        if self.warned:
+            return
+        if self.uniform_run >= self.patience:
+            kind = "uniform targets (the teacher's outputs carry no information)"
+        elif self.single_run >= self.patience:
+            kind = "one-prototype targets (every image gets the same assignment)"
+        else:
+            return
+        self.warned = True
+        message = f"The run looks collapsed since {self.patience} steps: {kind}. {self.ADVICE}"
+        warnings.warn(message, stacklevel=2)
+        print("\nWARNING: " + message)
+
+
+def plot_metrics(csv_path, png_path, keys=None):
+    """Draws the losses, schedules and collapse signals of a metrics CSV into a PNG.
+
+    Args:
+        csv_path: str. A `metrics.csv` written by `StepLogger`.
+        png_path: str. Output image.
+        keys: optional list of column groups; default losses, schedules, teacher signals and
+            k-NN accuracy where present.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(path):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {k: np.array([float(r[k]) if r.get(k) not in (None, "") else np.nan
+                             for r in rows]) for k in (rows[0] if rows else [])}
+
+    columns = read(csv_path)
+    if not columns:
+        raise ValueError(f"{csv_path} has no rows to plot.")
+    epochs_path = os.path.join(os.path.dirname(csv_path), "epochs.csv")
+    epoch_columns = read(epochs_path) if os.path.exists(epochs_path) else {}
+    groups = keys or [
+        ["loss", "dino_local", "dino_global", "ibot", "koleo"],
+        ["lr", "wd"],
+        ["momentum", "teacher_temp"],
+        ["teacher_entropy", "teacher_kl_uniform", "teacher_marginal_entropy"],
+        ["knn_top1", "knn_top1_random_init"],
+    ]
+    groups = [[k for k in g if k in columns or k in epoch_columns] for g in groups]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.4 * len(groups)), sharex=True)
+    axes = np.atleast_1d(axes)
+    for ax, group in zip(axes, groups):
+        for key in group:
+            source = columns if key in columns else epoch_columns
+            values = source[key]
+            mask = np.isfinite(values)
+            ax.plot(source["step"][mask], values[mask], label=key,
+                    marker="o" if mask.sum() < 30 else None)
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

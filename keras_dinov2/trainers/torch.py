@@ -1,0 +1,16 @@
+"""PyTorch train_step: gradients through backward()."""
+
+import torch
+
+
+def train_step(model, data):
+    """One DINOv2 step on PyTorch."""
+    # Clear every trainable variable's gradient: Module.zero_grad() only reaches parameters
+    # registered on modules, and a left-over gradient would be added to this step's.
+    for variable in model.trainable_variables:
+        variable.value.grad = None
+    loss, logs = model.compute_dinov2_loss(data, training=True)
+    loss.backward()
+    grads = [v.value.grad for v in model.trainable_variables]
+    with torch.no_grad():
+        return model.apply_dinov2_update(grads, logs)

@@ -1,0 +1,211 @@
+"""DINOv2Pretrainer: the step, the EMA teacher, the frozen last layer, resume, cross-backend loss."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import to_numpy
+
+from keras_dinov2.backbone import DINOv2Backbone
+from keras_dinov2.callbacks import latest_checkpoint, load_checkpoint, save_checkpoint
+from keras_dinov2.config import DataConfig, HeadConfig, OptimConfig, SSLConfig
+from keras_dinov2.pretrainer import DINOv2Pretrainer
+
+B, N_LOCAL, GLOBAL, LOCAL, PATCH = 4, 2, 16, 8, 4
+
+
+def tiny_config(**optim):
+    data = DataConfig.recipe("digits")
+    data.crops.global_crops_size, data.crops.local_crops_size = GLOBAL, LOCAL
+    data.crops.local_crops_number = N_LOCAL
+    defaults = dict(epochs=2, steps_per_epoch=2, warmup_epochs=0.5, warmup_teacher_temp_epochs=1,
+                    freeze_last_layer_epochs=0.5, drop_path_rate=0.0, base_lr=0.05)
+    return SSLConfig(
+        batch_size=B,
+        heads=HeadConfig(num_prototypes=32, hidden_dim=24, bottleneck_dim=8,
+                         ibot_separate_head=True, ibot_num_prototypes=16,
+                         ibot_bottleneck_dim=8),
+        optim=OptimConfig(**{**defaults, **optim}),
+        data=data,
+    )
+
+
+def tiny_model(config=None, drop_path_rate=0.0, seed=0):
+    keras.utils.set_random_seed(seed)
+    backbone = DINOv2Backbone(patch_size=PATCH, hidden_dim=16, num_layers=2, num_heads=2,
+                              image_size=GLOBAL, interpolation="transformers",
+                              layer_scale_init=0.1, drop_path_rate=drop_path_rate)
+    model = DINOv2Pretrainer(backbone, config or tiny_config())
+    model.compile()
+    return model
+
+
+def make_batch(seed=0):
+    """A multi-crop batch with masks and the padded masked-patch buffer, built in NumPy."""
+    rng = np.random.default_rng(seed)
+    n = (GLOBAL // PATCH) ** 2
+    masks = np.zeros((2 * B, n), bool)
+    for i in range(B):  # half of the 2B images get masks
+        masks[i, rng.choice(n, size=2 + i, replace=False)] = True
+    flat = np.flatnonzero(masks.reshape(-1))
+    buffer = 24
+    indices = np.zeros(buffer, "int32")
+    weights = np.zeros(buffer, "float32")
+    indices[: flat.size] = flat
+    counts = masks.sum(1)
+    weights[: flat.size] = 1.0 / counts[flat // n]
+    return {
+        "global_crops": rng.normal(size=(2 * B, GLOBAL, GLOBAL, 3)).astype("float32"),
+        "local_crops": rng.normal(size=(N_LOCAL * B, LOCAL, LOCAL, 3)).astype("float32"),
+        "masks": masks,
+        "mask_indices": indices,
+        "masks_weight": weights,
+        "n_masked_patches": np.int32(flat.size),
+    }
+
+
+def dataset(batches):
+    return tf.data.Dataset.from_tensor_slices(
+        {k: np.stack([b[k] for b in batches]) for k in batches[0]})
+
+
+class LossRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses.append(float(logs["loss"]))
+
+
+def _values(variables):
+    return [to_numpy(v) for v in variables]
+
+
+def test_one_step_updates_student_teacher_by_ema_and_keeps_last_layer_frozen():
+    # No warmup: the reference's warmup starts at lr 0, which would leave the student still.
+    model = tiny_model(tiny_config(warmup_epochs=0))
+    pairs = model._ema_pairs
+    student_before = _values([s for s, _ in pairs])
+    teacher_before = _values([t for _, t in pairs])
+    np.testing.assert_array_equal(student_before[0], teacher_before[0])  # teacher = copy
+    last_layer = model.student_dino_head.last_layer_variables
+    last_before = _values(last_layer)
+    history = model.fit(dataset([make_batch()]), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+    student_after = _values([s for s, _ in pairs])
+    teacher_after = _values([t for _, t in pairs])
+    m = model.schedules.values(0)["teacher_momentum"]
+    moved = 0
+    for s0, s1, t0, t1 in zip(student_before, student_after, teacher_before, teacher_after):
+        np.testing.assert_allclose(t1, m * t0 + (1 - m) * s1, rtol=1e-5, atol=1e-6)
+        moved += int(np.abs(s1 - s0).max() > 0)
+    assert moved > len(pairs) // 2
+    # Frozen during the first (half) epoch: the prototypes have not moved.
+    for before, variable in zip(last_before, last_layer):
+        np.testing.assert_array_equal(to_numpy(variable), before)
+    # The teacher never gets gradients, so no teacher variable is trainable.
+    assert not model.teacher.trainable_weights
+    assert not model.teacher_dino_head.trainable_weights
+    assert int(to_numpy(model.optimizer.iterations)) == 1
+
+
+def test_last_layer_moves_after_its_frozen_period_and_loss_falls():
+    model = tiny_model(tiny_config(epochs=10, steps_per_epoch=2))
+    last = model.student_dino_head.last_layer_variables[0]
+    recorder = LossRecorder()
+    model.fit(dataset([make_batch()]).repeat(2), epochs=1, verbose=0, callbacks=[recorder])
+    after_two = to_numpy(last)
+    model.fit(dataset([make_batch()]).repeat(14), epochs=1, verbose=0, callbacks=[recorder])
+    assert np.abs(to_numpy(last) - after_two).max() > 0
+    losses = recorder.losses
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    batches = [make_batch(i) for i in range(4)]
+    config = tiny_config(epochs=2, steps_per_epoch=2)
+
+    straight = tiny_model(config, drop_path_rate=0.2)
+    recorder = LossRecorder()
+    straight.fit(dataset(batches), epochs=2, steps_per_epoch=2, verbose=0,
+                 callbacks=[recorder])
+
+    first = tiny_model(config, drop_path_rate=0.2)
+    first.fit(dataset(batches[:2]), epochs=1, verbose=0)
+    path = str(tmp_path / "checkpoint-00001.npz")
+    save_checkpoint(first, path, {"epoch": 1})
+    assert latest_checkpoint(str(tmp_path)) == path
+
+    resumed = tiny_model(config, drop_path_rate=0.2, seed=123)  # other initial weights
+    assert load_checkpoint(resumed, path) == {"epoch": 1}
+    second = LossRecorder()
+    resumed.fit(dataset(batches[2:]), initial_epoch=1, epochs=2, verbose=0,
+                callbacks=[second])
+    np.testing.assert_allclose(second.losses, recorder.losses[2:], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_is_atomic_and_checked(tmp_path):
+    model = tiny_model()
+    path = str(tmp_path / "checkpoint-00001.npz")
+    save_checkpoint(model, path)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    other = DINOv2Pretrainer(
+        DINOv2Backbone(patch_size=PATCH, hidden_dim=8, num_layers=1, num_heads=1,
+                       image_size=GLOBAL), tiny_config())
+    other.compile()
+    with pytest.raises(ValueError, match="does not fit|different configuration"):
+        load_checkpoint(other, path)
+
+
+def test_config_recipes_round_trip_and_validate():
+    for name in ("reference_default", "vitl14", "vitg14", "digits"):
+        config = SSLConfig.recipe(name)
+        again = SSLConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+        assert again == config
+    assert SSLConfig.recipe("vitl14").loss.centering == "sinkhorn_knopp"
+    assert SSLConfig.recipe("vitl14").heads.num_prototypes == 131072
+    with pytest.raises(ValueError, match="centering"):
+        SSLConfig.from_dict({"loss": {"centering": "mean"}})
+    with pytest.raises(ValueError, match="backbone"):
+        DINOv2Pretrainer(keras.layers.Dense(3), tiny_config())
+
+
+CROSS_BACKEND_SCRIPT = r"""
+import numpy as np, sys
+sys.path.insert(0, {tests!r})
+from test_pretrainer import make_batch, tiny_config, tiny_model
+model = tiny_model()
+rng = np.random.default_rng(7)
+for v in model.weights:
+    if "seed" in v.path or v.dtype not in ("float32",):
+        continue
+    v.assign((rng.standard_normal(v.shape) * 0.1).astype("float32"))
+loss, logs = model.compute_dinov2_loss(make_batch(3), training=False)
+print("RESULT", " ".join(f"{{k}}={{float(logs[k]):.7f}}" for k in sorted(logs)))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs all three backends once")
+def test_same_weights_and_batch_give_the_same_loss_on_every_backend():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = CROSS_BACKEND_SCRIPT.format(tests=tests)
+    results = {}
+    for backend in ("jax", "tensorflow", "torch"):
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, timeout=300)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
+        assert line, out.stderr[-2000:]
+        results[backend] = dict(item.split("=") for item in line[0].split()[1:])
+    for key in results["jax"]:
+        values = [float(results[b][key]) for b in results]
+        # float32 with different kernels per backend: agree to 1e-4 relative.
+        np.testing.assert_allclose(values, values[0], rtol=1e-4, atol=1e-5, err_msg=key)
