@@ -3,15 +3,44 @@
 Public names:
     DINOv2Backbone   the reference ViT as a keras-hub Backbone (presets, masks, any input size)
     DINOHead         the DINO / iBOT projection head with weight-normalized prototypes
+    DINOv2Pretrainer student, EMA teacher, heads and losses, trained with model.fit
+    SSLConfig        every knob of a run with the reference's defaults, and named recipes
+    data             sources, multi-crop augmentation and masking as tf.data pipelines
+    evaluation       feature extraction, k-NN (reference protocol), linear probe
     convert          loaders for official torch-hub checkpoints and transformers folders
     losses           DINO and iBOT cross-entropy, centering, Sinkhorn-Knopp, KoLeo
     layers           the building blocks
 """
 
-from keras_dinov2 import convert, layers, losses
+from keras_dinov2 import config, convert, layers, losses
 from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
+from keras_dinov2.config import SSLConfig
 from keras_dinov2.layers.dino_head import DINOHead
+from keras_dinov2.pretrainer import DINOv2Pretrainer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ARCHITECTURES", "DINOHead", "DINOv2Backbone", "convert", "layers", "losses"]
+
+def __getattr__(name):
+    # `data` and `evaluation` import TensorFlow (tf.data): load them on first use, so that
+    # `import keras_dinov2` stays light for inference on JAX or torch alone.
+    if name in ("data", "evaluation"):
+        import importlib
+
+        return importlib.import_module(f"keras_dinov2.{name}")
+    raise AttributeError(f"module 'keras_dinov2' has no attribute {name!r}")
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "DINOHead",
+    "DINOv2Backbone",
+    "DINOv2Pretrainer",
+    "SSLConfig",
+    "config",
+    "convert",
+    "data",
+    "evaluation",
+    "layers",
+    "losses",
+]

@@ -12,7 +12,6 @@ jax when the variable is not set, since it is the fastest backend on CPU.
 """
 
 NOT_YET = {
-    "pretrain": "the DINOv2 pretrainer (issue: DINOv2Pretrainer with model.fit)",
     "evaluate": "k-NN and linear-probe evaluation (issue: evaluation, pictures and examples)",
     "export": "preset, keras-hub and transformers export (issue: export and publish)",
     "visualize": "PCA and attention pictures (issue: evaluation, pictures and examples)",
@@ -28,17 +27,41 @@ def _parser():
 
     pretrain = commands.add_parser(
         "pretrain", help="pretrain a backbone with the DINOv2 recipe",
-        description="Pretrain a ViT with DINOv2 (self-distillation, iBOT, KoLeo) via model.fit.",
+        description="Pretrain a ViT with DINOv2 (self-distillation, iBOT, KoLeo) through "
+                    "model.fit, writing a run directory: config.json, metrics.csv (every step), "
+                    "epochs.csv, metrics.png, checkpoints (full state, atomic) and the final "
+                    "teacher backbone as a preset (teacher_preset/). With no arguments it trains "
+                    "the tiny preset on the bundled digits in a few minutes on a CPU and "
+                    "prints the teacher's k-NN accuracy next to a randomly initialized "
+                    "backbone's.",
     )
     pretrain.add_argument("--data", default="digits",
                           help="digits (bundled, no download), an image FOLDER, or "
                                "tfds:NAME[:SPLIT] (default: digits)")
-    pretrain.add_argument("--model", default="dinov2_vit_tiny4",
-                          help="architecture preset or preset folder (default: dinov2_vit_tiny4)")
-    pretrain.add_argument("--epochs", type=int, default=None, help="number of epochs")
-    pretrain.add_argument("--batch-size", type=int, default=None, help="images per step")
-    pretrain.add_argument("--out", default="runs/latest", help="run directory")
-    pretrain.add_argument("--resume", action="store_true", help="continue the run in --out")
+    pretrain.add_argument("--model", default=None,
+                          help="architecture preset (e.g. dinov2_vit_small14) or preset folder; "
+                               "default dinov2_vit_tiny4 for digits, dinov2_vit_small14 otherwise")
+    pretrain.add_argument("--recipe", default=None,
+                          choices=["digits", "reference_default", "vitl14", "vitg14"],
+                          help="named SSLConfig recipe (default: digits for --data digits, "
+                               "reference_default otherwise)")
+    pretrain.add_argument("--epochs", type=int, default=None, help="epochs (recipe default)")
+    pretrain.add_argument("--steps-per-epoch", type=int, default=None,
+                          help="optimizer steps per epoch (default: one pass over the data)")
+    pretrain.add_argument("--batch-size", type=int, default=None,
+                          help="source images per step (recipe default)")
+    pretrain.add_argument("--accumulation", type=int, default=None,
+                          help="micro-batches per optimizer update (gradient accumulation)")
+    pretrain.add_argument("--lr", type=float, default=None, help="base learning rate")
+    pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pretrain.add_argument("--knn-every", type=int, default=1,
+                          help="k-NN of the teacher on held-out digits every N epochs (digits "
+                               "only; 0 disables; default 1)")
+    pretrain.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue the run in --out from its last checkpoint")
+    pretrain.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
+                          help="Keras fit verbosity (default 1: progress bar)")
 
     evaluate = commands.add_parser("evaluate", help="k-NN and linear probe of a backbone")
     evaluate.add_argument("--preset", required=True, help="preset folder or hf:// URI")
@@ -103,11 +126,15 @@ def main(argv=None):
     if args.command in NOT_YET:
         print(
             f"keras-dinov2 {args.command} is not available yet: {NOT_YET[args.command]} has "
-            "not landed. Nothing was run. The backbone (keras_dinov2.DINOv2Backbone) and "
-            "`keras-dinov2 convert` work today.",
+            "not landed. Nothing was run. `keras-dinov2 pretrain` and `keras-dinov2 convert` "
+            "work today.",
             file=sys.stderr,
         )
         return 2
+    if args.command == "pretrain":
+        from keras_dinov2.run import pretrain
+
+        return pretrain(args)
     return _convert(args)
 
 

@@ -1,0 +1,179 @@
+"""The main job: a complete, resumable DINOv2 pretraining run in a run directory."""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+
+# With LayerScale at 1e-5 a randomly initialized backbone gives nearly identical CLS tokens for
+# every image, so float32 cosine similarities all round to 1 and its k-NN is at chance; the
+# small digits evaluation is cheap in float64, which keeps the random-init baseline meaningful.
+KNN_DTYPE = "float64"
+
+
+def _resolve_config(args, run_dir):
+    from keras_dinov2.config import SSLConfig
+
+    saved = os.path.join(run_dir, "config.json")
+    if args.resume and os.path.exists(saved):
+        with open(saved) as f:
+            stored = json.load(f)
+        return SSLConfig.from_dict(stored["ssl"]), stored["model"], stored["data"]
+    if args.resume:
+        raise SystemExit(f"error: --resume given but {saved} does not exist: nothing to resume.")
+    recipe = args.recipe or ("digits" if args.data == "digits" else "reference_default")
+    config = SSLConfig.recipe(recipe)
+    optim = {}
+    if args.epochs is not None:
+        optim["epochs"] = args.epochs
+    if args.accumulation is not None:
+        optim["gradient_accumulation_steps"] = args.accumulation
+    if args.lr is not None:
+        optim["base_lr"] = args.lr
+    if args.steps_per_epoch is not None:
+        optim["steps_per_epoch"] = args.steps_per_epoch
+    config = dataclasses.replace(
+        config,
+        optim=dataclasses.replace(config.optim, **optim),
+        batch_size=args.batch_size or config.batch_size,
+        seed=args.seed,
+    )
+    model = args.model or ("dinov2_vit_tiny4" if args.data == "digits" else "dinov2_vit_small14")
+    return config, model, args.data
+
+
+def _build_backbone(model_name, config):
+    from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
+
+    overrides = {"drop_path_rate": config.optim.drop_path_rate}
+    if model_name in ARCHITECTURES:
+        patch = ARCHITECTURES[model_name]["config"]["patch_size"]
+        overrides["layer_scale_init"] = config.optim.layer_scale_init
+        # Store the position table for the global crop size: no resampling at 224 / 32.
+        overrides["image_size"] = config.data.crops.global_crops_size
+        if config.data.masking.patch_size != patch:
+            raise SystemExit(
+                f"error: the recipe's patch size {config.data.masking.patch_size} does not "
+                f"match {model_name}'s {patch}; choose a matching --recipe or --model."
+            )
+        return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
+    # A preset folder or URI: continue pretraining from its weights.
+    return DINOv2Backbone.from_preset(model_name, drop_path_rate=config.optim.drop_path_rate)
+
+
+def pretrain(args):
+    """Runs `keras-dinov2 pretrain` with parsed arguments; returns the exit status."""
+    from keras_dinov2 import callbacks as cb
+    from keras_dinov2.data import multicrop_dataset
+    from keras_dinov2.pretrainer import DINOv2Pretrainer
+
+    run_dir = args.out
+    os.makedirs(run_dir, exist_ok=True)
+    config, model_name, data_spec = _resolve_config(args, run_dir)
+    keras.utils.set_random_seed(config.seed)
+
+    one_pass = multicrop_dataset(data_spec, batch_size=config.batch_size, config=config.data,
+                                 seed=config.seed, repeat=False)
+    batches_per_pass = int(one_pass.cardinality())
+    if batches_per_pass <= 0:
+        raise SystemExit(
+            f"error: {data_spec!r} gives no full batch of {config.batch_size} images per pass "
+            "(or its size is unknown); lower --batch-size or pass --steps-per-epoch."
+        )
+    if args.steps_per_epoch is None and not args.resume and args.recipe is None:
+        config = dataclasses.replace(
+            config, optim=dataclasses.replace(config.optim, steps_per_epoch=batches_per_pass))
+    optim = config.optim
+    micro_steps = optim.steps_per_epoch * optim.gradient_accumulation_steps
+
+    backbone = _build_backbone(model_name, config)
+    model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
+    model.compile()
+
+    initial_epoch = 0
+    checkpoint = cb.latest_checkpoint(run_dir) if args.resume else None
+    if args.resume:
+        if checkpoint is None:
+            raise SystemExit(f"error: --resume given but {run_dir} holds no checkpoint.")
+        initial_epoch = int(cb.load_checkpoint(model, checkpoint)["epoch"])
+        print(f"Resuming {run_dir} from {os.path.basename(checkpoint)} (epoch {initial_epoch}).")
+    else:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"ssl": config.to_dict(), "model": model_name, "data": data_spec,
+                       "backend": keras.backend.backend()}, f, indent=2)
+        for name in ("metrics.csv", "epochs.csv"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+    if initial_epoch >= optim.epochs:
+        print(f"The run in {run_dir} already finished its {optim.epochs} epochs.")
+        return 0
+
+    # The data stream is keyed by (seed, pass): skip to where the interrupted run stopped.
+    consumed = initial_epoch * micro_steps
+    dataset = multicrop_dataset(
+        data_spec, batch_size=config.batch_size, config=config.data, seed=config.seed,
+        repeat=True, start_epoch=consumed // batches_per_pass,
+    ).skip(consumed % batches_per_pass)
+
+    monitor = cb.TrainingMonitor()
+    callbacks = [
+        cb.StepLogger(run_dir, initial_step=consumed),
+        monitor,
+        cb.CheckpointCallback(run_dir, metadata={"model": model_name}),
+    ]
+    knn = data_spec == "digits" and args.knn_every > 0
+    if knn:
+        from keras_dinov2.data import eval_dataset
+        from keras_dinov2.evaluation import KNNMonitor
+
+        size = config.data.crops.global_crops_size
+        callbacks.insert(0, KNNMonitor(
+            eval_dataset("digits", size, 256, split="train"),
+            eval_dataset("digits", size, 256, split="test"),
+            backbone_fn=lambda: model.teacher, every_n_epochs=args.knn_every,
+            compare_random_init=not args.resume, dtype=KNN_DTYPE))
+    print(
+        f"Pretraining {model_name} ({backbone.count_params():,} parameters) on {data_spec} with "
+        f"the {keras.backend.backend()} backend: {optim.epochs} epochs x "
+        f"{optim.steps_per_epoch} steps, batch {config.batch_size}"
+        + (f" x {optim.gradient_accumulation_steps} accumulated" if micro_steps > optim.steps_per_epoch else "")
+        + f", run directory {run_dir}."
+    )
+    start = time.time()
+    try:
+        model.fit(dataset, epochs=optim.epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=micro_steps, callbacks=callbacks, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Resume with: keras-dinov2 pretrain --out {run_dir} --resume")
+        return 130
+    finally:
+        metrics = os.path.join(run_dir, "metrics.csv")
+        if os.path.exists(metrics):
+            cb.plot_metrics(metrics, os.path.join(run_dir, "metrics.png"))
+    if monitor.stopped_for_nan:
+        return 1
+    minutes = (time.time() - start) / 60
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+    preset = os.path.join(run_dir, "teacher_preset")
+    model.teacher.save_to_preset(preset)
+    print(f"Trained in {minutes:.1f} min. Teacher backbone saved to {preset} "
+          "(DINOv2Backbone.from_preset).")
+    if data_spec == "digits":
+        from keras_dinov2.backbone import DINOv2Backbone
+        from keras_dinov2.evaluation import evaluate_digits
+
+        size = config.data.crops.global_crops_size
+        trained = evaluate_digits(model.teacher, image_size=size, dtype=KNN_DTYPE)
+        random_init = evaluate_digits(DINOv2Backbone.from_config(model.teacher.get_config()),
+                                      image_size=size, dtype=KNN_DTYPE)
+        print("k-NN top-1 on the held-out digits (450 images):")
+        for k in sorted(trained):
+            print(f"  k={k:<4d} teacher {trained[k]:5.1f}%   random init {random_init[k]:5.1f}%")
+        with open(os.path.join(run_dir, "knn.json"), "w") as f:
+            json.dump({"teacher": trained, "random_init": random_init,
+                       "minutes": round(minutes, 2)}, f, indent=2)
+    return 0 if all(math.isfinite(v) for v in [minutes]) else 1
