@@ -9,7 +9,7 @@ from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.layers.dino_head import DINOHead
 from keras_dinov2.optim import clip_by_part
-from keras_dinov2.trainers import train_step_function
+from keras_dinov2.trainers import step_functions
 
 
 class DINOv2Pretrainer(keras.Model):
@@ -104,7 +104,7 @@ class DINOv2Pretrainer(keras.Model):
         )
         self.steps_per_epoch = int(steps_per_epoch or self.config.optim.steps_per_epoch)
         self.built = True
-        self._train_step = train_step_function()
+        self._train_step, self._test_step = step_functions()
 
     def _student_teacher_parts(self):
         parts = [(self.student, self.teacher),
@@ -184,13 +184,16 @@ class DINOv2Pretrainer(keras.Model):
 
     # ------------------------------------------------------------------ the step
 
-    def compute_dinov2_loss(self, data, training=True):
+    def compute_dinov2_loss(self, data, training=True, update_centers=True):
         """Forward pass of teacher and student and the combined loss (backend-agnostic).
 
         Returns:
             (total loss, dict of float32 scalars to log). Updates the centers in place.
         """
         config = self.config
+        if isinstance(data, (tuple, list)):
+            # (x,) from a generator or PyDataset; targets are not used.
+            data = keras.utils.unpack_x_y_sample_weight(tuple(data))[0]
         global_crops = data["global_crops"]
         local_crops = data.get("local_crops")
         masks = data["masks"]
@@ -216,12 +219,14 @@ class DINOv2Pretrainer(keras.Model):
             teacher_patch_probs = losses.softmax_center(
                 teacher_patch_logits, ops.reshape(self.ibot_center, (1, -1)), temperature)
             # The reference stages the center update: this step's mean is used next step.
-            self.dino_center.assign(losses.update_center(
-                self.dino_center, teacher_logits, momentum=config.loss.center_momentum,
-                reduction=self.reduction))
-            self.ibot_center.assign(losses.update_center(
-                self.ibot_center, teacher_patch_logits, momentum=config.loss.center_momentum,
-                valid=valid, reduction=self.reduction))
+            if update_centers:
+                momentum = config.loss.center_momentum
+                self.dino_center.assign(losses.update_center(
+                    self.dino_center, teacher_logits, momentum=momentum,
+                    reduction=self.reduction))
+                self.ibot_center.assign(losses.update_center(
+                    self.ibot_center, teacher_patch_logits, momentum=momentum, valid=valid,
+                    reduction=self.reduction))
 
         # Student: masked global crops and the local crops.
         student = self.student({"images": global_crops, "masks": masks}, training=training)
@@ -260,6 +265,13 @@ class DINOv2Pretrainer(keras.Model):
         logs.update(collapse_signals(teacher_probs))
         return parts["total"], logs
 
+    def scale_loss(self, loss):
+        """The loss to differentiate: scaled under mixed_float16 (Keras' LossScaleOptimizer)."""
+        return self.optimizer.scale_loss(loss)
+
+    def _inner_optimizer(self):
+        return getattr(self.optimizer, "inner_optimizer", self.optimizer)
+
     def apply_dinov2_update(self, grads, logs):
         """Clipping per part, the optimizer step, the teacher's EMA and the step counter.
 
@@ -274,14 +286,23 @@ class DINOv2Pretrainer(keras.Model):
         logs["momentum"] = momentum
         clip = self.config.optim.clip_grad
         if clip:
+            # Under loss scaling (mixed_float16) the gradients carry the scale: clip the
+            # unscaled values and hand them back scaled to the LossScaleOptimizer.
+            scale = getattr(self.optimizer, "dynamic_scale", None)
+            if scale is not None:
+                scale = ops.convert_to_tensor(scale)
+                grads = [None if g is None else g / ops.cast(scale, g.dtype) for g in grads]
             grads, norms = clip_by_part(grads, self.trainable_variables, self.param_groups, clip)
+            if scale is not None:
+                grads = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
             for part, norm in norms.items():
                 logs[f"grad_norm_{part}"] = norm
         self.optimizer.apply(grads, self.trainable_variables)
-        accumulation = self.optimizer.gradient_accumulation_steps or 1
+        inner = self._inner_optimizer()
+        accumulation = inner.gradient_accumulation_steps or 1
         if accumulation > 1:
             # Keras counts micro-batches in `_iterations`; the update lands on multiples of N.
-            updated = ops.equal(ops.mod(self.optimizer._iterations, accumulation), 0)
+            updated = ops.equal(ops.mod(inner._iterations, accumulation), 0)
         else:
             updated = ops.convert_to_tensor(True)
         # Between accumulation boundaries the student has not moved: keep the teacher.
@@ -300,10 +321,12 @@ class DINOv2Pretrainer(keras.Model):
         return self._train_step(self, *args)
 
     def test_step(self, *args):
-        raise NotImplementedError(
-            "DINOv2Pretrainer has no test step; evaluate the teacher's features with "
-            "keras_dinov2.evaluation (k-NN) instead of `validation_data`."
-        )
+        """The loss on a multi-crop validation batch, without any update (`validation_data`).
+
+        For the quality of the features, use `keras_dinov2.evaluation.KNNMonitor` (k-NN on
+        held-out labelled images): the DINOv2 loss itself says little about them.
+        """
+        return self._test_step(self, *args)
 
 
 def _gather_rows(tokens, flat_indices):

@@ -152,6 +152,74 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(second.losses, recorder.losses[2:], rtol=1e-4, atol=1e-5)
 
 
+def test_gradient_accumulation_moves_student_and_teacher_once_per_update():
+    model = tiny_model(tiny_config(warmup_epochs=0, gradient_accumulation_steps=2))
+    pairs = model._ema_pairs
+    student0 = _values([s for s, _ in pairs])
+    teacher0 = _values([t for _, t in pairs])
+    model.fit(dataset([make_batch(0)]), epochs=1, verbose=0)   # first micro-batch
+    for before, (s, t) in zip(zip(student0, teacher0), pairs):
+        np.testing.assert_array_equal(to_numpy(s), before[0])
+        np.testing.assert_array_equal(to_numpy(t), before[1])
+    assert int(to_numpy(model.optimizer.iterations)) == 0
+    model.fit(dataset([make_batch(1)]), epochs=1, verbose=0)   # second: the update lands
+    assert int(to_numpy(model.optimizer.iterations)) == 1
+    m = model.schedules.values(0)["teacher_momentum"]
+    moved = 0
+    for (s0, t0), (s, t) in zip(zip(student0, teacher0), pairs):
+        np.testing.assert_allclose(to_numpy(t), m * t0 + (1 - m) * to_numpy(s), rtol=1e-5,
+                                   atol=1e-6)
+        moved += int(np.abs(to_numpy(s) - s0).max() > 0)
+    assert moved > len(pairs) // 2
+
+
+def test_validation_data_reports_the_loss_without_updating():
+    model = tiny_model()
+    center = to_numpy(model.dino_center)
+    history = model.fit(dataset([make_batch(0)]), validation_data=dataset([make_batch(1)]),
+                        epochs=1, verbose=0)
+    assert np.isfinite(history.history["val_loss"][0])
+    after_fit = to_numpy(model.dino_center)
+    assert np.abs(after_fit - center).max() > 0     # training moved the center
+    model.evaluate(dataset([make_batch(2)]), verbose=0)
+    np.testing.assert_array_equal(to_numpy(model.dino_center), after_fit)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_step_is_finite(policy):
+    keras.config.set_dtype_policy(policy)
+    model = tiny_model(tiny_config(warmup_epochs=0))
+    if policy == "mixed_float16" and keras.backend.backend() == "jax":
+        with pytest.raises(ValueError, match="mixed_bfloat16"):
+            model.fit(dataset([make_batch(0)]), epochs=1, verbose=0)
+        return
+    assert model.student.compute_dtype == policy.split("_")[1]
+    history = model.fit(dataset([make_batch(0)]).repeat(2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    for _, t in model._ema_pairs:
+        assert t.dtype == "float32" and np.isfinite(to_numpy(t)).all()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys):
+    from keras_dinov2.callbacks import CheckpointCallback, TrainingMonitor
+
+    model = tiny_model()
+    bad = make_batch(0)
+    bad["global_crops"][0, 0, 0, 0] = np.nan
+    monitor = TrainingMonitor()
+    checkpoints = CheckpointCallback(str(tmp_path))
+    model.fit(dataset([make_batch(1)]), epochs=1, verbose=0, callbacks=[monitor, checkpoints])
+    good = to_numpy(model.teacher.weights[0])
+    model.fit(dataset([bad, make_batch(2)]), initial_epoch=1, epochs=3, verbose=0,
+              callbacks=[monitor, checkpoints])
+    assert monitor.stopped_for_nan
+    assert "stopping" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["checkpoint-00001.npz"]
+    restored = tiny_model(seed=5)
+    load_checkpoint(restored, str(tmp_path / "checkpoint-00001.npz"))
+    np.testing.assert_array_equal(to_numpy(restored.teacher.weights[0]), good)
+
+
 def test_checkpoint_is_atomic_and_checked(tmp_path):
     model = tiny_model()
     path = str(tmp_path / "checkpoint-00001.npz")

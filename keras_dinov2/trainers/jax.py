@@ -14,6 +14,13 @@ def _values(scope, variables, fallback):
 
 def train_step(model, state, data):
     """One DINOv2 step on JAX: `state` = (trainable, non_trainable, optimizer, metrics)."""
+    if hasattr(model.optimizer, "dynamic_scale"):
+        # Keras' LossScaleOptimizer updates its scale inside a cond, which cannot run in the
+        # StatelessScope this step uses for the shared update code.
+        raise ValueError(
+            "mixed_float16 (loss scaling) is not supported by DINOv2Pretrainer on the JAX "
+            "backend; use the mixed_bfloat16 policy, which needs no loss scaling."
+        )
     trainable, non_trainable, optimizer_values, metrics_values = state
 
     def loss_fn(trainable_values, non_trainable_values):
@@ -23,6 +30,7 @@ def train_step(model, state, data):
         mapping += list(zip(model.optimizer.variables, optimizer_values))
         with StatelessScope(state_mapping=mapping) as scope:
             loss, logs = model.compute_dinov2_loss(data, training=True)
+            loss = model.scale_loss(loss)
         new_non_trainable = _values(scope, model.non_trainable_variables, non_trainable_values)
         return loss, (logs, new_non_trainable)
 
@@ -48,4 +56,14 @@ def train_step(model, state, data):
         new_values[n_t + n_nt : n_t + n_nt + n_o],
         new_values[n_t + n_nt + n_o :],
     )
+    return logs, state
+
+
+def test_step(model, state, data):
+    """The loss on a validation batch on JAX: `state` = (trainable, non_trainable, metrics)."""
+    trainable, non_trainable = state[0], state[1]
+    mapping = list(zip(model.trainable_variables, trainable))
+    mapping += list(zip(model.non_trainable_variables, non_trainable))
+    with StatelessScope(state_mapping=mapping):
+        _, logs = model.compute_dinov2_loss(data, training=False, update_centers=False)
     return logs, state

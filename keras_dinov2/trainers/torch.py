@@ -10,7 +10,14 @@ def train_step(model, data):
     for variable in model.trainable_variables:
         variable.value.grad = None
     loss, logs = model.compute_dinov2_loss(data, training=True)
-    loss.backward()
+    model.scale_loss(loss).backward()
     grads = [v.value.grad for v in model.trainable_variables]
     with torch.no_grad():
         return model.apply_dinov2_update(grads, logs)
+
+
+def test_step(model, data):
+    """The loss on a validation batch, without any update."""
+    with torch.no_grad():
+        _, logs = model.compute_dinov2_loss(data, training=False, update_centers=False)
+    return logs
