@@ -24,12 +24,8 @@ Run `python tools/benchmark_inference.py --help` for what is timed and how.
 
 import argparse
 import contextlib
-import importlib.metadata
-import importlib.util
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,6 +34,14 @@ import tempfile
 import time
 
 import numpy as np
+from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
+    Skip,
+    fmt,
+    installed,
+    load_average,
+    machine_info,
+    peak_rss_mb,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,81 +242,6 @@ def _split(text, allowed, flag, parser):
     return items
 
 
-def installed(module):
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def version(dist):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info():
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    memory_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    memory_gb = round(int(line.split()[1]) / 2**20, 1)
-    gpus = []
-    if shutil.which("nvidia-smi"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "memory_gb": memory_gb,
-        "gpus": gpus,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {
-            name: version(name)
-            for name in (
-                "keras",
-                "keras-hub",
-                "tensorflow",
-                "jax",
-                "jaxlib",
-                "torch",
-                "transformers",
-                "numpy",
-            )
-        },
-        "env": {
-            name: os.environ[name]
-            for name in (
-                "XLA_FLAGS",
-                "OMP_NUM_THREADS",
-                "TF_NUM_INTRAOP_THREADS",
-                "TF_NUM_INTEROP_THREADS",
-                "CUDA_VISIBLE_DEVICES",
-                "JAX_PLATFORMS",
-            )
-            if name in os.environ
-        },
-    }
-
-
 def hf_config(model, image_size):
     hidden, layers, heads, swiglu = MODELS[model]
     return {
@@ -421,13 +350,6 @@ def write_checkpoint(folder, config, images):
     return None
 
 
-def _load_average():
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def plan(args):
     """The list of (label, spec) to run, and the messages of what is skipped."""
     runs, skipped = [], []
@@ -513,10 +435,6 @@ def run_worker(spec, args, workdir, index):
 def row_label(result):
     name = {"ours": "keras_dinov2", "keras_hub": "keras-hub", "transformers": "transformers"}
     return name[result["kind"]]
-
-
-def fmt(value, pattern, missing="-"):
-    return missing if value is None else pattern.format(value)
 
 
 def print_report(args, info, results, skipped):
@@ -615,7 +533,7 @@ def main(argv=None):
     if args.worker:
         return worker(args.worker)
     info = machine_info()
-    info["load_before"] = _load_average()
+    info["load_before"] = load_average()
     runs, skipped = plan(args)
     workdir = args.keep or tempfile.mkdtemp(prefix="dinov2_bench_")
     os.makedirs(workdir, exist_ok=True)
@@ -668,7 +586,7 @@ def main(argv=None):
                 flush=True,
             )
             results.append(result)
-        info["load_after"] = _load_average()
+        info["load_after"] = load_average()
         print_report(args, info, results, skipped)
         if args.json:
             with open(args.json, "w") as f:
@@ -694,21 +612,11 @@ def worker(spec_path):
         spec = json.load(f)
     try:
         result = _measure(spec)
-    except _Skip as skip:
+    except Skip as skip:
         result = {"skip": str(skip)}
     with open(spec["result"], "w") as f:
         json.dump(result, f)
     return 0
-
-
-class _Skip(Exception):
-    pass
-
-
-def _peak_rss_mb():
-    # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def _time_calls(call, sync, warmup, repeats):
@@ -744,7 +652,7 @@ def _measure(spec):
         setup = _setup_keras(spec, images)
     call, sync, to_numpy, device, method, notes, gpu_peak = setup
     times, first, output, cpu_times = _time_calls(call, sync, spec["warmup"], spec["repeats"])
-    peak_rss = _peak_rss_mb()
+    peak_rss = peak_rss_mb()
     gpu_peak_mb = gpu_peak()
     result = {
         "kind": spec["kind"],
@@ -781,7 +689,7 @@ def _torch_device(spec):
     if spec["device"] != "cpu" and torch.cuda.is_available():
         return "cuda"
     if spec["device"] == "gpu":
-        raise _Skip("PyTorch sees no GPU (torch.cuda.is_available() is False).")
+        raise Skip("PyTorch sees no GPU (torch.cuda.is_available() is False).")
     return "cpu"
 
 
@@ -794,7 +702,7 @@ def _setup_transformers(spec, images):
     model, info = Dinov2Model.from_pretrained(spec["folder"], output_loading_info=True)
     missing = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if missing:
-        raise _Skip(f"the checkpoint did not load cleanly: { {k: info[k] for k in missing} }")
+        raise Skip(f"the checkpoint did not load cleanly: { {k: info[k] for k in missing} }")
     model = model.eval().to(device)
     pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
     autocast = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(spec["dtype"])
@@ -840,7 +748,7 @@ def _setup_keras(spec, images):
 
         gpus = tf.config.list_physical_devices("GPU")
         if spec["device"] == "gpu" and not gpus:
-            raise _Skip("TensorFlow sees no GPU.")
+            raise Skip("TensorFlow sees no GPU.")
         for gpu in gpus:
             with contextlib.suppress(RuntimeError):
                 tf.config.experimental.set_memory_growth(gpu, True)
@@ -848,12 +756,12 @@ def _setup_keras(spec, images):
         import jax
 
         if spec["device"] == "gpu" and not _jax_gpus():
-            raise _Skip("JAX sees no GPU (jax.devices('gpu') is empty).")
+            raise Skip("JAX sees no GPU (jax.devices('gpu') is empty).")
         del jax
     import keras
 
     if keras.backend.backend() != backend:
-        raise _Skip(f"Keras started with backend {keras.backend.backend()!r}, not {backend!r}.")
+        raise Skip(f"Keras started with backend {keras.backend.backend()!r}, not {backend!r}.")
     keras.config.set_dtype_policy(spec["dtype"])
     size = spec["image_size"]
     if spec["kind"] == "ours":
@@ -874,7 +782,7 @@ def _setup_keras(spec, images):
             spec["folder"], image_shape=(size, size, 3), dtype=spec["dtype"]
         )
         if type(model).__name__ != "DINOV2Backbone":
-            raise _Skip(f"keras-hub loaded a {type(model).__name__}, not a DINOV2Backbone.")
+            raise Skip(f"keras-hub loaded a {type(model).__name__}, not a DINOV2Backbone.")
 
         def select(out):
             return out

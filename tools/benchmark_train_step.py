@@ -1,0 +1,1344 @@
+"""Training-step benchmark: DINOv2Pretrainer on each Keras backend, optionally against the reference.
+
+Times the FULL DINOv2 training step (teacher forward on the 2 global crops, student forward on
+the masked global crops and the local crops, DINO + iBOT + KoLeo losses, backward, gradient
+clipping per part, AdamW with the reference's parameter groups, teacher EMA) of
+`keras_dinov2.DINOv2Pretrainer` on each Keras backend (JAX, TensorFlow, PyTorch), at each
+drop-path rate, and reports images/s and the peak memory of the process. With
+`--reference-src DIR` the same step built from a checkout of facebookresearch/dinov2 at DIR
+is timed in the same run (PyTorch eager), and every ratio is taken against it.
+
+Run from the repository root:
+
+    python tools/benchmark_train_step.py                      # ViT-S/14, batch 4, drop path 0 and 0.3
+    python tools/benchmark_train_step.py --model tiny --steps 3          # quick smoke run
+    python tools/benchmark_train_step.py --backends jax --steps 3 --warmup 1 \\
+        --reference-src /path/to/dinov2 --json out.json
+
+Run `python tools/benchmark_train_step.py --help` for what is timed and how.
+"""
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
+    Skip,
+    fmt,
+    installed,
+    load_average,
+    machine_info,
+    peak_rss_mb,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: preset, data recipe, patch, (width, depth, heads), (head hidden, bottleneck), prototypes
+MODELS = {
+    "tiny": {
+        "preset": "dinov2_vit_tiny4",
+        "data": "digits",
+        "patch": 4,
+        "dims": (96, 4, 3),
+        "head": (512, 128),
+        "prototypes": 1024,
+    },
+    "small": {
+        "preset": "dinov2_vit_small14",
+        "data": "vit14",
+        "patch": 14,
+        "dims": (384, 12, 6),
+        "head": (2048, 256),
+        "prototypes": 65536,
+    },
+    "base": {
+        "preset": "dinov2_vit_base14",
+        "data": "vit14",
+        "patch": 14,
+        "dims": (768, 12, 12),
+        "head": (2048, 256),
+        "prototypes": 65536,
+    },
+}
+BACKENDS = ("jax", "tensorflow", "torch")
+DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
+SEED = 0
+# Schedules of the benchmarked run: the reference's defaults, no warm-up (so the learning rate
+# is not 0 at step 0), an epoch of 1000 steps. The frozen first epoch applies on both sides
+# (last layer of the head at learning rate 0), which changes no compute.
+EPOCHS = 100
+STEPS_PER_EPOCH = 1000
+BASE_LR = 0.004
+WEIGHT_DECAY = 0.04
+MOMENTUM_TEACHER = 0.992
+TEACHER_TEMP = 0.04  # the warm-up teacher temperature, the value at step 0
+CLIP_GRAD = 3.0
+LAYER_DECAY = 0.9
+PATCH_EMBED_LR_MULT = 0.2
+LAYER_SCALE_INIT = 1e-5
+
+DESCRIPTION = (
+    __doc__.split("\n\n")[0]
+    + """
+
+What is measured. One multi-crop batch is built once, before any timing, by
+keras_dinov2.data.multicrop_dataset (the library's own augmentation and iBOT masking) from
+--batch-size 256 x 256 crops of scikit-learn's two sample photographs (or smooth synthetic
+images when scikit-learn is missing), converted to NumPy and saved. Each implementation then
+runs in its own fresh subprocess (KERAS_BACKEND must be set before Keras is imported, and the
+peak resident memory of one must not mix with another's) and trains on that same batch over
+and over, so the input pipeline is not timed:
+
+  keras_dinov2  DINOv2Backbone.from_preset(<model>, load_weights=False, image_size=<global
+                crop>, drop_path_rate=R, layer_scale_init=1e-5, dtype=--dtype), DINOv2Pretrainer
+                with SSLConfig(batch_size, HeadConfig(num_prototypes), OptimConfig(drop_path_rate
+                =R, warmup_epochs=0)), model.compile() (the default: JAX jit; TensorFlow
+                tf.function, with XLA only where Keras' jit_compile="auto" picks it, i.e. not on
+                a CPU-only machine; PyTorch eager), and model.fit on
+                tf.data.Dataset.from_tensors(batch).repeat(). --warmup steps run in a first fit()
+                call (the first step compiles); the timed steps run in a second fit() call.
+  reference     (--reference-src DIR) facebookresearch/dinov2 imported from DIR at run time:
+                vit_small / vit_base (patch_size, img_size=<global crop>, init_values=1e-5,
+                block_chunks=0, drop_path_rate=R) as student and teacher, DINOHead, DINOLoss,
+                iBOTPatchLoss, KoLeoLoss, MaskingGenerator + collate_data_and_cast (masks from
+                the reference's own generator, on the same crops), AdamW over
+                get_params_groups_with_decay + fuse_params_groups (foreach), the scheduled
+                lr / wd / last-layer lr set as apply_optim_scheduler does, clip_grad_norm_ per
+                student part, and the foreach EMA of update_teacher. The step follows
+                SSLMetaArch.forward_backward with "centering" and the shared DINO / iBOT head
+                (the library defaults), PyTorch eager. SSLMetaArch itself cannot be imported
+                without xFormers, so this tool runs its step body with the plain-PyTorch
+                fallbacks the reference's own layers take when xFormers is missing (the tool
+                sets XFORMERS_DISABLED=1): the student backbone is called on the global and the
+                local crops separately (the nested-tensor path of forward_features_list needs
+                xFormers), attention is torch's scaled_dot_product_attention, and the three
+                head inputs are concatenated with torch.cat instead of xFormers'
+                BlockDiagonalMask (the head is per token: same result). Crops stay float32 on
+                the CPU (the reference's loader casts them to float16 for its GPU runs).
+
+Timing: a Keras callback takes the wall and CPU time between on_train_batch_begin and
+on_train_batch_end of each timed step; it is not async-safe, so Keras converts each step's logs
+to Python numbers before calling it, which waits for the step to finish on JAX and on GPUs (on
+a GPU the callback also synchronizes the device). The table gives the median s/step over
+--steps timed steps, images/s = --batch-size / that median (source images, each giving 2 global
++ 8 local crops), "fit s/step" = the wall time of the whole timed fit() divided by --steps
+(callback and data overhead included), the median CPU seconds per step (all threads of the
+subprocess: about the wall time times the cores in use on a quiet machine), the time of the
+first step (tracing and compilation included), and the loss of the last step (same
+configuration everywhere, so the values should be close: at initialization about log(prototypes)
+for the two DINO terms together, about half that for iBOT (half of the global crops are
+masked), plus KoLeo). The reference runs the same warm-up and timed steps.
+
+Memory: "peak RSS" is the peak resident set size of the subprocess (ru_maxrss) read after the
+timed steps: interpreter, imported frameworks, both models, optimizer state, activations and
+compilation caches together. "import RSS" is the peak after the imports alone (on every Keras
+backend importing keras_hub imports TensorFlow), "end RSS" the resident size after the timed
+steps (VmRSS): a peak far above it was transient (compilation, or a buffer freed since). The
+notes give the peak after the imports, after building the models, after the warm-up and at the
+end, and on JAX the size of the live arrays after the steps. On GPU the table adds the peak
+device memory (JAX memory_stats peak_bytes_in_use, TensorFlow get_memory_info peak, PyTorch
+max_memory_allocated).
+
+Ratios: "vs ref" is the throughput of the row over the reference's at the same drop-path
+rate (above 1 = faster); "mem vs ref" its peak RSS over the reference's. Without the
+reference both are taken against the JAX row of the same rate. The 1-minute load average
+before and after the run is printed with the machine (the value after includes this run's own
+subprocesses): above half the core count before the run, CPU timings are not trustworthy.
+
+Precision (--dtype): the Keras backbone (and so the heads) use that dtype policy; the
+reference runs its forward passes under torch.autocast(device, bfloat16 / float16), without a
+gradient scaler.
+
+Device (--device): "auto" uses a GPU where a backend sees one, else the CPU; "cpu" hides GPUs
+from every subprocess (CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS=cpu); "gpu" skips an
+implementation whose framework sees no GPU. A backend that is not installed, or a subprocess
+that fails, is skipped with a message; the rest still runs.
+"""
+)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="small",
+        choices=sorted(MODELS),
+        help="small = ViT-S/14 (dinov2_vit_small14) with 2 x 224 + 8 x 98 crops; base = "
+        "ViT-B/14; tiny = dinov2_vit_tiny4 (96 wide, 4 layers, patch 4) with the digits "
+        "recipe's 2 x 32 + 8 x 16 crops and a 512 / 128 head, for a quick smoke run. "
+        "Default: small.",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="Source images per step. Default: 4."
+    )
+    parser.add_argument(
+        "--prototypes",
+        type=int,
+        default=None,
+        help="Prototypes of the DINO head (shared with iBOT). Default: 65536 (1024 for tiny).",
+    )
+    parser.add_argument(
+        "--drop-path",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.3],
+        help="Student drop-path rates (of the last block; linear ramp from 0, as "
+        "vit_small(drop_path_rate=R)). Default: 0 0.3.",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="Keras dtype policy of the backbone and heads; torch.autocast for the "
+        "reference. Default: float32.",
+    )
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="Comma-separated Keras backends from jax,tensorflow,torch, or 'none' for the "
+        "reference alone. Default: all three.",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=5, help="Timed steps; the median is reported. Default: 5."
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="Untimed steps before timing (the first compiles). Default: 1.",
+    )
+    parser.add_argument(
+        "--reference-src",
+        metavar="DIR",
+        help="A checkout of facebookresearch/dinov2 (the folder holding the dinov2 "
+        "package): also time its step, in PyTorch eager; ratios are then taken against it.",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "gpu"),
+        help="auto: a GPU where the framework sees one; cpu: hide GPUs; gpu: skip "
+        "implementations that see none. Default: auto.",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N) in the PyTorch processes (the reference and the torch "
+        "backend). Default: PyTorch's own (one per core). On a machine that other work keeps "
+        "busy, PyTorch's OpenMP pool with one thread per core can stall for seconds at its "
+        "barriers (steps 10-100x slower, CPU time = wall time); 1 avoids that.",
+    )
+    parser.add_argument(
+        "--json", metavar="OUT", help="Also write the settings, machine and rows as JSON to OUT."
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="Seconds before a subprocess is killed. Default: 1800.",
+    )
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="Write the batch and the per-run files into DIR and keep them (default: a "
+        "temporary folder, deleted at the end).",
+    )
+    parser.add_argument("--verbose", action="store_true", help="Show the subprocesses' own output.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    for name in ("batch_size", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1.")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0.")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error("--torch-threads must be at least 1.")
+    if args.prototypes is None:
+        args.prototypes = MODELS[args.model]["prototypes"]
+    if args.prototypes < 1:
+        parser.error("--prototypes must be at least 1.")
+    for rate in args.drop_path:
+        if not 0.0 <= rate < 1.0:
+            parser.error(f"--drop-path rates must be in [0, 1), received {rate}.")
+    if args.backends.strip() == "none":
+        args.backends = []
+    else:
+        args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        for backend in args.backends:
+            if backend not in BACKENDS:
+                parser.error(
+                    f"--backends: unknown {backend!r}, expected a comma-separated subset of "
+                    f"{','.join(BACKENDS)} or 'none'."
+                )
+    if args.reference_src:
+        args.reference_src = os.path.abspath(os.path.expanduser(args.reference_src))
+        if not os.path.isdir(os.path.join(args.reference_src, "dinov2")):
+            parser.error(
+                f"--reference-src: {args.reference_src} holds no dinov2 package folder (expected "
+                "a checkout of facebookresearch/dinov2)."
+            )
+    if not args.backends and not args.reference_src:
+        parser.error("nothing to run: --backends none and no --reference-src.")
+    return args
+
+
+def reference_commit(folder):
+    """The checked-out commit of the reference folder, when it is a git work tree."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["git", "-C", folder, "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+def plan(args):
+    """The list of run specs, and the messages of what is skipped."""
+    runs, skipped = [], []
+    backends = []
+    for backend in args.backends:
+        if not installed("keras"):
+            skipped.append(f"{backend}: keras is not installed.")
+        elif not installed(backend):
+            skipped.append(f"{backend}: the {backend} package is not installed.")
+        else:
+            backends.append(backend)
+    reference = bool(args.reference_src)
+    if reference and not installed("torch"):
+        skipped.append("reference: torch is not installed.")
+        reference = False
+    for rate in args.drop_path:
+        if reference:
+            runs.append({"kind": "reference", "backend": "torch", "drop_path": rate})
+        for backend in backends:
+            runs.append({"kind": "ours", "backend": backend, "drop_path": rate})
+    return runs, skipped
+
+
+def _environment(args, backend):
+    env = dict(os.environ)
+    env["KERAS_BACKEND"] = backend
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["XFORMERS_DISABLED"] = "1"
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_worker(spec, args, workdir, name):
+    """Runs one spec in a fresh subprocess; returns its result dict or a reason to skip."""
+    spec_path = os.path.join(workdir, f"spec_{name}.json")
+    spec["result"] = os.path.join(workdir, f"result_{name}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    command = [sys.executable, os.path.abspath(__file__), "--worker", spec_path]
+    start = time.perf_counter()
+    try:
+        process = subprocess.run(
+            command,
+            env=_environment(args, spec["backend"]),
+            timeout=args.timeout,
+            text=True,
+            stdout=None if args.verbose else subprocess.PIPE,
+            stderr=None if args.verbose else subprocess.STDOUT,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {args.timeout:.0f} s"
+    wall = time.perf_counter() - start
+    if os.path.exists(spec["result"]):
+        with open(spec["result"]) as f:
+            result = json.load(f)
+        if result.get("skip"):
+            return None, result["skip"]
+        result["subprocess_s"] = wall
+        return result, None
+    tail = (process.stdout or "").strip().splitlines()[-15:]
+    return None, f"subprocess exited with {process.returncode}:\n    " + "\n    ".join(tail)
+
+
+def row_label(result):
+    return "reference" if result["kind"] == "reference" else "keras_dinov2"
+
+
+def _baselines(results):
+    """Per drop-path rate: the reference row, else the JAX row; and what it is."""
+    out = {}
+    for rate in sorted({r["drop_path"] for r in results}):
+        rows = [r for r in results if r["drop_path"] == rate]
+        ref = next((r for r in rows if r["kind"] == "reference"), None)
+        jax_row = next((r for r in rows if r["kind"] == "ours" and r["backend"] == "jax"), None)
+        out[rate] = ref or jax_row
+    kind = "reference" if any(r["kind"] == "reference" for r in results) else "JAX"
+    return out, kind
+
+
+def print_report(args, info, results, skipped):
+    width = 110
+    model = MODELS[args.model]
+    g, local, n_local = info["crops"]
+    print("\n" + "=" * width)
+    print(
+        f"DINOv2 training step: {model['preset']} ({model['dims'][0]} wide, {model['dims'][1]} "
+        f"layers, {model['dims'][2]} heads, patch {model['patch']}), batch {args.batch_size} "
+        f"source images (2 x {g} + {n_local} x {local} crops), {args.prototypes} prototypes, "
+        f"{args.dtype}; median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    usable = f", {info['cpus_usable']} usable" if info["cpus_usable"] else ""
+    print(
+        f"CPU: {info['cpu']} ({info['cpu_count']} logical cores{usable}), "
+        f"{fmt(info['memory_gb'], '{} GB')} RAM"
+    )
+    if info["gpus"]:
+        print("GPU: " + "; ".join(info["gpus"]))
+    print(
+        "Python "
+        + info["python"]
+        + ", "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+    )
+    if info.get("reference_src"):
+        print(
+            f"Reference: {info['reference_src']}"
+            + (f" at {info['reference_commit']}" if info.get("reference_commit") else "")
+        )
+    if info.get("load_before") is not None and info.get("load_after") is not None:
+        print(
+            f"Load average (1 min) before: {info['load_before']:.2f}, after: "
+            f"{info['load_after']:.2f} (this run's own load included) on {info['cpu_count']} "
+            "cores"
+            + (
+                "  <-- busy machine: CPU timings are not reliable"
+                if info["load_before"] > 0.5 * info["cpu_count"]
+                else ""
+            )
+        )
+    if info["env"]:
+        print("Environment: " + ", ".join(f"{k}={v}" for k, v in info["env"].items()))
+    baselines, kind = _baselines(results)
+    on_gpu = any(r.get("gpu_peak_mb") is not None for r in results)
+    header = [
+        "impl",
+        "backend",
+        "method",
+        "device",
+        "drop",
+        "s/step",
+        "img/s",
+        f"vs {'ref' if kind == 'reference' else 'jax'}",
+        "fit s/step",
+        "CPU s/step",
+        "peak RSS MB",
+        f"mem vs {'ref' if kind == 'reference' else 'jax'}",
+        "import RSS MB",
+        "end RSS MB",
+    ]
+    header += ["GPU peak MB"] if on_gpu else []
+    header += ["1st step s", "loss"]
+    rows = []
+    for r in results:
+        base = baselines.get(r["drop_path"])
+        speed = base["median_s"] / r["median_s"] if base else None
+        memory = r["peak_rss_mb"] / base["peak_rss_mb"] if base else None
+        r["speedup_vs_baseline"] = speed
+        r["memory_vs_baseline"] = memory
+        r["baseline"] = kind
+        row = [
+            row_label(r),
+            r["backend"],
+            r["method"],
+            r["device"],
+            f"{r['drop_path']:g}",
+            f"{r['median_s']:.3f}",
+            f"{r['images_per_s']:.3f}",
+            fmt(speed, "{:.2f}x"),
+            f"{r['fit_s_per_step']:.3f}",
+            f"{r['median_cpu_s']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+            fmt(memory, "{:.2f}x"),
+            fmt(r.get("import_rss_mb"), "{:.0f}"),
+            fmt(r.get("end_rss_mb"), "{:.0f}"),
+        ]
+        row += [fmt(r.get("gpu_peak_mb"), "{:.0f}")] if on_gpu else []
+        row += [f"{r['first_step_s']:.1f}", fmt(r.get("loss"), "{:.4f}")]
+        rows.append(row)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    print("-" * width)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    print("-" * width)
+    print(
+        f"vs {kind}: throughput over the {kind} row at the same drop path (>1 = faster); mem "
+        f"vs {kind}: peak RSS over its.\nimg/s: source images per second (batch / median "
+        "s/step); fit s/step: whole timed fit() / steps. Notes per row:"
+    )
+    for r in results:
+        spread = max(r["times_s"]) / min(r["times_s"])
+        print(
+            f"  {row_label(r)} / {r['backend']} / drop {r['drop_path']:g}: {r['notes']}; "
+            f"steps {', '.join(f'{t:.2f}' for t in r['times_s'])} s; peak RSS MB after "
+            f"imports / build / warm-up / timed steps: {fmt(r.get('import_rss_mb'), '{:.0f}')} / "
+            f"{fmt(r.get('built_peak_rss_mb'), '{:.0f}')} / "
+            f"{fmt(r.get('warm_peak_rss_mb'), '{:.0f}')} / {r['peak_rss_mb']:.0f}"
+            + (f"  <-- unsteady (slowest / fastest {spread:.1f})" if spread > 1.5 else "")
+        )
+    if kind == "reference":
+        for rate, base in sorted(baselines.items()):
+            ours = next(
+                (
+                    r
+                    for r in results
+                    if r["kind"] == "ours" and r["backend"] == "jax" and r["drop_path"] == rate
+                ),
+                None,
+            )
+            if ours is None or base is None or base is ours:
+                continue
+            met = ours["speedup_vs_baseline"] >= 1.25 and ours["memory_vs_baseline"] <= 1.0
+            print(
+                f"  goal at drop path {rate:g} (JAX >= 1.25x the reference's img/s with no more "
+                f"peak RSS): {ours['speedup_vs_baseline']:.2f}x, memory "
+                f"{ours['memory_vs_baseline']:.2f}x -> {'met' if met else 'NOT met'}"
+            )
+    for message in skipped:
+        print(f"  skipped: {message}")
+    print("=" * width)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    info = machine_info()
+    info["load_before"] = load_average()
+    if args.reference_src:
+        info["reference_src"] = args.reference_src
+        info["reference_commit"] = reference_commit(args.reference_src)
+    runs, skipped = plan(args)
+    workdir = args.keep or tempfile.mkdtemp(prefix="dinov2_train_bench_")
+    os.makedirs(workdir, exist_ok=True)
+    common = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "prototypes": args.prototypes,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "reference_src": args.reference_src,
+        "torch_threads": args.torch_threads,
+    }
+    try:
+        print(
+            f"Building one multi-crop batch of {args.batch_size} images ({args.model} crops) ...",
+            flush=True,
+        )
+        batch_spec = {**common, "kind": "batch", "backend": "tensorflow"}
+        batch_spec["batch"] = os.path.join(workdir, "batch.npz")
+        made, reason = run_worker(batch_spec, args, workdir, "batch")
+        if made is None:
+            print(f"Could not build the batch: {reason}")
+            return 1
+        info["crops"] = made["crops"]
+        print(
+            f"    global {made['shapes']['global_crops']}, local {made['shapes']['local_crops']}, "
+            f"{made['n_masked_patches']} masked patches (buffer {made['shapes']['mask_indices']}), "
+            f"images: {made['images']}",
+            flush=True,
+        )
+        results = []
+        for index, run in enumerate(runs):
+            spec = {**common, **run, "batch": batch_spec["batch"], "geometry": made["geometry"]}
+            label = (
+                "reference (PyTorch eager)"
+                if run["kind"] == "reference"
+                else f"keras_dinov2 on {run['backend']}"
+            ) + f", drop path {run['drop_path']:g}"
+            print(f"[{index + 1}/{len(runs)}] {label} ...", flush=True)
+            result, reason = run_worker(spec, args, workdir, str(index))
+            if result is None:
+                print(f"    skipped: {reason}", flush=True)
+                skipped.append(f"{label}: {reason}")
+                continue
+            print(
+                f"    {result['median_s']:.3f} s/step, {result['images_per_s']:.3f} img/s, peak "
+                f"RSS {result['peak_rss_mb']:.0f} MB, first step {result['first_step_s']:.1f} s, "
+                f"loss {fmt(result.get('loss'), '{:.4f}')}",
+                flush=True,
+            )
+            results.append(result)
+        info["load_after"] = load_average()
+        if results:
+            print_report(args, info, results, skipped)
+        else:
+            print("Nothing ran:\n  " + "\n  ".join(skipped))
+        if args.json:
+            with open(args.json, "w") as f:
+                settings = {k: v for k, v in vars(args).items() if k != "worker"}
+                json.dump(
+                    {"settings": settings, "machine": info, "results": results, "skipped": skipped},
+                    f,
+                    indent=2,
+                )
+            print(f"Wrote {args.json}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if results else 1
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def worker(spec_path):
+    """Runs one spec (the batch, or one implementation at one rate); writes the result JSON."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    try:
+        if spec["kind"] == "batch":
+            result = _make_batch(spec)
+        elif spec["kind"] == "reference":
+            result = _measure_reference(spec)
+        else:
+            result = _measure_keras(spec)
+    except Skip as skip:
+        result = {"skip": str(skip)}
+    with open(spec["result"], "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def _data_config(spec):
+    from keras_dinov2.config import DataConfig
+
+    return DataConfig.recipe(MODELS[spec["model"]]["data"])
+
+
+def _source_images(count, size=256):
+    """`count` uint8 RGB images of size x size: crops of scikit-learn's sample photographs."""
+    rng = np.random.default_rng(SEED)
+    try:
+        from sklearn.datasets import load_sample_images
+
+        photos = [np.asarray(p, np.uint8) for p in load_sample_images().images]
+        what = "crops of scikit-learn's sample photographs"
+    except Exception:  # scikit-learn missing, or its data files
+        photos = None
+    if not photos:
+        # Smooth random color fields: low-frequency noise upsampled, plus a little grain.
+        coarse = rng.random((count, 8, 8, 3))
+        fields = coarse.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
+        fields = fields + 0.05 * rng.standard_normal(fields.shape)
+        return np.clip(fields * 255, 0, 255).astype(np.uint8), "synthetic color fields"
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        top = int(rng.integers(0, photo.shape[0] - size + 1))
+        left = int(rng.integers(0, photo.shape[1] - size + 1))
+        out.append(photo[top : top + size, left : left + size])
+    return np.stack(out), what
+
+
+def _make_batch(spec):
+    """Builds one multi-crop batch with the library's pipeline and saves it as NumPy."""
+    from keras_dinov2.data import multicrop_dataset
+
+    config = _data_config(spec)
+    images, what = _source_images(max(spec["batch_size"], 8))
+    dataset = multicrop_dataset(images, batch_size=spec["batch_size"], config=config, seed=SEED)
+    batch = {k: np.asarray(v) for k, v in next(iter(dataset)).items()}
+    np.savez(spec["batch"], **batch)
+    return {
+        "shapes": {k: list(v.shape) for k, v in batch.items()},
+        "n_masked_patches": int(batch["n_masked_patches"]),
+        "crops": [
+            config.crops.global_crops_size,
+            config.crops.local_crops_size,
+            config.crops.local_crops_number,
+        ],
+        # What the reference's worker needs, so that it imports neither keras_dinov2 nor
+        # (through keras_hub) TensorFlow, which would inflate its memory.
+        "geometry": {
+            "global_crops_size": config.crops.global_crops_size,
+            "patch_size": config.masking.patch_size,
+            "mask_ratio_min_max": list(config.masking.mask_ratio_min_max),
+            "mask_sample_probability": config.masking.mask_sample_probability,
+        },
+        "images": f"{images.shape[0]} x {images.shape[1]} x {images.shape[2]} {what}",
+    }
+
+
+def _load_batch(spec):
+    with np.load(spec["batch"]) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _current_rss_mb():
+    """Resident memory now (VmRSS), or None where /proc is missing."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**10
+    return None
+
+
+def _finish(spec, times, cpu_times, first, fit_wall, loss, memory, device, method, notes):
+    batch = spec["batch_size"]
+    median = statistics.median(times)
+    return {
+        "kind": spec["kind"],
+        "backend": spec["backend"],
+        "drop_path": spec["drop_path"],
+        "method": method,
+        "device": device,
+        "dtype": spec["dtype"],
+        "batch_size": batch,
+        "prototypes": spec["prototypes"],
+        "times_s": times,
+        "median_s": median,
+        "min_s": min(times),
+        "images_per_s": batch / median,
+        "cpu_times_s": cpu_times,
+        "median_cpu_s": statistics.median(cpu_times),
+        "fit_s_per_step": fit_wall / len(times),
+        "first_step_s": first,
+        "loss": loss,
+        "peak_rss_mb": peak_rss_mb(),
+        "import_rss_mb": memory["import"],
+        "built_peak_rss_mb": memory["built"],
+        "warm_peak_rss_mb": memory["warm"],
+        "end_rss_mb": _current_rss_mb(),
+        "notes": notes,
+    }
+
+
+# --------------------------------------------------------------------- keras_dinov2 worker
+
+
+def _measure_keras(spec):
+    backend = spec["backend"]
+    gpu = _prepare_backend(spec)
+    import keras
+
+    if keras.backend.backend() != backend:
+        raise Skip(f"Keras started with backend {keras.backend.backend()!r}, not {backend!r}.")
+    import tensorflow as tf
+
+    from keras_dinov2 import DINOv2Backbone, DINOv2Pretrainer, SSLConfig
+    from keras_dinov2.config import HeadConfig, OptimConfig
+
+    memory = {"import": peak_rss_mb()}
+    model_info = MODELS[spec["model"]]
+    data_config = _data_config(spec)
+    rate = spec["drop_path"]
+    keras.utils.set_random_seed(SEED)
+    backbone = DINOv2Backbone.from_preset(
+        model_info["preset"],
+        load_weights=False,
+        image_size=data_config.crops.global_crops_size,
+        drop_path_rate=rate,
+        layer_scale_init=LAYER_SCALE_INIT,
+        dtype=spec["dtype"],
+    )
+    hidden, bottleneck = model_info["head"]
+    config = SSLConfig(
+        batch_size=spec["batch_size"],
+        heads=HeadConfig(
+            num_prototypes=spec["prototypes"], hidden_dim=hidden, bottleneck_dim=bottleneck
+        ),
+        optim=OptimConfig(
+            epochs=EPOCHS,
+            steps_per_epoch=STEPS_PER_EPOCH,
+            base_lr=BASE_LR,
+            warmup_epochs=0,
+            weight_decay=WEIGHT_DECAY,
+            momentum_teacher=MOMENTUM_TEACHER,
+            clip_grad=CLIP_GRAD,
+            layer_decay=LAYER_DECAY,
+            patch_embed_lr_mult=PATCH_EMBED_LR_MULT,
+            drop_path_rate=rate,
+            layer_scale_init=LAYER_SCALE_INIT,
+        ),
+        data=data_config,
+    )
+    model = DINOv2Pretrainer(backbone, config, steps_per_epoch=STEPS_PER_EPOCH)
+    model.compile()
+    batch = _load_batch(spec)
+    memory["built"] = peak_rss_mb()
+    dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    sync = _keras_sync(backend, gpu)
+    timer = _step_timer(sync)
+
+    warm_start = time.perf_counter()
+    if spec["warmup"]:
+        model.fit(dataset, epochs=1, steps_per_epoch=spec["warmup"], verbose=0, callbacks=[timer])
+        sync()
+    first = timer.times[0] if timer.times else None
+    warm_wall = time.perf_counter() - warm_start
+    memory["warm"] = peak_rss_mb()
+    timer.reset()
+    start = time.perf_counter()
+    model.fit(dataset, epochs=1, steps_per_epoch=spec["steps"], verbose=0, callbacks=[timer])
+    sync()
+    fit_wall = time.perf_counter() - start
+    if first is None:
+        first = timer.times[0]
+    jit = getattr(model, "jit_compile", None)
+    method = {"jax": "jit", "tensorflow": "xla" if jit else "graph", "torch": "eager"}[backend]
+    notes = (
+        f"keras {keras.__version__}, jit_compile={jit}, {len(model.trainable_variables)} "
+        f"trainable variables ({_count(model.trainable_variables) / 1e6:.1f} M), warm-up fit "
+        f"{warm_wall:.1f} s"
+    )
+    if backend == "torch":
+        import torch
+
+        notes += f", torch threads: {torch.get_num_threads()}"
+    if backend == "jax":
+        import jax
+
+        live = sum(a.nbytes for a in jax.live_arrays())
+        notes += f", live JAX arrays after the steps {live / 2**20:.0f} MB"
+    if os.environ.get("XLA_FLAGS"):
+        notes += f", XLA_FLAGS={os.environ['XLA_FLAGS']}"
+    result = _finish(
+        spec,
+        timer.times,
+        timer.cpu_times,
+        first,
+        fit_wall,
+        timer.last_loss,
+        memory,
+        gpu or "cpu",
+        method,
+        notes,
+    )
+    result["gpu_peak_mb"] = _keras_gpu_peak(backend, gpu)
+    return result
+
+
+def _count(variables):
+    return sum(int(np.prod(v.shape)) for v in variables)
+
+
+def _prepare_backend(spec):
+    """Device checks before Keras is imported; returns the GPU's name or None."""
+    backend = spec["backend"]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
+            with contextlib.suppress(RuntimeError):
+                tf.config.experimental.set_memory_growth(gpu, True)
+        if spec["device"] == "gpu" and not gpus:
+            raise Skip("TensorFlow sees no GPU.")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return details.get("device_name", "gpu")
+        return None
+    if backend == "jax":
+        import jax
+
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        if spec["device"] == "gpu" and not gpus:
+            raise Skip("JAX sees no GPU (jax.devices('gpu') is empty).")
+        return getattr(gpus[0], "device_kind", "gpu") if gpus else None
+    return _torch_gpu(spec)
+
+
+def _torch_gpu(spec):
+    import torch
+
+    if spec.get("torch_threads"):
+        torch.set_num_threads(spec["torch_threads"])
+
+    if spec["device"] != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    if spec["device"] == "gpu":
+        raise Skip("PyTorch sees no GPU (torch.cuda.is_available() is False).")
+    return None
+
+
+def _keras_sync(backend, gpu):
+    """A function that waits for the device to finish the queued work (no-op on the CPU)."""
+    if not gpu:
+        return lambda: None
+    if backend == "jax":
+        import jax
+
+        # The step is one jitted executable: its outputs (the logs Keras converts before
+        # calling the timer) are ready only when all of it has run. The barrier adds any
+        # effects still in flight.
+        def sync():
+            jax.effects_barrier()
+
+        return sync
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.test.experimental.sync_devices
+    import torch
+
+    return torch.cuda.synchronize
+
+
+def _keras_gpu_peak(backend, gpu):
+    if not gpu:
+        return None
+    if backend == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return peak / 2**20 if peak else None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _step_timer(sync):
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        """Wall and CPU seconds from on_train_batch_begin to on_train_batch_end.
+
+        Not async-safe on purpose: Keras then converts the step's logs to Python numbers
+        before calling on_train_batch_end, which waits for the step (JAX dispatches it
+        asynchronously).
+        """
+
+        def __init__(self):
+            super().__init__()
+            self.reset()
+
+        def reset(self):
+            self.times, self.cpu_times, self.last_loss = [], [], None
+            self._start = self._cpu = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._cpu = time.process_time()
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            sync()
+            self.times.append(time.perf_counter() - self._start)
+            self.cpu_times.append(time.process_time() - self._cpu)
+            if logs and "loss" in logs:
+                self.last_loss = float(logs["loss"])
+
+    return StepTimer()
+
+
+# ------------------------------------------------------------------------ reference worker
+
+
+def _load_file_module(name, path):
+    """Imports one file of the reference as a module, without its package's __init__."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _import_reference(folder):
+    """The reference's pieces, imported from `folder`; raises Skip naming what is missing."""
+    import warnings
+
+    os.environ.setdefault("XFORMERS_DISABLED", "1")
+    sys.path.insert(0, folder)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from dinov2.layers import DINOHead, MemEffAttention, NestedTensorBlock
+            from dinov2.layers import attention as attention_module
+            from dinov2.layers import block as block_module
+            from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+            from dinov2.models import vision_transformer as vits
+            from dinov2.utils.param_groups import (
+                fuse_params_groups,
+                get_params_groups_with_decay,
+            )
+    except Exception as error:  # an import error names the missing dependency
+        raise Skip(
+            f"could not import the reference's model, loss and param-group modules from "
+            f"{folder}: {type(error).__name__}: {error}"
+        ) from error
+    module_file = getattr(vits, "__file__", "") or ""
+    if not os.path.abspath(module_file).startswith(os.path.abspath(folder)):
+        raise Skip(f"dinov2 was imported from {module_file}, not from {folder}.")
+    data = os.path.join(folder, "dinov2", "data")
+    try:
+        # dinov2.data's __init__ imports its loaders (torchvision, ...): load the two files
+        # that the step's inputs need on their own.
+        masking = _load_file_module("_reference_masking", os.path.join(data, "masking.py"))
+        collate = _load_file_module("_reference_collate", os.path.join(data, "collate.py"))
+    except Exception as error:
+        raise Skip(
+            f"could not load dinov2/data/masking.py and collate.py: {type(error).__name__}: {error}"
+        ) from error
+    fallbacks = []
+    if not getattr(attention_module, "XFORMERS_AVAILABLE", False):
+        fallbacks.append("attention: torch scaled_dot_product_attention (no xFormers)")
+    if not getattr(block_module, "XFORMERS_AVAILABLE", False):
+        fallbacks.append("blocks: plain-torch stochastic depth, no nested tensors")
+    return {
+        "vits": vits,
+        "Block": NestedTensorBlock,
+        "MemEffAttention": MemEffAttention,
+        "DINOHead": DINOHead,
+        "DINOLoss": DINOLoss,
+        "iBOTPatchLoss": iBOTPatchLoss,
+        "KoLeoLoss": KoLeoLoss,
+        "MaskingGenerator": masking.MaskingGenerator,
+        "collate": collate.collate_data_and_cast,
+        "get_params_groups_with_decay": get_params_groups_with_decay,
+        "fuse_params_groups": fuse_params_groups,
+        "fallbacks": fallbacks,
+    }
+
+
+def _reference_backbone(ref, spec, image_size, drop_path_rate):
+    from functools import partial
+
+    vits = ref["vits"]
+    kwargs = {
+        "img_size": image_size,
+        "init_values": LAYER_SCALE_INIT,
+        "block_chunks": 0,
+        "drop_path_rate": drop_path_rate,
+    }
+    if spec["model"] == "small":
+        return vits.vit_small(patch_size=14, **kwargs)
+    if spec["model"] == "base":
+        return vits.vit_base(patch_size=14, **kwargs)
+    width, depth, heads = MODELS["tiny"]["dims"]
+    return vits.DinoVisionTransformer(
+        patch_size=MODELS["tiny"]["patch"],
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4,
+        block_fn=partial(ref["Block"], attn_class=ref["MemEffAttention"]),
+        **kwargs,
+    )
+
+
+def _reference_inputs(ref, spec, batch, device):
+    """The reference's collated batch from our crops (NHWC, view-major) and its own masks."""
+    import random
+
+    import torch
+
+    random.seed(SEED)
+    torch.manual_seed(SEED)
+    b = spec["batch_size"]
+    global_crops = torch.from_numpy(batch["global_crops"].transpose(0, 3, 1, 2).copy())
+    local_crops = torch.from_numpy(batch["local_crops"].transpose(0, 3, 1, 2).copy())
+    n_local = local_crops.shape[0] // b
+    samples = [
+        (
+            {
+                "global_crops": [global_crops[i], global_crops[b + i]],
+                "local_crops": [local_crops[j * b + i] for j in range(n_local)],
+            },
+            None,
+        )
+        for i in range(b)
+    ]
+    geometry = spec["geometry"]
+    grid = geometry["global_crops_size"] // geometry["patch_size"]
+    # As dinov2/train/train.py builds them (the ratios are the reference's defaults, which
+    # are also MaskingConfig's).
+    generator = ref["MaskingGenerator"](input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
+    data = ref["collate"](
+        samples,
+        mask_ratio_tuple=tuple(geometry["mask_ratio_min_max"]),
+        mask_probability=geometry["mask_sample_probability"],
+        dtype=torch.float32,
+        n_tokens=grid * grid,
+        mask_generator=generator,
+    )
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}, n_local
+
+
+def _measure_reference(spec):
+    if not spec.get("reference_src"):
+        raise Skip("no --reference-src given.")
+    gpu = _torch_gpu(spec)
+    import torch
+    from torch import nn
+
+    ref = _import_reference(spec["reference_src"])
+    memory = {"import": peak_rss_mb()}
+    device = "cuda" if gpu else "cpu"
+    torch.manual_seed(SEED)
+    model_info = MODELS[spec["model"]]
+    rate = spec["drop_path"]
+    image_size = spec["geometry"]["global_crops_size"]
+    hidden, bottleneck = model_info["head"]
+    width = model_info["dims"][0]
+    prototypes = spec["prototypes"]
+
+    def head():
+        return ref["DINOHead"](
+            in_dim=width,
+            out_dim=prototypes,
+            hidden_dim=hidden,
+            bottleneck_dim=bottleneck,
+            nlayers=3,
+        )
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        student = nn.ModuleDict(
+            {
+                "backbone": _reference_backbone(ref, spec, image_size, rate),
+                "dino_head": head(),
+            }
+        )
+        teacher = nn.ModuleDict(
+            {"backbone": _reference_backbone(ref, spec, image_size, 0.0), "dino_head": head()}
+        )
+    for key in student.keys():  # prepare_for_distributed_training: teacher = student
+        teacher[key].load_state_dict(student[key].state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    student.to(device).train()
+    teacher.to(device).eval()
+    dino_loss = ref["DINOLoss"](prototypes).to(device)
+    ibot_loss = ref["iBOTPatchLoss"](prototypes).to(device)
+    koleo_loss = ref["KoLeoLoss"]().to(device)
+
+    # SSLMetaArch.get_params_groups and build_optimizer; apply_optim_scheduler at step 0.
+    groups = []
+    for module in student.values():
+        fused = ref["fuse_params_groups"](
+            ref["get_params_groups_with_decay"](
+                model=module, lr_decay_rate=LAYER_DECAY, patch_embed_lr_mult=PATCH_EMBED_LR_MULT
+            )
+        )
+        for group in fused:
+            group["foreach"] = True
+            groups.append(group)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    lr = BASE_LR * math.sqrt(spec["batch_size"] / 1024.0)
+    last_layer_lr = 0.0  # frozen first epoch
+    for group in optimizer.param_groups:
+        group["weight_decay"] = WEIGHT_DECAY * group["wd_multiplier"]
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+    student_params = [p for k in student.keys() for p in student[k].parameters()]
+    teacher_params = [p for k in student.keys() for p in teacher[k].parameters()]
+
+    batch = _load_batch(spec)
+    data, n_local_crops = _reference_inputs(ref, spec, batch, device)
+    memory["built"] = peak_rss_mb()
+    autocast_dtype = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(
+        spec["dtype"]
+    )
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=autocast_dtype)
+
+    def forward_backward(teacher_temp):
+        # SSLMetaArch.forward_backward, "centering", shared DINO / iBOT head, no xFormers.
+        n_global_crops = 2
+        global_crops = data["collated_global_crops"]
+        local_crops = data["collated_local_crops"]
+        masks = data["collated_masks"]
+        mask_indices_list = data["mask_indices_list"]
+        n_masked_patches = mask_indices_list.shape[0]
+        upperbound = data["upperbound"]
+        masks_weight = data["masks_weight"]
+        n_local_crops_loss_terms = max(n_local_crops * n_global_crops, 1)
+        n_global_crops_loss_terms = (n_global_crops - 1) * n_global_crops
+        ibot_loss_scale = 1.0 / n_global_crops
+
+        with torch.no_grad(), autocast():
+            out = teacher["backbone"](global_crops, is_training=True)
+            cls_tokens = out["x_norm_clstoken"].chunk(n_global_crops)
+            cls_tokens = torch.cat((cls_tokens[1], cls_tokens[0]))
+            patch_tokens = out["x_norm_patchtokens"]
+            dim = patch_tokens.shape[-1]
+            n_cls = cls_tokens.shape[0]
+            buffer = patch_tokens.new_zeros(upperbound + n_cls, dim)
+            buffer[:n_cls].copy_(cls_tokens)
+            torch.index_select(
+                patch_tokens.flatten(0, 1),
+                dim=0,
+                index=mask_indices_list,
+                out=buffer[n_cls : n_cls + n_masked_patches],
+            )
+            after_head = teacher["dino_head"](buffer)
+            teacher_cls_after_head = after_head[:n_cls]
+            teacher_patch_after_head = after_head[n_cls : n_cls + n_masked_patches]
+            teacher_dino = dino_loss.softmax_center_teacher(
+                teacher_cls_after_head, teacher_temp=teacher_temp
+            ).view(n_global_crops, -1, *teacher_cls_after_head.shape[1:])
+            dino_loss.update_center(teacher_cls_after_head)
+            teacher_patch_after_head = teacher_patch_after_head.unsqueeze(0)
+            teacher_ibot = ibot_loss.softmax_center_teacher(
+                teacher_patch_after_head[:, :n_masked_patches], teacher_temp=teacher_temp
+            ).squeeze(0)
+            ibot_loss.update_center(teacher_patch_after_head[:n_masked_patches])
+
+        with autocast():
+            # The reference calls backbone([global, local], masks=[masks, None]) (nested
+            # tensors, xFormers only); the same blocks on each list element separately:
+            student_global = student["backbone"](global_crops, masks=masks, is_training=True)
+            student_local = student["backbone"](local_crops, is_training=True)
+            local_cls = student_local["x_norm_clstoken"]
+            global_cls = student_global["x_norm_clstoken"]
+            patch_tokens = student_global["x_norm_patchtokens"]
+            buffer = patch_tokens.new_zeros(upperbound, patch_tokens.shape[-1])
+            buffer[:n_masked_patches].copy_(
+                torch.index_select(patch_tokens.flatten(0, 1), dim=0, index=mask_indices_list)
+            )
+            # BlockDiagonalMask.from_tensor_list + split around one head call: a torch.cat.
+            sizes = [local_cls.shape[0], global_cls.shape[0], buffer.shape[0]]
+            outputs = student["dino_head"](torch.cat([local_cls, global_cls, buffer])).split(sizes)
+            local_after_head, global_after_head, patch_after_head = outputs
+            patch_after_head = patch_after_head[:n_masked_patches]
+
+            loss = 0
+            dino_local = dino_loss(
+                student_output_list=local_after_head.chunk(n_local_crops),
+                teacher_out_softmaxed_centered_list=teacher_dino,
+            ) / (n_global_crops_loss_terms + n_local_crops_loss_terms)
+            loss += dino_local
+            dino_global = (
+                dino_loss(
+                    student_output_list=[global_after_head],
+                    teacher_out_softmaxed_centered_list=[teacher_dino.flatten(0, 1)],
+                )
+                * 2
+                / (n_global_crops_loss_terms + n_local_crops_loss_terms)
+            )
+            loss += dino_global
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.cuda.amp.autocast is deprecated
+                koleo = 0.1 * sum(koleo_loss(p) for p in global_cls.chunk(2))
+            loss += koleo
+            ibot = (
+                ibot_loss.forward_masked(
+                    patch_after_head,
+                    teacher_ibot,
+                    student_masks_flat=masks,
+                    n_masked_patches=n_masked_patches,
+                    masks_weight=masks_weight,
+                )
+                * 2
+                * ibot_loss_scale
+            )
+            loss += ibot
+        loss.backward()
+        return loss
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(TEACHER_TEMP)
+        for module in student.values():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), CLIP_GRAD)
+        optimizer.step()
+        with torch.no_grad():  # update_teacher
+            torch._foreach_mul_(teacher_params, MOMENTUM_TEACHER)
+            torch._foreach_add_(teacher_params, student_params, alpha=1 - MOMENTUM_TEACHER)
+        return loss
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    first = None
+    warm_start = time.perf_counter()
+    for i in range(spec["warmup"]):
+        start = time.perf_counter()
+        step()
+        sync()
+        if i == 0:
+            first = time.perf_counter() - start
+    warm_wall = time.perf_counter() - warm_start
+    memory["warm"] = peak_rss_mb()
+    times, cpu_times, loss = [], [], None
+    start_all = time.perf_counter()
+    for _ in range(spec["steps"]):
+        cpu = time.process_time()
+        start = time.perf_counter()
+        loss = float(step())
+        sync()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
+    fit_wall = time.perf_counter() - start_all
+    if first is None:
+        first = times[0]
+    n_params = sum(p.numel() for p in student_params)
+    notes = (
+        f"torch {torch.__version__}, eager, torch threads: {torch.get_num_threads()}, "
+        f"{len(student_params)} student tensors ({n_params / 1e6:.1f} M), "
+        f"{len(optimizer.param_groups)} AdamW groups, {data['mask_indices_list'].shape[0]} masked "
+        f"patches (upper bound {data['upperbound']}), warm-up {warm_wall:.1f} s"
+        + (f", autocast {autocast_dtype}" if autocast_dtype else "")
+        + ("; " + "; ".join(ref["fallbacks"]) if ref["fallbacks"] else "")
+    )
+    result = _finish(
+        spec,
+        times,
+        cpu_times,
+        first,
+        fit_wall,
+        loss,
+        memory,
+        gpu or "cpu",
+        "eager",
+        notes,
+    )
+    if "tensorflow" in sys.modules:
+        notes += "; TensorFlow got imported, which inflates the peak RSS"
+        result["notes"] = notes
+    result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
