@@ -3,12 +3,14 @@
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import resource
 import shutil
 import subprocess
 import sys
+import time
 
 PACKAGES = ("keras", "keras-hub", "tensorflow", "jax", "jaxlib", "torch", "transformers", "numpy")
 
@@ -96,3 +98,38 @@ def peak_rss_mb():
 
 class Skip(Exception):
     pass
+
+
+def run_in_subprocess(script, spec, workdir, name, env, timeout, verbose):
+    """Runs `script --worker SPEC` in a fresh process; returns (result dict, None) or (None, why).
+
+    The worker writes its result JSON to `spec["result"]`; a result with a "skip" key, a
+    timeout or a crash (with the end of its output) give a reason instead.
+    """
+    spec_path = os.path.join(workdir, f"spec_{name}.json")
+    spec["result"] = os.path.join(workdir, f"result_{name}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    command = [sys.executable, os.path.abspath(script), "--worker", spec_path]
+    start = time.perf_counter()
+    try:
+        process = subprocess.run(
+            command,
+            env=env,
+            timeout=timeout,
+            text=True,
+            stdout=None if verbose else subprocess.PIPE,
+            stderr=None if verbose else subprocess.STDOUT,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    wall = time.perf_counter() - start
+    if os.path.exists(spec["result"]):
+        with open(spec["result"]) as f:
+            result = json.load(f)
+        if result.get("skip"):
+            return None, result["skip"]
+        result["subprocess_s"] = wall
+        return result, None
+    tail = (process.stdout or "").strip().splitlines()[-15:]
+    return None, f"subprocess exited with {process.returncode}:\n    " + "\n    ".join(tail)

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
     load_average,
     machine_info,
     peak_rss_mb,
+    run_in_subprocess,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -394,10 +394,6 @@ def plan(args):
 
 def run_worker(spec, args, workdir, index):
     """Runs one model in a fresh subprocess; returns its result dict or a reason to skip."""
-    spec_path = os.path.join(workdir, f"spec_{index}.json")
-    spec["result"] = os.path.join(workdir, f"result_{index}.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
     env = dict(os.environ)
     env["KERAS_BACKEND"] = spec["backend"]
     env["PYTHONPATH"] = os.pathsep.join(
@@ -407,29 +403,7 @@ def run_worker(spec, args, workdir, index):
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, os.path.abspath(__file__), "--worker", spec_path]
-    start = time.perf_counter()
-    try:
-        process = subprocess.run(
-            command,
-            env=env,
-            timeout=args.timeout,
-            text=True,
-            stdout=None if args.verbose else subprocess.PIPE,
-            stderr=None if args.verbose else subprocess.STDOUT,
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {args.timeout:.0f} s"
-    wall = time.perf_counter() - start
-    if os.path.exists(spec["result"]):
-        with open(spec["result"]) as f:
-            result = json.load(f)
-        if result.get("skip"):
-            return None, result["skip"]
-        result["subprocess_s"] = wall
-        return result, None
-    tail = (process.stdout or "").strip().splitlines()[-15:]
-    return None, f"subprocess exited with {process.returncode}:\n    " + "\n    ".join(tail)
+    return run_in_subprocess(__file__, spec, workdir, index, env, args.timeout, args.verbose)
 
 
 def row_label(result):

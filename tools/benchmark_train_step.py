@@ -40,6 +40,7 @@ from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
     load_average,
     machine_info,
     peak_rss_mb,
+    run_in_subprocess,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -354,33 +355,8 @@ def _environment(args, backend):
 
 def run_worker(spec, args, workdir, name):
     """Runs one spec in a fresh subprocess; returns its result dict or a reason to skip."""
-    spec_path = os.path.join(workdir, f"spec_{name}.json")
-    spec["result"] = os.path.join(workdir, f"result_{name}.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", spec_path]
-    start = time.perf_counter()
-    try:
-        process = subprocess.run(
-            command,
-            env=_environment(args, spec["backend"]),
-            timeout=args.timeout,
-            text=True,
-            stdout=None if args.verbose else subprocess.PIPE,
-            stderr=None if args.verbose else subprocess.STDOUT,
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {args.timeout:.0f} s"
-    wall = time.perf_counter() - start
-    if os.path.exists(spec["result"]):
-        with open(spec["result"]) as f:
-            result = json.load(f)
-        if result.get("skip"):
-            return None, result["skip"]
-        result["subprocess_s"] = wall
-        return result, None
-    tail = (process.stdout or "").strip().splitlines()[-15:]
-    return None, f"subprocess exited with {process.returncode}:\n    " + "\n    ".join(tail)
+    env = _environment(args, spec["backend"])
+    return run_in_subprocess(__file__, spec, workdir, name, env, args.timeout, args.verbose)
 
 
 def row_label(result):
