@@ -7,8 +7,8 @@ import sys
 DESCRIPTION = """\
 DINOv2 self-supervised pretraining of Vision Transformers on Keras 3.
 
-The Keras backend comes from KERAS_BACKEND (jax, tensorflow or torch); this command uses
-jax when the variable is not set, since it is the fastest backend on CPU.
+The Keras backend comes from KERAS_BACKEND (jax, tensorflow or torch), else from Keras' own
+configuration (~/.keras/keras.json, TensorFlow by default). The README's quick start sets jax.
 """
 
 NOT_YET = {
@@ -122,7 +122,6 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
-    os.environ.setdefault("KERAS_BACKEND", "jax")
     if args.command in NOT_YET:
         print(
             f"keras-dinov2 {args.command} is not available yet: {NOT_YET[args.command]} has "
