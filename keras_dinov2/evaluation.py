@@ -736,3 +736,118 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
     accuracies = {float(lr): float(100.0 * acc) for lr, acc in zip(learning_rates, correct.mean(axis=0))}
     best = max(accuracies, key=accuracies.get)
     return {"accuracy": accuracies[best], "learning_rate": best, "accuracies": accuracies}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One call for the command line: load, extract, k-NN, linear probe, random-init comparison
+
+
+def labelled_splits(data="digits", train_split=None, test_split=None, test_fraction=0.25, seed=0):
+    """Resolve a labelled data spec into (train, test) `ImageSource`s for evaluation.
+
+    - "digits": the bundled train split and its held-out 25% (1,347 / 450 images).
+    - "tfds:NAME": its "train" split and its "test" split (else "validation"), unless splits are given.
+    - a folder: `train/` with `val/` or `test/` subfolders (class subfolders inside each) when present;
+      otherwise one folder of class subfolders, split stratified by class (`test_fraction` held out).
+    `train_split` / `test_split` name the splits (TFDS splits, digits splits or subfolders) explicitly.
+
+    Example:
+        >>> train, test = labelled_splits("digits")
+        >>> train.num_examples, test.num_examples
+        (1347, 450)
+    """
+    import os
+
+    from keras_dinov2.data import sources
+
+    text = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
+    if text is None:
+        raise ValueError(f"`data` must be 'digits', 'tfds:NAME' or a folder path; received {type(data).__name__}.")
+    if text == "digits" or text.startswith("digits:"):
+        return (sources.get_source("digits", split=train_split or "train"),
+                sources.get_source("digits", split=test_split or "test"))
+    if text.startswith("tfds:"):
+        if test_split is None:
+            import tensorflow_datasets as tfds
+
+            name = text[len("tfds:"):].split(":")[0]
+            splits = tfds.builder(name).info.splits
+            test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
+            if test_split is None:
+                raise ValueError(f"{text} has no 'test' or 'validation' split; pass --test-split.")
+        return (sources.get_source(text, split=train_split or "train"), sources.get_source(text, split=test_split))
+    if not os.path.isdir(text):
+        raise ValueError(f"data folder {text!r} does not exist; expected 'digits', 'tfds:NAME' or a folder.")
+    if train_split is None and test_split is None:
+        held_out = [name for name in ("val", "test") if os.path.isdir(os.path.join(text, name))]
+        if os.path.isdir(os.path.join(text, "train")) and held_out:
+            train_split, test_split = "train", held_out[0]
+    if train_split is not None or test_split is not None:
+        if train_split is None or test_split is None:
+            raise ValueError("pass both a train split and a test split for a folder, or neither.")
+        train = sources.get_source(text, split=train_split)
+        test = sources.get_source(text, split=test_split)
+    else:
+        train, test = sources.split_source(sources.get_source(text), test_fraction=test_fraction, seed=seed)
+    for what, source in (("train", train), ("test", test)):
+        if source.labels is None:
+            raise ValueError(
+                f"the {what} data {source.name!r} has no labels: evaluation needs one subfolder per class."
+            )
+    return train, test
+
+
+def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, temperature=0.07, features="cls",
+                      n_last_blocks=1, avgpool=False, linear=False, linear_epochs=100, compare_random_init=True,
+                      batch_size=256, train_split=None, test_split=None, dtype="float32", verbose=True):
+    """k-NN (and optionally a linear probe) of a frozen backbone on labelled data, next to a random init.
+
+    Args:
+        backbone: `DINOv2Backbone`.
+        data: str, default "digits". See `labelled_splits`.
+        image_size: int or None, default None: the backbone's `image_size` (its position table's native size).
+        ks, temperature: the k-NN protocol (see `knn_classify`).
+        features, n_last_blocks, avgpool: the k-NN features (see `feature_model`); the linear probe always uses
+            the reference's linear features (CLS of the last 4 blocks, or all blocks if fewer, plus the mean patch).
+        linear: bool, default False. Also run `linear_probe`.
+        linear_epochs: int, default 100.
+        compare_random_init: bool, default True. Evaluate a fresh backbone of the same architecture too.
+        batch_size: int, default 256.
+        train_split, test_split: optional split names, see `labelled_splits`.
+        dtype: str, default "float32". Precision of the k-NN.
+        verbose: bool, default True. Progress bars.
+
+    Returns:
+        dict: {"knn": {k: %}, "linear": {...} (if asked), "random_init": {"knn": ..., "linear": ...} (if asked),
+        "data": ..., "image_size": ..., "num_train": ..., "num_test": ...}.
+    """
+    from keras_dinov2.data import eval_dataset
+
+    train_source, test_source = labelled_splits(data, train_split, test_split)
+    size = int(image_size or backbone.image_size)
+    patch = backbone.patch_size
+    if size % patch:
+        raise ValueError(f"image_size {size} must be a multiple of the backbone's patch size {patch}.")
+    train = eval_dataset(train_source, size, batch_size)
+    test = eval_dataset(test_source, size, batch_size)
+    num_classes = len(train_source.class_names) if train_source.class_names else None
+    linear_blocks = min(4, backbone.num_layers)
+
+    def run(model):
+        out = {"knn": knn_accuracy(model, train, test, ks=ks, temperature=temperature, features=features,
+                                   n_last_blocks=n_last_blocks, avgpool=avgpool, num_classes=num_classes,
+                                   verbose=verbose, dtype=dtype)}
+        if linear:
+            lin = feature_model(model, n_last_blocks=linear_blocks, avgpool=True)
+            train_x, train_y = extract_features(lin, train, verbose=verbose)
+            test_x, test_y = extract_features(lin, test, verbose=verbose)
+            out["linear"] = linear_probe(train_x, train_y, test_x, test_y, epochs=linear_epochs,
+                                         num_classes=num_classes)
+        return out
+
+    result = run(backbone)
+    if compare_random_init:
+        result["random_init"] = run(type(backbone).from_config(backbone.get_config()))
+    result.update(data=str(data), image_size=size, num_train=train_source.num_examples,
+                  num_test=test_source.num_examples)
+    return result

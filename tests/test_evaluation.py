@@ -196,3 +196,45 @@ def test_linear_probe_separable_features():
     assert result["learning_rate"] == 0.1
     # Each classifier has its own rate: at 1e-9 the weights stay at their random initialization.
     assert result["accuracies"][1e-9] < 60.0
+
+
+def _write_class_folders(root, per_class):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts = {}
+    for image, label in zip(digits.images, digits.target):
+        if label > 2 or counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 15).astype(np.uint8)).resize((16, 16)).save(folder / f"{counts[label]}.png")
+
+
+def test_labelled_splits_resolves_digits_and_folders(tmp_path):
+    train, test = ev.labelled_splits("digits")
+    assert (train.num_examples, test.num_examples) == (1347, 450)
+    # One folder of class subfolders: a stratified 25% hold-out.
+    _write_class_folders(tmp_path / "flat", per_class=8)
+    train, test = ev.labelled_splits(str(tmp_path / "flat"))
+    assert (train.num_examples, test.num_examples) == (18, 6)
+    assert sorted(np.bincount(test.labels)) == [2, 2, 2]
+    # train/ and val/ subfolders are used as they are.
+    _write_class_folders(tmp_path / "split" / "train", per_class=4)
+    _write_class_folders(tmp_path / "split" / "val", per_class=2)
+    train, test = ev.labelled_splits(str(tmp_path / "split"))
+    assert (train.num_examples, test.num_examples) == (12, 6)
+    with pytest.raises(ValueError, match="does not exist"):
+        ev.labelled_splits(str(tmp_path / "missing"))
+
+
+def test_evaluate_backbone_on_a_folder_compares_with_random_init(tmp_path):
+    _write_class_folders(tmp_path, per_class=8)
+    backbone = DINOv2Backbone.from_preset("dinov2_vit_tiny4", load_weights=False, layer_scale_init=1.0)
+    result = ev.evaluate_backbone(backbone, data=str(tmp_path), image_size=16, ks=(1, 5), verbose=False)
+    assert set(result["knn"]) == {1, 5} and set(result["random_init"]["knn"]) == {1, 5}
+    assert (result["num_train"], result["num_test"], result["image_size"]) == (18, 6, 16)
+    with pytest.raises(ValueError, match="multiple of the backbone's patch size"):
+        ev.evaluate_backbone(backbone, data=str(tmp_path), image_size=18, verbose=False)
