@@ -1,0 +1,197 @@
+"""What an export starts from: a run directory's latest checkpoint, or a preset.
+
+From a run directory the exported network is the EMA teacher, as the reference releases its
+teacher (the student is the network being optimized; the teacher averages it and gives the
+better features). The run is rebuilt from its config.json exactly as `keras-dinov2 pretrain`
+built it, the newest complete checkpoint is restored into it (every variable path and shape
+checked), and the teacher backbone, the teacher heads and the centers are taken from it.
+"""
+
+import csv
+import dataclasses
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
+from keras_dinov2.export.preset import read_json
+
+
+@dataclasses.dataclass
+class ExportSource:
+    """A backbone to export and what is known about where it came from.
+
+    Attributes:
+        backbone: DINOv2Backbone, float32, no stochastic depth, trainable.
+        heads: optional dict with "dino_head", "ibot_head" (None when tied), "dino_center",
+            "ibot_center" (from a run's teacher).
+        info: dict for the model card (source kind and path, model, data, recipe, epoch,
+            steps, backend, k-NN accuracy, ...).
+        mean: (3,) normalization mean of RGB values in [0, 1].
+        std: (3,) normalization standard deviation.
+    """
+
+    backbone: object
+    heads: dict | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+
+def clean_backbone(backbone):
+    """A float32, trainable copy of `backbone` without stochastic depth, named "dinov2_backbone"."""
+    from keras_dinov2.backbone import DINOv2Backbone
+
+    config = {**backbone.get_config(), "drop_path_rate": 0.0, "name": "dinov2_backbone",
+              "trainable": True, "dtype": "float32"}
+    copy = DINOv2Backbone.from_config(config)
+    if [tuple(v.shape) for v in copy.weights] != [tuple(v.shape) for v in backbone.weights]:
+        raise ValueError(f"Could not copy the backbone {backbone.name!r}: its variables do not "
+                         "match a backbone built from its own config.")
+    for target, variable in zip(copy.weights, backbone.weights):
+        target.assign(np.asarray(keras.ops.convert_to_numpy(variable), dtype="float32"))
+    return copy
+
+
+def load_backbone(preset, **overrides):
+    """Loads a DINOv2Backbone from any preset this library reads.
+
+    `preset` may be an architecture name, one of our preset folders, a keras-hub
+    DINOV2Backbone preset folder (imported), a transformers Dinov2 folder (converted), or an
+    `hf://` / `kaggle://` handle of our format.
+
+    Example:
+    >>> load_backbone("export/keras_hub")   # a keras-hub preset, imported
+    """
+    from keras_dinov2.backbone import DINOv2Backbone
+    from keras_dinov2.export.preset import check_preset_folder
+
+    if os.path.isdir(preset):
+        config = check_preset_folder(preset)
+        if "model_type" in config:
+            from keras_dinov2.convert import load_transformers_checkpoint
+
+            return load_transformers_checkpoint(preset, **overrides)
+        if config.get("registered_name") == "keras_hub>DINOV2Backbone":
+            from keras_dinov2.export.keras_hub_format import import_keras_hub_preset
+
+            return import_keras_hub_preset(preset, **overrides)
+    return DINOv2Backbone.from_preset(preset, **overrides)
+
+
+def load_preset_source(preset):
+    """An ExportSource for a preset (no heads, no run information).
+
+    Example:
+    >>> source = load_preset_source("runs/latest/teacher_preset")
+    """
+    backbone = clean_backbone(load_backbone(preset))
+    return ExportSource(backbone=backbone, info={"kind": "preset", "path": str(preset)})
+
+
+def _run_backbone(model_name, ssl):
+    """The student backbone exactly as `keras-dinov2 pretrain` built it, without weights."""
+    from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
+
+    if model_name in ARCHITECTURES:
+        from keras_dinov2.run import _build_backbone
+
+        return _build_backbone(model_name, ssl)
+    # A preset the run continued from: its architecture, weights come from the checkpoint.
+    if os.path.isdir(model_name):
+        config = read_json(os.path.join(model_name, "config.json"))
+        if config.get("registered_name") != "keras_dinov2>DINOv2Backbone":
+            return load_backbone(model_name, drop_path_rate=ssl.optim.drop_path_rate)
+    return DINOv2Backbone.from_preset(model_name, load_weights=False,
+                                      drop_path_rate=ssl.optim.drop_path_rate)
+
+
+def _knn(run_dir):
+    """The run's k-NN accuracy: knn.json (final, every k) or the last epochs.csv k-NN value."""
+    path = os.path.join(run_dir, "knn.json")
+    if os.path.exists(path):
+        stored = read_json(path)
+        return {"source": "knn.json", "teacher": stored.get("teacher", {}),
+                "random_init": stored.get("random_init", {})}
+    path = os.path.join(run_dir, "epochs.csv")
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("knn_top1") not in (None, "")]
+        if rows:
+            last = rows[-1]
+            out = {"source": "epochs.csv", "epoch": int(float(last["epoch"])),
+                   "teacher": {"20": float(last["knn_top1"])}}
+            if last.get("knn_top1_random_init") not in (None, ""):
+                out["random_init"] = {"20": float(last["knn_top1_random_init"])}
+            return out
+    return None
+
+
+def load_run(run_dir):
+    """An ExportSource for the teacher of a run directory's newest checkpoint.
+
+    Reads `config.json` (recipe, model, data), rebuilds the DINOv2Pretrainer as the run did,
+    restores the newest `checkpoint-*.npz`, and takes the teacher backbone, the teacher's
+    DINO (and untied iBOT) head and the centers. A run directory without a checkpoint but
+    with a finished `teacher_preset/` exports that preset (without heads).
+
+    Raises:
+        ValueError: naming what is missing or does not fit.
+
+    Example:
+    >>> source = load_run("runs/latest")
+    >>> source.info["steps"]
+    """
+    from keras_dinov2 import callbacks
+    from keras_dinov2.config import SSLConfig
+    from keras_dinov2.pretrainer import DINOv2Pretrainer
+
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"{run_dir!r} is not a run directory (not a folder).")
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{config_path} is missing: a run directory written by "
+                         "`keras-dinov2 pretrain` holds config.json.")
+    stored = read_json(config_path)
+    for key in ("ssl", "model"):
+        if key not in stored:
+            raise ValueError(f"{config_path} has no {key!r} entry: not a keras-dinov2 run.")
+    ssl = SSLConfig.from_dict(stored["ssl"])
+    aug = ssl.data.augmentation
+    info = {"kind": "run", "path": str(run_dir), "model": stored["model"],
+            "data": stored.get("data"), "backend": stored.get("backend"), "ssl": ssl.to_dict(),
+            "knn": _knn(run_dir)}
+    checkpoint = callbacks.latest_checkpoint(run_dir)
+    if checkpoint is None:
+        preset = os.path.join(run_dir, "teacher_preset")
+        if not os.path.isdir(preset):
+            raise ValueError(f"{run_dir} holds no checkpoint-*.npz and no teacher_preset/: "
+                             "nothing to export yet.")
+        warnings.warn(f"{run_dir} holds no checkpoint; exporting {preset} without heads.",
+                      stacklevel=2)
+        backbone = clean_backbone(load_backbone(preset))
+        return ExportSource(backbone, None, {**info, "checkpoint": None}, aug.mean, aug.std)
+
+    student = _run_backbone(stored["model"], ssl)
+    model = DINOv2Pretrainer(student, ssl, steps_per_epoch=ssl.optim.steps_per_epoch)
+    model.compile()
+    try:
+        metadata = callbacks.load_checkpoint(model, checkpoint)
+    except ValueError as error:
+        raise ValueError(f"Could not restore {checkpoint} into the run described by "
+                         f"{config_path}: {error}") from error
+    info.update({
+        "checkpoint": os.path.basename(checkpoint),
+        "epoch": metadata.get("epoch"),
+        "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+    })
+    separate = model.teacher_ibot_head is not model.teacher_dino_head
+    heads = {
+        "dino_head": model.teacher_dino_head,
+        "ibot_head": model.teacher_ibot_head if separate else None,
+        "dino_center": np.asarray(keras.ops.convert_to_numpy(model.dino_center)),
+        "ibot_center": np.asarray(keras.ops.convert_to_numpy(model.ibot_center)),
+    }
+    return ExportSource(clean_backbone(model.teacher), heads, info, aug.mean, aug.std)
