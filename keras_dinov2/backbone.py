@@ -1,5 +1,7 @@
 """DINOv2Backbone: the reference DinoVisionTransformer as a functional keras-hub Backbone."""
 
+import os
+
 import keras
 import keras_hub
 from keras import ops
@@ -345,4 +347,9 @@ class DINOv2Backbone(keras_hub.models.Backbone):
                 k: v for k, v in kwargs.items() if k in entry["config"] or k == "dtype"
             }
             return load_torch_hub_checkpoint(path, **{**entry["config"], **overrides})
+        if isinstance(preset, str) and os.path.isdir(preset):
+            # Name the missing or broken file instead of failing deep inside keras-hub.
+            from keras_dinov2.export.preset import check_preset_folder
+
+            check_preset_folder(preset)
         return super().from_preset(preset, load_weights=load_weights, **kwargs)

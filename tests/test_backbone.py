@@ -210,3 +210,17 @@ def test_mixed_precision(policy):
     assert "float32" in str(backbone.embeddings.interpolated_position_embedding(12, 12).dtype)
     got = to_numpy(ops.cast(out["cls_token"], "float32"))
     np.testing.assert_allclose(got, expected, atol=0.1)
+
+
+def test_from_preset_names_the_broken_file(tmp_path):
+    import pytest
+
+    backbone = DINOv2Backbone.from_preset("dinov2_vit_tiny4", load_weights=False)
+    folder = tmp_path / "preset"
+    backbone.save_to_preset(str(folder))
+    (folder / "model.weights.h5").unlink()
+    with pytest.raises(ValueError, match="model.weights.h5"):
+        DINOv2Backbone.from_preset(str(folder))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        DINOv2Backbone.from_preset(str(folder))
