@@ -32,6 +32,9 @@ def save_checkpoint(model, path, metadata=None):
     The file is written under a temporary name and moved into place, so a kill during the
     save leaves the previous checkpoint intact and never a truncated one under `path`.
 
+    Distributed runs: every process calls it (on several JAX hosts, reading sharded variables
+    is a collective), and only the chief (JAX process 0, torch rank 0, the TF chief) writes.
+
     Args:
         model: keras.Model (a DINOv2Pretrainer: students, teachers, heads, centers, optimizer
             moments and step, and the random-generator states of stochastic depth).
@@ -41,9 +44,13 @@ def save_checkpoint(model, path, metadata=None):
     Example:
     >>> save_checkpoint(pretrainer, "runs/x/checkpoint-0003.npz", {"epoch": 3})
     """
+    from keras_dinov2 import distribute
+
     _sync(model)
     variables = _state_variables(model)
-    arrays = {f"v{i:05d}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(variables)}
+    arrays = {f"v{i:05d}": distribute.to_numpy(v.value) for i, v in enumerate(variables)}
+    if not distribute.is_chief():
+        return
     arrays["__paths__"] = np.array([v.path for v in variables])
     arrays["__metadata__"] = np.array(json.dumps(metadata or {}))
     directory = os.path.dirname(os.path.abspath(path))
@@ -123,6 +130,10 @@ class CheckpointCallback(keras.callbacks.Callback):
             return
         path = os.path.join(self.run_dir, f"{CHECKPOINT_PREFIX}{epoch + 1:05d}.npz")
         save_checkpoint(self.model, path, {**self.metadata, "epoch": epoch + 1})
+        from keras_dinov2 import distribute
+
+        if not distribute.is_chief():
+            return
         names = sorted(n for n in os.listdir(self.run_dir)
                        if n.startswith(CHECKPOINT_PREFIX) and n.endswith(".npz"))
         for old in names[: -self.keep]:

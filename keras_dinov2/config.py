@@ -445,9 +445,12 @@ class DataConfig(_ConfigMixin):
 
 def _digits_recipe() -> DataConfig:
     # 8x8 digits upsampled to 32 px: an 8x8 patch grid at patch 4 (N = 64), locals of 4x4 patches. Blur keeps the
-    # reference's pixel sigma: at 4x upsampling, 2 px is half a pixel of the original image.
+    # reference's pixel sigma: at 4x upsampling, 2 px is half a pixel of the original image. Crops are larger than
+    # the reference's: a 5% crop of an 8x8 digit is a stroke or two, which no view of the whole digit predicts, and
+    # a 32% global crop can cut a 7 into a 1. No flips: a mirrored 2 or 5 is another symbol.
     return DataConfig(
-        crops=CropConfig(global_crops_size=32, local_crops_size=16),
+        crops=CropConfig(global_crops_size=32, local_crops_size=16, global_crops_scale=(0.5, 1.0),
+                         local_crops_scale=(0.2, 0.5), flip_probability=0.0),
         masking=MaskingConfig(patch_size=4),
     )
 
@@ -498,6 +501,7 @@ class HeadConfig(_ConfigMixin):
 
 
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
+KOLEO_SCOPES = ("global", "replica")
 
 
 @dataclasses.dataclass
@@ -512,6 +516,11 @@ class LossConfig(_ConfigMixin):
         centering: str, default "centering". "centering" (softmax with an EMA center) or
             "sinkhorn_knopp" (the paper recipes).
         center_momentum: float, default 0.9.
+        koleo_scope: str, default "global". Which rows KoLeo's nearest neighbours come from when
+            training on several replicas: "global" gathers the student's CLS tokens of each global
+            crop from every replica (as DINOv3's distributed KoLeo), so the loss does not depend on
+            the device count; "replica" keeps the reference's per-replica KoLeo (each replica's
+            own rows, averaged over replicas). The same on one device.
     """
 
     dino_weight: float = 1.0
@@ -520,6 +529,7 @@ class LossConfig(_ConfigMixin):
     student_temp: float = 0.1
     centering: str = "centering"
     center_momentum: float = 0.9
+    koleo_scope: str = "global"
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -530,6 +540,10 @@ class LossConfig(_ConfigMixin):
                 f"{owner}.centering must be one of {CENTERING_MODES}; received {self.centering!r}."
             )
         _check_probability(owner, "center_momentum", self.center_momentum)
+        if self.koleo_scope not in KOLEO_SCOPES:
+            raise ValueError(
+                f"{owner}.koleo_scope must be one of {KOLEO_SCOPES}; received {self.koleo_scope!r}."
+            )
         if not self.student_temp > 0:
             raise ValueError(f"{owner}.student_temp must be > 0; received {self.student_temp!r}.")
 

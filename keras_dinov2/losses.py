@@ -5,7 +5,8 @@ losses in float32 under mixed precision too). Teacher-side quantities are consta
 teacher logits or probabilities applies `stop_gradient` to them.
 
 Functions that need a statistic over the *global* batch (Sinkhorn-Knopp, the center update) take an optional
-`reduction=` argument, a `CrossReplica`, which the training step binds to its backend's collective. The default
+`reduction=` argument, a `CrossReplica`, which the training step binds to its backend's collective (KoLeo
+takes one too, to gather the CLS rows of every replica). The default
 is the single-device identity, which is also right for a JAX program that holds the global batch as one sharded
 array (`keras.distribution`): XLA inserts the collectives itself there.
 
@@ -43,7 +44,9 @@ class CrossReplica:
             None means the identity.
         max_fn: callable or None, default None. All-reduce maximum over replicas. None means the identity.
         all_gather_fn: callable or None, default None. Concatenation of every replica's tensor along axis 0,
-            in replica order. None means the identity.
+            in replica order. None means the identity. KoLeo differentiates through it: its gradient must
+            be the sum over replicas of the incoming gradient, sliced back to this replica's rows (what
+            `ReplicaContext.all_gather` and `torch.distributed.nn.functional.all_gather` do).
         num_replicas: int, default 1. Number of replicas taking part.
 
     Example:
@@ -347,33 +350,51 @@ def ibot_cross_entropy(
     return -ops.sum(weighted) / _float32(num_images)
 
 
-def koleo(features, eps=1e-8):
+def koleo(features, eps=1e-8, reduction=None, groups=1):
     """KoLeo (Kozachenko-Leonenko) spreading regularizer: -mean_i log(||x_i - x_nn(i) + eps|| + eps).
 
     As the reference: x is L2-normalized as x / max(||x||, eps); each row's nearest neighbour is the other
     row with the largest dot product; the distance adds eps to every element of the difference (torch's
-    `PairwiseDistance`), which keeps it and its gradient finite for identical rows. Computed on this replica's
-    rows only, as the reference; `CrossReplica.all_gather` can supply a global batch if wanted.
+    `PairwiseDistance`), which keeps it and its gradient finite for identical rows.
+
+    Which rows are neighbours: by default this replica's rows, as the reference. With `reduction`, the rows
+    of every replica are gathered first (`reduction.all_gather`, which must pass gradients back to the
+    replica that owns each row) and the loss is taken over the global batch, as DINOv3's distributed KoLeo:
+    every replica then computes the same value. With `groups=g`, the rows are g equal consecutive groups
+    (e.g. the replicas of a JAX program that holds the global batch) and the loss is the mean over groups
+    of each group's own KoLeo, which is the reference's per-replica KoLeo averaged over replicas.
 
     Differences, both in degenerate cases only: the self-similarity is masked with -2 (below any cosine)
-    instead of -1, so an exactly antipodal pair cannot pick itself by a tie; and fewer than 2 rows have no
-    neighbour, so the result is 0 (the reference would report the constant -log(eps * (sqrt(D) + 1)) with a
-    zero gradient).
+    instead of -1, so an exactly antipodal pair cannot pick itself by a tie; and fewer than 2 rows (per
+    group) have no neighbour, so the result is 0 (the reference would report the constant
+    -log(eps * (sqrt(D) + 1)) with a zero gradient).
 
     Args:
         features: tensor (N, D). The student backbone's CLS tokens of one global crop (before the head).
         eps: float, default 1e-8.
+        reduction: optional `CrossReplica`, default None (this replica's rows only). Gather the rows of
+            every replica before finding neighbours.
+        groups: int, default 1. Number of equal row groups that each get their own KoLeo (averaged).
 
     Returns:
         float32 scalar.
 
     Example:
     >>> koleo(backbone_out["cls_token"])
+    >>> koleo(cls, reduction=CrossReplica(all_gather_fn=..., num_replicas=8))   # global batch
     """
-    shape = _check_rank("features", features, (2,))
+    _check_rank("features", features, (2,))
+    groups = int(groups)
+    if groups < 1:
+        raise ValueError(f"`groups` must be at least 1, received {groups}.")
+    x = _float32(features)
+    if reduction is not None:
+        x = reduction.all_gather(x)
+    shape = _static_shape(x)
+    if groups > 1:
+        return _grouped_koleo(x, shape, eps, groups)
     if shape[0] is not None and shape[0] < 2:
         return ops.zeros((), "float32")
-    x = _float32(features)
     # sqrt(max(|x|^2, eps^2)) == max(|x|, eps), with a finite gradient at x = 0.
     x = x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), eps * eps))
     dots = ops.matmul(x, ops.transpose(x))
@@ -386,6 +407,28 @@ def koleo(features, eps=1e-8):
         # Dynamic batch: the same guard at run time (the unguarded value is finite, so `where` is safe).
         loss = ops.where(ops.greater(ops.shape(x)[0], 1), loss, 0.0)
     return loss
+
+
+def _grouped_koleo(x, shape, eps, groups):
+    """KoLeo within each of `groups` equal consecutive row groups of x (N, D), averaged over groups."""
+    rows, dim = shape
+    if rows is None or rows % groups:
+        raise ValueError(
+            f"`features` must split into {groups} equal groups of rows, received features.shape={shape}."
+        )
+    per_group = rows // groups
+    if per_group < 2:
+        return ops.zeros((), "float32")
+    x = x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), eps * eps))
+    grouped = ops.reshape(x, (groups, per_group, dim))
+    dots = ops.matmul(grouped, ops.transpose(grouped, (0, 2, 1)))
+    index = ops.arange(per_group)
+    dots = ops.where(ops.equal(index[:, None], index[None, :])[None], -2.0, dots)
+    nearest = ops.argmax(dots, axis=-1) + ops.arange(groups)[:, None] * per_group
+    neighbour = ops.take(x, ops.reshape(nearest, (-1,)), axis=0)
+    distance = ops.sqrt(ops.sum(ops.square(x - neighbour + eps), axis=-1))
+    # Equal groups: the mean over all rows is the mean over groups of each group's mean.
+    return -ops.mean(ops.log(distance + eps))
 
 
 def dinov2_loss(
@@ -402,6 +445,8 @@ def dinov2_loss(
     ibot_weight=1.0,
     koleo_weight=0.1,
     student_temperature=0.1,
+    reduction=None,
+    koleo_groups=1,
 ):
     """The DINOv2 training objective of the reference meta-architecture, from the crops' outputs.
 
@@ -437,6 +482,12 @@ def dinov2_loss(
         ibot_weight: float, default 1.0.
         koleo_weight: float, default 0.1.
         student_temperature: float, default 0.1.
+        reduction: optional `CrossReplica`, default None. KoLeo's rows: with a reduction, each global
+            crop's CLS rows are gathered from every replica first (global-batch KoLeo, see `koleo`);
+            None keeps each replica's own rows, as the reference. The other terms are per-replica means
+            whatever it is (averaging them over replicas gives the global-batch value).
+        koleo_groups: int, default 1. KoLeo within this many equal row groups of each crop, averaged
+            (the per-replica KoLeo of a program that holds several replicas' rows; see `koleo`).
 
     Returns:
         dict of float32 scalars: "dino_local", "dino_global", "ibot", "koleo" (unweighted; 0 when their inputs
@@ -527,10 +578,12 @@ def dinov2_loss(
         cls = _float32(student_global_cls)
         if half is not None:
             # Static slices keep koleo's batch-of-1 guard static.
-            koleo_term = koleo(cls[:half]) + koleo(cls[half:])
+            koleo_term = (koleo(cls[:half], reduction=reduction, groups=koleo_groups)
+                          + koleo(cls[half:], reduction=reduction, groups=koleo_groups))
         else:
             cls = ops.reshape(cls, (2, batch, ops.shape(cls)[-1]))
-            koleo_term = koleo(cls[0]) + koleo(cls[1])
+            koleo_term = (koleo(cls[0], reduction=reduction, groups=koleo_groups)
+                          + koleo(cls[1], reduction=reduction, groups=koleo_groups))
     else:
         koleo_term = zero
 

@@ -35,6 +35,11 @@ class DINOv2Pretrainer(keras.Model):
         steps_per_epoch: optional int. Steps in one epoch of the data; defaults to
             `config.optim.steps_per_epoch`.
         reduction: optional `keras_dinov2.losses.CrossReplica` for multi-replica statistics.
+            Not needed with `keras_dinov2.distribute`: the distributed steps bind their own.
+
+    Several devices: build and compile the model after `keras_dinov2.distribute.setup()`
+    (in its `scope()`); the objectives' statistics then cover the global batch on every
+    backend, and N replicas take the step of one device with the global batch.
 
     Example:
     >>> model = DINOv2Pretrainer(DINOv2Backbone.from_preset("dinov2_vit_tiny4",
@@ -184,13 +189,28 @@ class DINOv2Pretrainer(keras.Model):
 
     # ------------------------------------------------------------------ the step
 
-    def compute_dinov2_loss(self, data, training=True, update_centers=True):
+    def compute_dinov2_loss(self, data, training=True, update_centers=True, reduction=None):
         """Forward pass of teacher and student and the combined loss (backend-agnostic).
+
+        Several replicas: a replica step (TensorFlow, torch) passes its `reduction`, bound to the
+        backend's collectives, and the statistics of the objectives (Sinkhorn-Knopp's sums, the
+        centers' means, the masked-patch count, KoLeo's rows by default) cover the global batch;
+        the returned loss is this replica's mean, whose average over replicas is the global one.
+        A replica-stacked batch (JAX under keras.distribution: `n_masked_patches` holds one count
+        per replica, see `keras_dinov2.distribute.stack_batches`) is laid out as the global batch
+        here, with the same semantics.
+
+        Args:
+            data: a multi-crop batch (dict), or a tuple holding it first.
+            training: bool, default True. Drop path in the student.
+            update_centers: bool, default True. Assign the staged center update.
+            reduction: optional `CrossReplica`. Default `self.reduction` (the identity).
 
         Returns:
             (total loss, dict of float32 scalars to log). Updates the centers in place.
         """
         config = self.config
+        reduction = reduction or self.reduction
         if isinstance(data, (tuple, list)):
             # (x,) from a generator or PyDataset; targets are not used.
             data = keras.utils.unpack_x_y_sample_weight(tuple(data))[0]
@@ -200,20 +220,24 @@ class DINOv2Pretrainer(keras.Model):
         mask_indices = ops.cast(data["mask_indices"], "int32")
         masks_weight = ops.cast(data["masks_weight"], "float32")
         two_b = global_crops.shape[0]
+        shards = _replica_count(data)
+        if shards > 1:
+            mask_indices = _stacked_patch_indices(mask_indices, shards, two_b // shards,
+                                                  masks.shape[1])
         temperature = self.schedules.teacher_temperature(self.step)
 
         # Teacher: unmasked global crops, inference mode, constant targets.
         teacher = self.teacher({"images": global_crops}, training=False)
-        teacher_cls = ops.stop_gradient(teacher["cls_token"])
+        teacher_cls = ops.stop_gradient(_view_major(teacher["cls_token"], shards, 2))
         teacher_patches = ops.stop_gradient(_gather_rows(teacher["patch_tokens"], mask_indices))
         teacher_logits = self.teacher_dino_head(teacher_cls)
         teacher_patch_logits = self.teacher_ibot_head(teacher_patches)
         valid = masks_weight > 0
         if config.loss.centering == "sinkhorn_knopp":
             teacher_probs = losses.sinkhorn_knopp(teacher_logits, temperature,
-                                                  reduction=self.reduction)
+                                                  reduction=reduction)
             teacher_patch_probs = losses.sinkhorn_knopp(
-                teacher_patch_logits, temperature, valid=valid, reduction=self.reduction)
+                teacher_patch_logits, temperature, valid=valid, reduction=reduction)
         else:
             teacher_probs = losses.softmax_center(teacher_logits, self.dino_center, temperature)
             teacher_patch_probs = losses.softmax_center(
@@ -223,20 +247,29 @@ class DINOv2Pretrainer(keras.Model):
                 momentum = config.loss.center_momentum
                 self.dino_center.assign(losses.update_center(
                     self.dino_center, teacher_logits, momentum=momentum,
-                    reduction=self.reduction))
-                self.ibot_center.assign(losses.update_center(
-                    self.ibot_center, teacher_patch_logits, momentum=momentum, valid=valid,
-                    reduction=self.reduction))
+                    reduction=reduction))
+                if shards > 1:
+                    # The reference's iBOT mean: each replica's mean over its masked
+                    # patches, averaged over replicas.
+                    self.ibot_center.assign(losses.update_center(
+                        self.ibot_center, _replica_means(teacher_patch_logits, valid, shards),
+                        momentum=momentum, reduction=reduction))
+                else:
+                    self.ibot_center.assign(losses.update_center(
+                        self.ibot_center, teacher_patch_logits, momentum=momentum,
+                        valid=valid, reduction=reduction))
 
         # Student: masked global crops and the local crops.
         student = self.student({"images": global_crops, "masks": masks}, training=training)
-        student_logits = self.student_dino_head(student["cls_token"])
+        student_cls = _view_major(student["cls_token"], shards, 2)
+        student_logits = self.student_dino_head(student_cls)
         student_local_logits = None
         n_local = 0
         if local_crops is not None and local_crops.shape[0]:
-            local = self.student({"images": local_crops}, training=training)
-            student_local_logits = self.student_dino_head(local["cls_token"])
             n_local = local_crops.shape[0] // (two_b // 2)
+            local = self.student({"images": local_crops}, training=training)
+            student_local_logits = self.student_dino_head(
+                _view_major(local["cls_token"], shards, n_local))
         student_patches = _gather_rows(student["patch_tokens"], mask_indices)
         student_patch_logits = self.student_ibot_head(student_patches)
 
@@ -246,13 +279,16 @@ class DINOv2Pretrainer(keras.Model):
             student_patch_logits=student_patch_logits,
             teacher_patch_probs=teacher_patch_probs,
             masks_weight=masks_weight,
-            student_global_cls=student["cls_token"],
+            student_global_cls=student_cls,
             num_images=two_b,
             n_local_crops=n_local,
             dino_weight=config.loss.dino_weight,
             ibot_weight=config.loss.ibot_weight,
             koleo_weight=config.loss.koleo_weight,
             student_temperature=config.loss.student_temp,
+            # KoLeo over the global batch (gathered rows), or the reference's per replica.
+            reduction=reduction if config.loss.koleo_scope == "global" else None,
+            koleo_groups=shards if config.loss.koleo_scope == "replica" else 1,
         )
         logs = {
             "loss": parts["total"],
@@ -262,7 +298,7 @@ class DINOv2Pretrainer(keras.Model):
             "koleo": parts["koleo"],
             "teacher_temp": temperature,
         }
-        logs.update(collapse_signals(teacher_probs))
+        logs.update(collapse_signals(teacher_probs, reduction=reduction))
         return parts["total"], logs
 
     def scale_loss(self, loss):
@@ -320,6 +356,12 @@ class DINOv2Pretrainer(keras.Model):
     def train_step(self, *args):
         return self._train_step(self, *args)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Called by Keras' TensorFlow trainer only (see trainers/tensorflow.py).
+        from keras_dinov2.trainers.tensorflow import maybe_symbolic_build
+
+        return maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
+
     def test_step(self, *args):
         """The loss on a multi-crop validation batch, without any update (`validation_data`).
 
@@ -329,14 +371,56 @@ class DINOv2Pretrainer(keras.Model):
         return self._test_step(self, *args)
 
 
+def _replica_count(data):
+    # A replica-stacked batch carries one masked-patch count per replica.
+    counts = data.get("n_masked_patches")
+    if counts is None or len(counts.shape) != 1:
+        return 1
+    return int(counts.shape[0])
+
+
+def _view_major(rows, shards, views):
+    """Rows of `shards` stacked replica batches (each view-major) in global view-major order.
+
+    (shards * views * b, ...) -> (views * shards * b, ...): view v's rows become those of every
+    replica in turn, as one batch of shards * b images.
+    """
+    if shards == 1:
+        return rows
+    shape = tuple(rows.shape)
+    per_view = shape[0] // (shards * views)
+    x = ops.reshape(rows, (shards, views, per_view) + shape[1:])
+    x = ops.swapaxes(x, 0, 1)
+    return ops.reshape(x, (shape[0],) + shape[1:])
+
+
+def _stacked_patch_indices(mask_indices, shards, crops_per_shard, num_patches):
+    """Replica-local flat patch indices -> indices into the stacked (shards * 2b * N) patch rows."""
+    per_shard = mask_indices.shape[0] // shards
+    offsets = ops.arange(shards, dtype="int32")[:, None] * (crops_per_shard * num_patches)
+    return ops.reshape(ops.reshape(mask_indices, (shards, per_shard)) + offsets, (-1,))
+
+
+def _replica_means(logits, valid, shards):
+    """(shards, K): each replica's mean of its valid rows of (shards * M, K) logits (0 if none)."""
+    logits = ops.cast(ops.stop_gradient(logits), "float32")
+    k = logits.shape[-1]
+    logits = ops.reshape(logits, (shards, -1, k))
+    weight = ops.reshape(ops.cast(valid, "float32"), (shards, -1, 1))
+    count = ops.maximum(ops.sum(weight, axis=1), 1.0)
+    return ops.sum(ops.where(weight > 0, logits, 0.0), axis=1) / count
+
+
 def _gather_rows(tokens, flat_indices):
     """Rows of (B, N, D) tokens at flat indices into the B * N patches."""
     shape = ops.shape(tokens)
     return ops.take(ops.reshape(tokens, (-1, shape[-1])), flat_indices, axis=0)
 
 
-def collapse_signals(teacher_probs):
+def collapse_signals(teacher_probs, reduction=None):
     """Entropy diagnostics of the teacher targets (B, K), in float32.
+
+    With a `reduction` (several replicas) the batch-mean target is the global batch's.
 
     Returns:
         dict with `teacher_entropy` (mean per-sample entropy; at log K the targets are uniform,
@@ -350,6 +434,8 @@ def collapse_signals(teacher_probs):
     entropy = -ops.sum(p * ops.log(ops.maximum(p, 1e-12)), axis=-1)
     mean_entropy = ops.mean(entropy)
     marginal = ops.mean(p, axis=0)
+    if reduction is not None:
+        marginal = reduction.mean(marginal)
     marginal_entropy = -ops.sum(marginal * ops.log(ops.maximum(marginal, 1e-12)))
     return {
         "teacher_entropy": mean_entropy,

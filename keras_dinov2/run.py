@@ -67,17 +67,23 @@ def _build_backbone(model_name, config):
 def pretrain(args):
     """Runs `keras-dinov2 pretrain` with parsed arguments; returns the exit status."""
     from keras_dinov2 import callbacks as cb
-    from keras_dinov2.data import multicrop_dataset
+    from keras_dinov2 import distribute
     from keras_dinov2.pretrainer import DINOv2Pretrainer
 
+    # First: JAX places variables on the mesh as they are created, and several hosts must
+    # meet before anything runs; TF builds the model in the strategy's scope.
+    dist = distribute.setup(getattr(args, "distribution", "auto"),
+                            model_axis_size=getattr(args, "model_axis_size", None),
+                            multi_host=getattr(args, "multi_host", False) or None)
+    chief = dist.is_chief
     run_dir = args.out
     os.makedirs(run_dir, exist_ok=True)
     config, model_name, data_spec = _resolve_config(args, run_dir)
     keras.utils.set_random_seed(config.seed)
 
-    one_pass = multicrop_dataset(data_spec, batch_size=config.batch_size, config=config.data,
-                                 seed=config.seed, repeat=False)
-    batches_per_pass = int(one_pass.cardinality())
+    # Every replica reads its own shard: one pass is one shard's batches.
+    batches_per_pass = dist.batches_per_pass(data_spec, config.batch_size, config.data,
+                                             seed=config.seed)
     if batches_per_pass <= 0:
         raise SystemExit(
             f"error: {data_spec!r} gives no full batch of {config.batch_size} images per pass "
@@ -89,18 +95,26 @@ def pretrain(args):
     optim = config.optim
     micro_steps = optim.steps_per_epoch * optim.gradient_accumulation_steps
 
-    backbone = _build_backbone(model_name, config)
-    model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
-    model.compile()
+    with dist.scope():
+        backbone = _build_backbone(model_name, config)
+        model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
+        if dist.num_replicas > 1:
+            # The learning rate scales with the global batch (all replicas).
+            model.compile(global_batch_size=dist.global_batch_size(config.batch_size)
+                          * optim.gradient_accumulation_steps)
+        else:
+            model.compile()
 
     initial_epoch = 0
     checkpoint = cb.latest_checkpoint(run_dir) if args.resume else None
     if args.resume:
         if checkpoint is None:
             raise SystemExit(f"error: --resume given but {run_dir} holds no checkpoint.")
-        initial_epoch = int(cb.load_checkpoint(model, checkpoint)["epoch"])
+        with dist.scope():
+            initial_epoch = int(cb.load_checkpoint(model, checkpoint)["epoch"])
         print(f"Resuming {run_dir} from {os.path.basename(checkpoint)} (epoch {initial_epoch}).")
-    else:
+    dist.prepare(model)  # torch: every rank starts from rank 0's state
+    if not args.resume and chief:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"ssl": config.to_dict(), "model": model_name, "data": data_spec,
                        "backend": keras.backend.backend()}, f, indent=2)
@@ -113,18 +127,21 @@ def pretrain(args):
 
     # The data stream is keyed by (seed, pass): skip to where the interrupted run stopped.
     consumed = initial_epoch * micro_steps
-    dataset = multicrop_dataset(
-        data_spec, batch_size=config.batch_size, config=config.data, seed=config.seed,
-        repeat=True, start_epoch=consumed // batches_per_pass,
-    ).skip(consumed % batches_per_pass)
+    dataset = dist.dataset(
+        data_spec, config.batch_size, config.data, seed=config.seed, repeat=True,
+        start_epoch=consumed // batches_per_pass, skip=consumed % batches_per_pass,
+    )
 
     monitor = cb.TrainingMonitor()
     callbacks = [
-        cb.StepLogger(run_dir, initial_step=consumed),
         monitor,
+        # Every process takes part (JAX gathers sharded variables); the chief writes.
         cb.CheckpointCallback(run_dir, metadata={"model": model_name}),
     ]
-    knn = data_spec == "digits" and args.knn_every > 0
+    if chief:
+        callbacks.insert(0, cb.StepLogger(run_dir, initial_step=consumed))
+    # The k-NN monitor runs outside the train step on one process: not across hosts.
+    knn = data_spec == "digits" and args.knn_every > 0 and dist.num_processes == 1
     if knn:
         from keras_dinov2.data import eval_dataset
         from keras_dinov2.evaluation import KNNMonitor
@@ -135,13 +152,16 @@ def pretrain(args):
             eval_dataset("digits", size, 256, split="test"),
             backbone_fn=lambda: model.teacher, every_n_epochs=args.knn_every,
             compare_random_init=not args.resume, dtype=KNN_DTYPE))
-    print(
-        f"Pretraining {model_name} ({backbone.count_params():,} parameters) on {data_spec} with "
-        f"the {keras.backend.backend()} backend: {optim.epochs} epochs x "
-        f"{optim.steps_per_epoch} steps, batch {config.batch_size}"
-        + (f" x {optim.gradient_accumulation_steps} accumulated" if micro_steps > optim.steps_per_epoch else "")
-        + f", run directory {run_dir}."
-    )
+    if chief:
+        print(
+            f"Pretraining {model_name} ({backbone.count_params():,} parameters) on {data_spec} with "
+            f"the {keras.backend.backend()} backend: {optim.epochs} epochs x "
+            f"{optim.steps_per_epoch} steps, batch {config.batch_size}"
+            + (f" per replica x {dist.num_replicas} replicas" if dist.num_replicas > 1 else "")
+            + (f" x {optim.gradient_accumulation_steps} accumulated" if micro_steps > optim.steps_per_epoch else "")
+            + f", run directory {run_dir}."
+            + (f" Distribution: {dist.describe()}." if dist.mode != "none" else "")
+        )
     start = time.time()
     try:
         model.fit(dataset, epochs=optim.epochs, initial_epoch=initial_epoch,
@@ -151,13 +171,18 @@ def pretrain(args):
         return 130
     finally:
         metrics = os.path.join(run_dir, "metrics.csv")
-        if os.path.exists(metrics):
+        if chief and os.path.exists(metrics):
             cb.plot_metrics(metrics, os.path.join(run_dir, "metrics.png"))
     if monitor.stopped_for_nan:
         return 1
     minutes = (time.time() - start) / 60
     if hasattr(model, "jax_state_sync"):
         model.jax_state_sync()
+    if not chief or (dist.backend == "jax" and dist.num_processes > 1):
+        if chief:
+            print(f"Trained in {minutes:.1f} min. The checkpoints in {run_dir} hold the run; "
+                  "export the teacher from them on one host.")
+        return 0
     preset = os.path.join(run_dir, "teacher_preset")
     model.teacher.save_to_preset(preset)
     print(f"Trained in {minutes:.1f} min. Teacher backbone saved to {preset} "

@@ -1,18 +1,67 @@
-"""TensorFlow train_step: gradients through a GradientTape."""
+"""TensorFlow train_step: gradients through a GradientTape; tf.distribute replicas via the replica context."""
 
 import tensorflow as tf
 
+from keras_dinov2 import distribute
+
+
+def _grads_already_reduced(grads_and_vars):
+    return list(grads_and_vars)
+
+
+def _optimizer_without_all_reduce(model):
+    # Keras' TF optimizer sums the gradients over replicas inside `apply`. The step has already
+    # averaged them (clipping needs the global gradients), so a second all-reduce would double
+    # the communication and multiply the update by the replica count.
+    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if inner.__dict__.get("_all_reduce_sum_gradients") is not _grads_already_reduced:
+        inner._all_reduce_sum_gradients = _grads_already_reduced
+
+
+def _check_no_accumulation(model):
+    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if (inner.gradient_accumulation_steps or 1) > 1 and tf.distribute.has_strategy():
+        # Keras' optimizer accumulates inside a cond, where tf.distribute cannot synchronize.
+        raise ValueError(
+            "gradient_accumulation_steps="
+            f"{inner.gradient_accumulation_steps} is not supported under a tf.distribute "
+            "strategy on the TensorFlow backend; raise the per-replica batch size instead, or "
+            "use the jax or torch backend."
+        )
+
 
 def train_step(model, data):
-    """One DINOv2 step on TensorFlow."""
+    """One DINOv2 step on TensorFlow (one replica's share under a tf.distribute strategy)."""
+    _check_no_accumulation(model)
+    reduction = distribute.replica_reduction()
     with tf.GradientTape() as tape:
-        loss, logs = model.compute_dinov2_loss(data, training=True)
+        loss, logs = model.compute_dinov2_loss(data, training=True, reduction=reduction)
         loss = model.scale_loss(loss)
     grads = tape.gradient(loss, model.trainable_variables)
+    if reduction is not None:
+        grads = distribute.all_reduce_gradients(grads)
+        _optimizer_without_all_reduce(model)
     return model.apply_dinov2_update(grads, logs)
+
+
+def maybe_symbolic_build(model, keras_build, iterator=None, data_batch=None):
+    """Keras' TensorFlow hook before fit / evaluate, made safe under a tf.distribute strategy.
+
+    With a strategy, Keras averages one batch over the replicas to build the model symbolically,
+    which fails on the boolean masks. The pretrainer creates its variables at construction, so
+    only the optimizer may still need building, in the strategy's scope.
+    """
+    if getattr(model, "_distribute_strategy", None) is None:
+        return keras_build(iterator=iterator, data_batch=data_batch)
+    if model.optimizer is not None and not model.optimizer.built:
+        with distribute._tf_scope(model.distribute_strategy):
+            model.optimizer.build(model.trainable_variables)
+    return None
 
 
 def test_step(model, data):
     """The loss on a validation batch, without any update."""
-    _, logs = model.compute_dinov2_loss(data, training=False, update_centers=False)
+    reduction = distribute.replica_reduction()
+    _, logs = model.compute_dinov2_loss(data, training=False, update_centers=False,
+                                        reduction=reduction)
     return logs
