@@ -11,11 +11,7 @@ The Keras backend comes from KERAS_BACKEND (jax, tensorflow or torch), else from
 configuration (~/.keras/keras.json, TensorFlow by default). The README's quick start sets jax.
 """
 
-NOT_YET = {
-    "evaluate": "k-NN and linear-probe evaluation (issue: evaluation, pictures and examples)",
-    "export": "preset, keras-hub and transformers export (issue: export and publish)",
-    "visualize": "PCA and attention pictures (issue: evaluation, pictures and examples)",
-}
+NOT_YET = {}
 
 
 def _parser():
@@ -49,7 +45,7 @@ def _parser():
     pretrain.add_argument("--steps-per-epoch", type=int, default=None,
                           help="optimizer steps per epoch (default: one pass over the data)")
     pretrain.add_argument("--batch-size", type=int, default=None,
-                          help="source images per step (recipe default)")
+                          help="source images per step and replica (recipe default)")
     pretrain.add_argument("--accumulation", type=int, default=None,
                           help="micro-batches per optimizer update (gradient accumulation)")
     pretrain.add_argument("--lr", type=float, default=None, help="base learning rate")
@@ -60,19 +56,82 @@ def _parser():
     pretrain.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
     pretrain.add_argument("--resume", action="store_true",
                           help="continue the run in --out from its last checkpoint")
+    pretrain.add_argument("--distribution", default="auto",
+                          choices=["auto", "none", "data", "model"],
+                          help="several devices: data parallel over all of them (jax, tensorflow; "
+                               "torch under torchrun), or 'model' (jax) to also shard the large "
+                               "kernels over a model axis; auto: data when several devices or "
+                               "torchrun processes are visible (default auto)")
+    pretrain.add_argument("--model-axis-size", type=int, default=None,
+                          help="devices per model-axis group for --distribution model "
+                               "(default: the devices of one host)")
+    pretrain.add_argument("--multi-host", action="store_true",
+                          help="jax: join the other hosts first (keras.distribution.initialize; "
+                               "TPU pods, or KERAS_DISTRIBUTION_* variables)")
     pretrain.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
                           help="Keras fit verbosity (default 1: progress bar)")
 
-    evaluate = commands.add_parser("evaluate", help="k-NN and linear probe of a backbone")
-    evaluate.add_argument("--preset", required=True, help="preset folder or hf:// URI")
-    evaluate.add_argument("--data", default="digits", help="labelled data (default: digits)")
+    evaluate = commands.add_parser(
+        "evaluate", help="k-NN and linear probe of a backbone's frozen features",
+        description="Evaluate a backbone's frozen features with the reference protocol: k-NN "
+                    "(L2-normalized CLS tokens, cosine similarity, 200 neighbours weighted by "
+                    "exp(sim / 0.07), top-1 for k = 10, 20, 100, 200) and optionally a linear probe "
+                    "with a small learning-rate sweep, next to a randomly initialized backbone of "
+                    "the same architecture.",
+    )
+    evaluate.add_argument("--preset", required=True,
+                          help="a run directory (its teacher_preset/), a preset folder, an hf:// "
+                               "URI or a built-in preset name")
+    evaluate.add_argument("--data", default="digits",
+                          help="labelled data: digits (bundled), tfds:NAME, or a folder of class "
+                               "subfolders (train/ and val/ or test/ inside, else a stratified "
+                               "25%% hold-out); default digits")
+    evaluate.add_argument("--train-split", default=None, help="reference split (TFDS split or subfolder)")
+    evaluate.add_argument("--test-split", default=None, help="query split (TFDS split or subfolder)")
+    evaluate.add_argument("--image-size", type=int, default=None,
+                          help="evaluation crop side (default: the backbone's image_size)")
+    evaluate.add_argument("--features", choices=["cls", "patch_mean"], default="cls",
+                          help="k-NN features (default cls, the reference's)")
+    evaluate.add_argument("--n-last-blocks", type=int, default=1,
+                          help="concatenate the features of the last N blocks (default 1)")
+    evaluate.add_argument("--avgpool", action="store_true",
+                          help="append the mean patch token to the k-NN features")
+    evaluate.add_argument("--linear", action="store_true", help="also train a linear probe")
+    evaluate.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs (default 100)")
+    evaluate.add_argument("--no-random-init", action="store_true",
+                          help="skip the randomly initialized comparison backbone")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    evaluate.add_argument("--output", default=None, help="also write the results as JSON to this file")
 
-    export = commands.add_parser("export", help="export a run's teacher backbone")
-    export.add_argument("--run", required=True, help="run directory")
+    export = commands.add_parser(
+        "export", help="export a run's teacher backbone and publish it",
+        description="Export the EMA teacher of a run's newest checkpoint (the network the "
+                    "reference releases), or a preset, as our preset (DINOv2Backbone.from_preset), "
+                    "a stock keras-hub DINOV2Backbone preset, or a transformers folder "
+                    "(AutoModel.from_pretrained). The export is loaded back and compared with "
+                    "the source at the stored and an interpolated size (max differences "
+                    "printed; it fails above --tolerance), gets a model card (README.md), and "
+                    "is uploaded with --push. The Hugging Face token comes from HF_TOKEN or "
+                    "`hf auth login`.",
+    )
+    export_source = export.add_mutually_exclusive_group(required=True)
+    export_source.add_argument("--run", help="run directory (its newest checkpoint's teacher)")
+    export_source.add_argument("--preset", help="preset folder, hf:// URI or architecture name")
     export.add_argument("--format", choices=["keras_dinov2", "keras_hub", "transformers"],
-                        default="keras_dinov2")
+                        default="keras_dinov2", help="output format (default keras_dinov2)")
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--heads", action="store_true",
+                        help="keras_dinov2 format from a run: also save the teacher's DINO / "
+                             "iBOT heads and centers, to continue pretraining")
     export.add_argument("--push", default=None, help="hf://user/repo to upload to")
+    export.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    export.add_argument("--revision", default=None, help="branch to push to (default main)")
+    export.add_argument("--commit-message", default=None, help="commit message of the upload")
+    export.add_argument("--license", default="apache-2.0",
+                        help="license in the model card metadata (default apache-2.0)")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest allowed feature difference (default 1e-4)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 
     convert = commands.add_parser(
         "convert", help="convert official weights to a keras-dinov2 preset folder",
@@ -86,10 +145,40 @@ def _parser():
                          help="torch-hub FILE.pth, or transformers FOLDER")
     convert.add_argument("--out", required=True, help="preset folder to write")
 
-    visualize = commands.add_parser("visualize", help="PCA and attention maps as PNG")
-    visualize.add_argument("--preset", required=True)
-    visualize.add_argument("--image", required=True)
-    visualize.add_argument("--out", required=True)
+    visualize = commands.add_parser(
+        "visualize", help="PCA of patch features and CLS attention maps as a PNG",
+        description="Draw what a backbone sees into one PNG, one row per image: the input, the "
+                    "first three PCA components of its final-norm patch tokens as RGB (one PCA "
+                    "shared by all images, so colours correspond), and the CLS token's "
+                    "last-block attention over the patches for every head and their mean. "
+                    "Images are resized to --size (any multiple of the patch size; the position "
+                    "embeddings are interpolated). With a run directory (--run, or --preset "
+                    "RUN_DIR) it also redraws the run's training plot, metrics.csv -> "
+                    "metrics.png. Example: keras-dinov2 visualize --preset runs/latest "
+                    "--image skimage:chelsea --image photo.jpg --size 64 --out pictures.png",
+    )
+    visualize.add_argument("--preset", default=None,
+                           help="a run directory (its teacher_preset/), a preset folder, an hf:// "
+                                "URI or a built-in preset name (default: the --run directory)")
+    visualize.add_argument("--image", action="append", required=True, metavar="IMAGE",
+                           help="an image file (PNG, JPEG...) or skimage:NAME for a picture "
+                                "bundled with scikit-image (astronaut, coffee, chelsea, rocket, "
+                                "coins...); repeat for several images")
+    visualize.add_argument("--out", required=True, help="PNG file to write")
+    visualize.add_argument("--size", default=None,
+                           help="input size N or HxW in pixels, multiples of the patch size "
+                                "(default: the backbone's image_size)")
+    visualize.add_argument("--run", default=None,
+                           help="run directory whose metrics.csv is redrawn into metrics.png")
+    visualize.add_argument("--background-threshold", type=float, default=None,
+                           help="separate the background on the first PCA component first (the "
+                                "DINOv2 paper's procedure; about 0.5 for trained backbones) and "
+                                "draw it black")
+    visualize.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest",
+                           help="how PCA colours fill each patch (default nearest)")
+    visualize.add_argument("--random-weights", action="store_true",
+                           help="with a built-in preset name: random weights instead of the "
+                                "official download (to try the command offline)")
     return parser
 
 
@@ -116,6 +205,132 @@ def _convert(args):
     return 0
 
 
+def load_backbone(spec):
+    """A backbone from a run directory (its teacher_preset/), a preset folder, an hf:// URI or a preset name."""
+    from keras_dinov2.backbone import DINOv2Backbone
+
+    if os.path.isdir(os.path.join(spec, "teacher_preset")):
+        spec = os.path.join(spec, "teacher_preset")
+    elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+        raise SystemExit(
+            f"error: {spec!r} is neither a preset folder (no config.json) nor a finished run directory "
+            "(no teacher_preset/)."
+        )
+    return DINOv2Backbone.from_preset(spec)
+
+
+def _evaluate(args):
+    import json
+
+    from keras_dinov2.evaluation import evaluate_backbone
+
+    backbone = load_backbone(args.preset)
+    try:
+        result = evaluate_backbone(
+            backbone, data=args.data, image_size=args.image_size, features=args.features,
+            n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, linear=args.linear,
+            linear_epochs=args.linear_epochs, compare_random_init=not args.no_random_init,
+            batch_size=args.batch_size, train_split=args.train_split, test_split=args.test_split,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    random_init = result.get("random_init", {})
+    print(f"{args.preset} on {result['data']} ({result['num_train']} references, {result['num_test']} "
+          f"queries, {result['image_size']} px):")
+    for k, accuracy in sorted(result["knn"].items()):
+        extra = f"   random init {random_init['knn'][k]:5.1f}%" if random_init else ""
+        print(f"  k-NN k={k:<4d} {accuracy:5.1f}%{extra}")
+    if "linear" in result:
+        extra = f"   random init {random_init['linear']['accuracy']:5.1f}%" if random_init else ""
+        print(f"  linear     {result['linear']['accuracy']:5.1f}% (lr {result['linear']['learning_rate']:g}){extra}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"Wrote {args.output}.")
+    return 0
+
+
+def _export(args):
+    import warnings
+
+    from keras_dinov2.export import (
+        ExportVerificationError,
+        ExportWarning,
+        UploadError,
+        export,
+        load_run,
+    )
+
+    try:
+        source = load_run(args.run) if args.run else args.preset
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExportWarning)  # export prints them itself
+            export(source, args.out, format=args.format, heads=args.heads,
+                   tolerance=args.tolerance, license=args.license, push=args.push,
+                   private=args.private, revision=args.revision,
+                   commit_message=args.commit_message, overwrite=args.overwrite)
+    except UploadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except (ValueError, ExportVerificationError) as error:
+        raise SystemExit(f"error: {error}") from None
+    return 0
+
+
+def _parse_size(text):
+    if text is None:
+        return None
+    try:
+        sides = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise SystemExit(f"error: --size must be N or HxW in pixels, received {text!r}.")
+    return sides[0] if len(sides) == 1 else tuple(sides)
+
+
+def _visualize(args):
+    from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
+    from keras_dinov2.visualize import save_figure
+
+    spec = args.preset or args.run
+    if spec is None:
+        raise SystemExit("error: visualize needs --preset (or --run RUN_DIR).")
+    run = args.run
+    if run is None and os.path.isdir(os.path.join(spec, "teacher_preset")):
+        run = spec
+    if run is not None and not os.path.isfile(os.path.join(run, "metrics.csv")):
+        if args.run is not None:
+            raise SystemExit(f"error: --run {run!r} has no metrics.csv to plot.")
+        run = None
+    size = _parse_size(args.size)
+    try:
+        if spec in ARCHITECTURES and args.random_weights:
+            backbone = DINOv2Backbone.from_preset(spec, load_weights=False)
+        else:
+            backbone = load_backbone(spec)
+    except ValueError as error:
+        hint = " Pass --random-weights for random weights." if spec in ARCHITECTURES else ""
+        raise SystemExit(f"error: {error}{hint}") from None
+    try:
+        picture = save_figure(backbone, args.image, args.out, size=size,
+                              background_threshold=args.background_threshold,
+                              upsample=args.upsample)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    side = size or backbone.image_size
+    side = f"{side[0]} x {side[1]}" if isinstance(side, tuple) else side
+    print(f"Wrote {args.out} ({picture.shape[1]} x {picture.shape[0]} px): {len(args.image)} "
+          f"image(s) at {side} px, PCA and {backbone.num_heads} attention heads + their mean.")
+    if run is not None:
+        from keras_dinov2.callbacks import plot_metrics
+
+        png = os.path.join(run, "metrics.png")
+        plot_metrics(os.path.join(run, "metrics.csv"), png)
+        print(f"Wrote {png} (training curves of {run}).")
+    return 0
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
@@ -130,6 +345,12 @@ def main(argv=None):
             file=sys.stderr,
         )
         return 2
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "visualize":
+        return _visualize(args)
     if args.command == "pretrain":
         from keras_dinov2.run import pretrain
 

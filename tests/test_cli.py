@@ -22,9 +22,9 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-def test_commands_that_have_not_landed_say_so(capsys):
-    assert main(["evaluate", "--preset", "x"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_evaluate_rejects_a_folder_that_is_no_preset(tmp_path):
+    with pytest.raises(SystemExit, match="neither a preset folder"):
+        main(["evaluate", "--preset", str(tmp_path)])
 
 
 def _rows(path):
@@ -58,6 +58,20 @@ def test_pretrain_writes_a_run_directory_and_resumes_exactly(tmp_path, capsys):
         np.testing.assert_allclose(float(again["loss"]), float(first["loss"]), rtol=1e-4)
     assert main(["pretrain", "--out", run, "--resume", "--verbose", "0"]) == 0
     assert "already finished" in capsys.readouterr().out
+
+    # The run directory evaluates directly (its teacher_preset/), with the random-init comparison.
+    report = str(tmp_path / "eval.json")
+    assert main(["evaluate", "--preset", run, "--linear", "--linear-epochs", "2",
+                 "--output", report]) == 0
+    out = capsys.readouterr().out
+    assert "k-NN k=20" in out and "random init" in out and "linear" in out
+    import json
+
+    with open(report) as f:
+        result = json.load(f)
+    assert set(result["knn"]) == {"10", "20", "100", "200"}
+    assert result["num_train"] == 1347 and result["num_test"] == 450
+    assert 0.0 <= result["linear"]["accuracy"] <= 100.0 and "knn" in result["random_init"]
 
 
 def test_convert_transformers_folder_to_preset(tmp_path, capsys):
