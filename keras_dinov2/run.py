@@ -54,6 +54,10 @@ def _build_backbone(model_name, config):
         overrides["layer_scale_init"] = config.optim.layer_scale_init
         # Store the position table for the global crop size: no resampling at 224 / 32.
         overrides["image_size"] = config.data.crops.global_crops_size
+        # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any
+        # backend) and transformers all resample its position table alike, so every export matches
+        # at every input size. The released weights keep the rule they were trained with.
+        overrides["interpolation"] = "registers"
         if config.data.masking.patch_size != patch:
             raise SystemExit(
                 f"error: the recipe's patch size {config.data.masking.patch_size} does not "
