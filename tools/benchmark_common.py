@@ -133,3 +133,19 @@ def run_in_subprocess(script, spec, workdir, name, env, timeout, verbose):
         return result, None
     tail = (process.stdout or "").strip().splitlines()[-15:]
     return None, f"subprocess exited with {process.returncode}:\n    " + "\n    ".join(tail)
+
+
+def worker_body(spec_path, measure):
+    """A worker subprocess's body: read the JSON spec, run `measure(spec)`, write its result JSON.
+
+    A `Skip` raised by `measure` is written as {"skip": reason}; the parent reports it.
+    """
+    with open(spec_path) as f:
+        spec = json.load(f)
+    try:
+        result = measure(spec)
+    except Skip as skip:
+        result = {"skip": str(skip)}
+    with open(spec["result"], "w") as f:
+        json.dump(result, f)
+    return 0

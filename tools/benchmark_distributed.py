@@ -48,7 +48,7 @@ import tempfile
 import time
 
 import numpy as np
-from benchmark_common import Skip, fmt, load_average, machine_info, run_in_subprocess
+from benchmark_common import Skip, fmt, load_average, machine_info, run_in_subprocess, worker_body
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -279,18 +279,8 @@ def _report(args, info, results, skipped):
 
 
 def worker(spec_path):
-    with open(spec_path) as f:
-        spec = json.load(f)
-    try:
-        if spec["backend"] == "torch":
-            result = _torch_launch(spec)
-        else:
-            result = _measure(spec)
-    except Skip as skip:
-        result = {"skip": str(skip)}
-    with open(spec["result"], "w") as f:
-        json.dump(result, f)
-    return 0
+    return worker_body(spec_path, lambda spec: _torch_launch(spec) if spec["backend"] == "torch"
+                      else _measure(spec))
 
 
 def _defaults(spec, accelerated):

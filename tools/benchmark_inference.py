@@ -41,6 +41,7 @@ from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
     machine_info,
     peak_rss_mb,
     run_in_subprocess,
+    worker_body,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -582,15 +583,7 @@ def main(argv=None):
 
 def worker(spec_path):
     """Loads, compiles, warms up and times one model; writes the result JSON."""
-    with open(spec_path) as f:
-        spec = json.load(f)
-    try:
-        result = _measure(spec)
-    except Skip as skip:
-        result = {"skip": str(skip)}
-    with open(spec["result"], "w") as f:
-        json.dump(result, f)
-    return 0
+    return worker_body(spec_path, _measure)
 
 
 def _time_calls(call, sync, warmup, repeats):

@@ -41,6 +41,7 @@ from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
     machine_info,
     peak_rss_mb,
     run_in_subprocess,
+    worker_body,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -593,22 +594,17 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- worker side
 
 
+def _run_spec(spec):
+    if spec["kind"] == "batch":
+        return _make_batch(spec)
+    if spec["kind"] == "reference":
+        return _measure_reference(spec)
+    return _measure_keras(spec)
+
+
 def worker(spec_path):
     """Runs one spec (the batch, or one implementation at one rate); writes the result JSON."""
-    with open(spec_path) as f:
-        spec = json.load(f)
-    try:
-        if spec["kind"] == "batch":
-            result = _make_batch(spec)
-        elif spec["kind"] == "reference":
-            result = _measure_reference(spec)
-        else:
-            result = _measure_keras(spec)
-    except Skip as skip:
-        result = {"skip": str(skip)}
-    with open(spec["result"], "w") as f:
-        json.dump(result, f)
-    return 0
+    return worker_body(spec_path, _run_spec)
 
 
 def _data_config(spec):
