@@ -429,6 +429,55 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert train.num_examples + test.num_examples == 7 and test.num_classes == 3
 
 
+def _folder_with_bad_files(root):
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        write_image(root / "ok" / f"rgb{i}.png", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    write_image(root / "ok" / "gray.png", rng.integers(0, 255, (20, 20, 1), dtype=np.uint8))
+    rgba = rng.integers(0, 255, (20, 20, 4), dtype=np.uint8)
+    write_image(root / "ok" / "rgba.png", rgba)
+    jpeg = tf.io.encode_jpeg(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).numpy()
+    bad = {
+        "bad/garbage.jpg": b"this is not an image",
+        "bad/truncated.jpg": jpeg[: len(jpeg) // 2],
+        "bad/empty.png": b"",
+    }
+    for name, data in bad.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return [str(root / name) for name in bad]
+
+
+def test_undecodable_files_are_skipped_counted_and_named(tmp_path, capfd):
+    bad = _folder_with_bad_files(tmp_path)
+    source = get_source(tmp_path)
+    assert source.num_examples == 9 and source.can_fail
+    ds = multicrop_dataset(source, 3, TINY, seed=0)
+    for epoch in range(2):
+        batches = list(ds)
+        # The pass keeps its length: undecodable files are replaced by other images, not dropped.
+        assert len(batches) == 3, epoch
+        for batch in batches:
+            assert np.isfinite(batch["global_crops"].numpy()).all()
+        err = capfd.readouterr().err
+        if epoch == 0:
+            assert "skipped 3 image(s)" in err
+            assert all(err.count(path) == 1 for path in bad), err
+        else:  # named once, then only counted
+            assert "skipped the same 3 image(s)" in err and bad[0] not in err
+
+    # Deterministic with the skipping in place.
+    a = next(iter(multicrop_dataset(source, 3, TINY, seed=5, repeat=True, start_epoch=2)))
+    b = next(iter(multicrop_dataset(source, 3, TINY, seed=5, repeat=True, start_epoch=2)))
+    np.testing.assert_array_equal(a["local_crops"], b["local_crops"])
+
+    # Evaluation leaves them out and keeps the rest in order.
+    images, labels = next(iter(eval_dataset(source, 16, 16)))
+    assert images.shape[0] == 6 and set(labels.numpy()) == {1}
+    err = capfd.readouterr().err
+    assert "left out" in err and all(path in err for path in bad)
+
+
 def test_image_folder_without_classes(tmp_path):
     image = np.zeros((12, 12, 3), np.uint8)
     write_image(tmp_path / "top.png", image)

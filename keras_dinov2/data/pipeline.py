@@ -9,6 +9,7 @@ the same batches whatever the parallelism, and an epoch can be regenerated on it
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -32,6 +33,7 @@ BATCH_KEYS = (
 
 _PERMUTATION_STREAM = 11
 _MASK_STREAM = 13
+_REFILL_STREAM = 17
 
 
 # Our map functions have no Python control flow on tensors: skipping AutoGraph saves tracing time.
@@ -52,6 +54,113 @@ def _augmentation(config, jit_compile):
 
 def _fold(seed, value):
     return tf.random.experimental.stateless_fold_in(seed, tf.cast(value, tf.int32))
+
+
+class _SkipLog:
+    """Names of the images a pipeline skipped because they could not be decoded, reported once per pass.
+
+    tf.data cannot catch a decoding error inside a map function; `_decode_skipping` decodes each record in a
+    one-element dataset with `ignore_errors`, so a failure becomes a missing element, and calls back into Python
+    only for those failures. At the end of each pass the pipeline prints one message with the count and the
+    names (paths); files already named in an earlier pass are only counted.
+    """
+
+    max_listed = 20
+
+    def __init__(self, source_name, refilled):
+        self.source_name = source_name
+        self.refilled = refilled
+        self.skipped = {}  # pass id -> {name: None}, in order of appearance
+        self.reported = set()
+
+    def record(self, pass_id, name):
+        self.skipped.setdefault(int(pass_id), {})[name.numpy().decode("utf-8", "replace")] = None
+        return False
+
+    def report(self, pass_id):
+        names = list(self.skipped.pop(int(pass_id), {}))
+        if not names:
+            return 0
+        what = f"{len(names)} image(s) of {self.source_name} that could not be decoded"
+        after = (
+            "Other images took their places, so the pass kept its length."
+            if self.refilled
+            else "They were left out."
+        )
+        new = [name for name in names if name not in self.reported]
+        if new:
+            listed = "\n  ".join(new[: self.max_listed])
+            more = len(new) - self.max_listed
+            tail = f"\n  ... and {more} more" if more > 0 else ""
+            message = (
+                f"skipped {what} (corrupt, truncated or not an image) in this pass over the data:\n  {listed}"
+                f"{tail}\n{after} Remove or repair these files."
+            )
+        else:
+            message = f"skipped the same {what} again in this pass."
+        self.reported.update(names)
+        print("\nWARNING: " + message, file=sys.stderr, flush=True)
+        return 0
+
+
+def _decode_skipping(src, records, log, pass_id, num_parallel_calls, deterministic):
+    """(record, extra) -> (image, label, extra), dropping records whose image cannot be decoded (named in `log`).
+
+    Each record is decoded inside its own one-element dataset with `ignore_errors`, followed by a placeholder
+    flagged as failed; `take(1)` keeps the image when decoding worked and the placeholder when it raised. The
+    placeholders are dropped, and logged, by the filter. Everything stays in the graph except the logging of
+    failures.
+    """
+
+    def one(record, extra):
+        def decoded(record, extra):
+            image, label = src.decode(record)
+            return image, label, extra, tf.constant(True), tf.constant("")
+
+        attempt = tf.data.Dataset.from_tensors((record, extra)).map(_plain(decoded)).ignore_errors()
+        failed = tf.data.Dataset.from_tensors(
+            (tf.zeros([1, 1, 3], tf.float32), tf.constant(-1, tf.int32), extra, tf.constant(False),
+             src.describe(record))
+        )
+        return attempt.concatenate(failed).take(1)
+
+    def keep(image, label, extra, ok, name):
+        def log_failure():
+            flag = tf.py_function(lambda p, n: log.record(p, n), [pass_id, name], tf.bool)
+            flag.set_shape([])
+            return flag
+
+        return tf.cond(ok, lambda: tf.constant(True), log_failure)
+
+    ds = records.interleave(
+        _plain(one),
+        cycle_length=8,
+        block_length=1,
+        num_parallel_calls=num_parallel_calls,
+        deterministic=deterministic,
+    )
+    ds = ds.filter(_plain(keep))
+    return ds.map(_plain(lambda image, label, extra, ok, name: (image, label, extra)))
+
+
+def _report_at_end(ds, log, pass_id):
+    """`ds`, then a call to `log.report(pass_id)` once `ds` is exhausted (it adds no element)."""
+
+    def blank(spec):
+        shape = [1 if d is None else d for d in spec.shape]
+        return tf.fill(shape, "") if spec.dtype == tf.string else tf.zeros(shape, spec.dtype)
+
+    def report(_):
+        done = tf.py_function(lambda p: log.report(p) != 0, [pass_id], tf.bool)
+        done.set_shape([])
+        return tf.nest.map_structure(blank, ds.element_spec), done
+
+    # One extra element that runs the report; its flag is False, so the filter drops it.
+    tail = tf.data.Dataset.range(1).map(_plain(report))
+    flagged = ds.map(_plain(lambda *element: (element if len(element) > 1 else element[0], tf.constant(True))))
+    return flagged.concatenate(tail).filter(_plain(lambda element, ok: ok)).map(
+        _plain(lambda element, ok: element)
+    )
 
 
 def _check_positive_int(name, value):
@@ -113,6 +222,9 @@ def multicrop_dataset(
     With `repeat=True` the dataset is infinite and epoch e uses key (seed, e) only: use `fit(...,
     steps_per_epoch=...)`, and `start_epoch` to resume an exact epoch. Batches then run across epoch boundaries
     (like the reference's infinite sampler).
+
+    Undecodable files (corrupt, truncated, empty, not an image) are skipped: another image of the shard takes
+    the place of each, so a pass keeps its length, and one warning at the end of the pass names them.
 
     Sharding: every shard sees the same permutation and takes every num_shards-th image (the reference's sharded
     sampler); all shards get the same number of batches. `batch_size` is per shard (per replica), like the
@@ -176,6 +288,18 @@ def multicrop_dataset(
         )
 
     augmentation = _augmentation(config, jit_compile)
+    log = _SkipLog(src.name, refilled=per_shard is not None)
+
+    def read_and_decode(records, key):
+        """(record, seed) -> (image, seed) for one pass; a pass never ends early on an undecodable file."""
+        if not src.can_fail:
+            return records.map(_plain(lambda record, seed: (src.decode(record)[0], seed)))
+        ds = _decode_skipping(src, records, log, key[1], num_parallel_calls, deterministic)
+        ds = ds.map(_plain(lambda image, label, seed: (image, seed)))
+        if per_shard is not None:
+            ds = ds.take(per_shard)
+        return _report_at_end(ds, log, key[1])
+
     if repeat:
         epochs = tf.data.Dataset.range(int(start_epoch), 2**62)
     else:
@@ -201,8 +325,20 @@ def multicrop_dataset(
             else:
                 indices = positions
             ds = tf.data.Dataset.from_tensor_slices((indices, positions))
-            return ds.map(
-                _plain(lambda index, p: (src.read(tf.cast(index, tf.int64)), _fold(key, p)))
+            if src.can_fail:
+                # Stand-ins for images that fail to decode: the same shard's images in another order, with
+                # their own seeds; `take` stops reading them once the pass is full.
+                refill = tf.random.experimental.stateless_shuffle(
+                    tf.range(n, dtype=tf.int32), _fold(key, _REFILL_STREAM)
+                )
+                ds = ds.concatenate(
+                    tf.data.Dataset.from_tensor_slices(
+                        (tf.gather(refill, positions), positions + per_shard * num_shards)
+                    )
+                )
+            return read_and_decode(
+                ds.map(_plain(lambda index, p: (src.read(tf.cast(index, tf.int64)), _fold(key, p)))),
+                key,
             )
 
         records = keys.flat_map(_plain(epoch_records))
@@ -222,15 +358,17 @@ def multicrop_dataset(
             )
 
         def epoch_records(key):
-            ds = stream.enumerate()
-            return ds.map(
+            # Stand-ins for images that fail to decode come from a second (reshuffled) pass.
+            refill = src.can_fail and per_shard is not None
+            ds = (stream.repeat(2) if refill else stream).enumerate()
+            ds = ds.map(
                 _plain(lambda i, record: (record, _fold(key, i * num_shards + shard_index)))
             )
+            return read_and_decode(ds, key)
 
         records = keys.flat_map(_plain(epoch_records))
 
-    def augment(record, element_seed):
-        image, _ = src.decode(record)
+    def augment(image, element_seed):
         crops = augmentation(image, element_seed)
         crops["seed"] = element_seed
         return crops
@@ -350,11 +488,19 @@ def eval_dataset(
         )
     _check_shards(num_shards, shard_index)
 
-    def prepare(record):
-        image, label = src.decode(record)
+    def prepare(image, label):
         image = _resize_center_crop(image, resize_size, image_size, interpolation)
         return normalize(image, mean, std), label
 
     ds = src.stream(num_shards, shard_index)
+    if src.can_fail:
+        # Undecodable files are left out (and named at the end of each pass); the rest keep their order.
+        log = _SkipLog(src.name, refilled=False)
+        pass_id = tf.constant(0, tf.int64)
+        ds = ds.map(_plain(lambda record: (record, tf.constant(0, tf.int32))))
+        ds = _decode_skipping(src, ds, log, pass_id, num_parallel_calls, True)
+        ds = _report_at_end(ds.map(_plain(lambda image, label, _: (image, label))), log, pass_id)
+    else:
+        ds = ds.map(_plain(src.decode))
     ds = ds.map(_plain(prepare), num_parallel_calls=num_parallel_calls, deterministic=True)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

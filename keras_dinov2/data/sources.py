@@ -68,6 +68,9 @@ class ImageSource:
         decode: callable. record -> (float32 image (H, W, 3) in [0, 1], int32 label, -1 when unlabelled).
         labels: int NumPy array or None, default None. Labels of a random-access source, by index.
         class_names: tuple of str or None, default None.
+        describe: callable or None, default None. record -> string tensor naming the record in messages (its
+            path). Set it when decoding can fail on bad data (files, encoded bytes): the pipelines then skip a
+            record whose image cannot be decoded, and report it by this name. None: decoding cannot fail.
 
     Example:
         >>> src = array_source(np.zeros([4, 8, 8], np.uint8))
@@ -76,7 +79,16 @@ class ImageSource:
     """
 
     def __init__(
-        self, name, num_examples, *, decode, read=None, stream=None, labels=None, class_names=None
+        self,
+        name,
+        num_examples,
+        *,
+        decode,
+        read=None,
+        stream=None,
+        labels=None,
+        class_names=None,
+        describe=None,
     ):
         if (read is None) == (stream is None):
             raise ValueError("ImageSource needs exactly one of `read` (random access) or `stream`.")
@@ -87,6 +99,7 @@ class ImageSource:
         self._decode = decode
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.class_names = None if class_names is None else tuple(class_names)
+        self._describe = describe
 
     def __repr__(self):
         return f"ImageSource({self.name!r}, num_examples={self.num_examples}, num_classes={self.num_classes})"
@@ -140,6 +153,17 @@ class ImageSource:
     def decode(self, record):
         """Return (float32 image (H, W, 3) in [0, 1], int32 label or -1) for a record."""
         return self._decode(record)
+
+    @property
+    def can_fail(self) -> bool:
+        """Whether decoding can fail on bad data (a corrupt file), so the pipelines must guard it."""
+        return self._describe is not None
+
+    def describe(self, record):
+        """Return a string tensor naming `record` in messages (a file's path)."""
+        if self._describe is None:
+            return tf.constant(self.name)
+        return self._describe(record)
 
 
 def _check_shards(num_shards, shard_index):
@@ -247,6 +271,7 @@ def image_folder_source(path, split: str | None = None) -> ImageSource:
         decode=decode,
         labels=labels,
         class_names=class_names,
+        describe=lambda record: record["path"],
     )
 
 
@@ -399,6 +424,7 @@ def _subset(source, keep, tag):
         decode=source.decode,
         labels=source.labels[keep],
         class_names=source.class_names,
+        describe=source.describe if source.can_fail else None,
     )
 
 
@@ -513,8 +539,14 @@ def tfds_source(
     first = load(split)
     size = int(first.cardinality())
     num_examples = size if size >= 0 else None
+    tag = f"an image of tfds:{name}:{split}"
     return ImageSource(
-        f"tfds:{name}:{split}", num_examples, stream=stream, decode=decode, class_names=class_names
+        f"tfds:{name}:{split}",
+        num_examples,
+        stream=stream,
+        decode=decode,
+        class_names=class_names,
+        describe=(lambda record: tf.constant(tag)) if skip else None,
     )
 
 
