@@ -36,7 +36,10 @@ def _parser():
                                "tfds:NAME[:SPLIT] (default: digits)")
     pretrain.add_argument("--model", default=None,
                           help="architecture preset (e.g. dinov2_vit_small14) or preset folder; "
-                               "default dinov2_vit_tiny4 for digits, dinov2_vit_small14 otherwise")
+                               "a folder exported with `export --heads` also restores its heads "
+                               "and centers (their sizes replace the recipe's) to continue "
+                               "pretraining; default dinov2_vit_tiny4 for digits, "
+                               "dinov2_vit_small14 otherwise")
     pretrain.add_argument("--recipe", default=None,
                           choices=["digits", "reference_default", "vitl14", "vitg14"],
                           help="named SSLConfig recipe (default: digits for --data digits, "

@@ -99,9 +99,25 @@ def pretrain(args):
     optim = config.optim
     micro_steps = optim.steps_per_epoch * optim.gradient_accumulation_steps
 
+    # An export with heads (`keras-dinov2 export --heads`) continues with its heads and centers,
+    # so the teacher's targets carry on where they were instead of restarting from random heads.
+    heads_from = None
+    if not args.resume and os.path.isdir(str(model_name)):
+        from keras_dinov2.export.preset import exported_head_config
+
+        exported = exported_head_config(model_name)
+        if exported is not None:
+            heads_from = model_name
+            config = dataclasses.replace(
+                config, heads=dataclasses.replace(config.heads, **exported))
     with dist.scope():
         backbone = _build_backbone(model_name, config)
         model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
+        if heads_from is not None:
+            from keras_dinov2.export.preset import restore_heads
+
+            restore_heads(model, heads_from)
+            print(f"Continuing from the heads and centers exported in {heads_from}.")
         if dist.num_replicas > 1:
             # The learning rate scales with the global batch (all replicas).
             model.compile(global_batch_size=dist.global_batch_size(config.batch_size)

@@ -162,6 +162,26 @@ def test_run_exports_the_teacher_with_its_heads(run):
     assert "max |diff|" in run["log"] and "FAILED" not in run["log"]
 
 
+def test_pretrain_continues_from_an_export_with_heads(run, tmp_path, capsys):
+    # `keras-dinov2 pretrain --model EXPORT` takes the exported heads (sizes and weights), not the
+    # recipe's fresh ones. In the first step the last layer is frozen in the student, so the
+    # teacher's EMA leaves it where the export put it.
+    out = str(tmp_path / "continued")
+    assert main(["pretrain", "--model", run["ours"], "--out", out, "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "8", "--verbose", "0"]) == 0
+    assert "Continuing from the heads" in capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as f:
+        heads = json.load(f)["ssl"]["heads"]
+    assert (heads["num_prototypes"], heads["ibot_num_prototypes"]) == (32, 16)
+    exported = load_heads(run["ours"])
+    saved = np.load(os.path.join(out, "checkpoint-00001.npz"))
+    paths = list(saved["__paths__"])
+    for name in ("dino_head", "ibot_head"):
+        last = exported[name].last_layer.weight_v
+        index = paths.index(f"teacher_{name}/last_layer/weight_v")
+        np.testing.assert_allclose(saved[f"v{index:05d}"], to_numpy(last), atol=1e-6)
+
+
 def test_model_card_has_hub_metadata_and_the_run(run):
     card = open(os.path.join(run["ours"], "README.md")).read()
     meta = card.split("---")[1]

@@ -161,6 +161,40 @@ def save_heads(folder, dino_head, ibot_head=None, dino_center=None, ibot_center=
         np.savez(f, **arrays)
 
 
+def exported_head_config(folder):
+    """The `HeadConfig` fields of the heads exported in `folder`, or None when it has no heads.
+
+    A run that continues pretraining from such an export must build heads of these sizes
+    before `restore_heads` can copy them in.
+
+    Example:
+    >>> exported_head_config("export/keras_dinov2")["num_prototypes"]
+    65536
+    """
+    path = os.path.join(os.fspath(folder), HEADS_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    config = read_json(path)
+    dino = config["heads"]["dino_head"]["config"]
+    out = {
+        "num_prototypes": int(dino["num_prototypes"]),
+        "hidden_dim": int(dino["hidden_dim"]),
+        "bottleneck_dim": int(dino["bottleneck_dim"]),
+        "num_layers": int(dino["num_layers"]),
+        "ibot_separate_head": bool(config["ibot_separate_head"]),
+    }
+    if out["ibot_separate_head"]:
+        ibot = config["heads"]["ibot_head"]["config"]
+        if (ibot["hidden_dim"], ibot["num_layers"]) != (dino["hidden_dim"], dino["num_layers"]):
+            raise ValueError(
+                f"{path}: the iBOT head's MLP ({ibot['hidden_dim']} wide, {ibot['num_layers']} layers) "
+                f"differs from the DINO head's; HeadConfig gives both the same MLP."
+            )
+        out["ibot_num_prototypes"] = int(ibot["num_prototypes"])
+        out["ibot_bottleneck_dim"] = int(ibot["bottleneck_dim"])
+    return out
+
+
 def load_heads(folder):
     """Loads the heads written by `save_heads` (or `export(..., heads=True)`).
 
