@@ -308,11 +308,14 @@ class DINOv2Pretrainer(keras.Model):
     def _inner_optimizer(self):
         return getattr(self.optimizer, "inner_optimizer", self.optimizer)
 
-    def apply_dinov2_update(self, grads, logs):
+    def apply_dinov2_update(self, grads, logs, optimizer=None):
         """Clipping per part, the optimizer step, the teacher's EMA and the step counter.
 
         Written with stateful keras.ops; the JAX trainer runs it inside a StatelessScope.
+        `optimizer` replaces `self.optimizer` for the update (the JAX trainer passes the inner
+        optimizer of a LossScaleOptimizer with gradients it has already unscaled).
         """
+        optimizer = self.optimizer if optimizer is None else optimizer
         # Read every schedule before the optimizer advances its step counter (on torch the
         # counter's tensor is updated in place).
         step = self.step
@@ -324,7 +327,7 @@ class DINOv2Pretrainer(keras.Model):
         if clip:
             # Under loss scaling (mixed_float16) the gradients carry the scale: clip the
             # unscaled values and hand them back scaled to the LossScaleOptimizer.
-            scale = getattr(self.optimizer, "dynamic_scale", None)
+            scale = getattr(optimizer, "dynamic_scale", None)
             if scale is not None:
                 scale = ops.convert_to_tensor(scale)
                 grads = [None if g is None else g / ops.cast(scale, g.dtype) for g in grads]
@@ -333,7 +336,7 @@ class DINOv2Pretrainer(keras.Model):
                 grads = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
             for part, norm in norms.items():
                 logs[f"grad_norm_{part}"] = norm
-        self.optimizer.apply(grads, self.trainable_variables)
+        optimizer.apply(grads, self.trainable_variables)
         inner = self._inner_optimizer()
         accumulation = inner.gradient_accumulation_steps or 1
         if accumulation > 1:

@@ -1,6 +1,9 @@
 """JAX train_step: stateless, with teacher, centers and step counter in the returned state."""
 
+import warnings
+
 import jax
+import jax.numpy as jnp
 from keras import StatelessScope
 
 
@@ -13,15 +16,17 @@ def _values(scope, variables, fallback):
 
 
 def train_step(model, state, data):
-    """One DINOv2 step on JAX: `state` = (trainable, non_trainable, optimizer, metrics)."""
-    if hasattr(model.optimizer, "dynamic_scale"):
-        # Keras' LossScaleOptimizer updates its scale inside a cond, which cannot run in the
-        # StatelessScope this step uses for the shared update code.
-        raise ValueError(
-            "mixed_float16 (loss scaling) is not supported by DINOv2Pretrainer on the JAX "
-            "backend; use the mixed_bfloat16 policy, which needs no loss scaling."
-        )
+    """One DINOv2 step on JAX: `state` = (trainable, non_trainable, optimizer, metrics).
+
+    Under mixed_float16, Keras wraps the optimizer in a LossScaleOptimizer, whose `apply`
+    updates its scale inside a cond that cannot run in the StatelessScope of this step. The
+    step does the same dynamic loss scaling itself: gradients of the scaled loss are unscaled,
+    the update (optimizer, teacher EMA, centers) is kept only when every gradient is finite,
+    and the scale doubles after `dynamic_growth_steps` finite steps and halves on overflow.
+    """
     trainable, non_trainable, optimizer_values, metrics_values = state
+    scaler = model.optimizer if hasattr(model.optimizer, "dynamic_scale") else None
+    start = list(trainable) + list(non_trainable) + list(optimizer_values)
 
     def loss_fn(trainable_values, non_trainable_values):
         mapping = list(zip(model.trainable_variables, trainable_values))
@@ -37,6 +42,24 @@ def train_step(model, state, data):
     (_, (logs, non_trainable)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable, non_trainable
     )
+    optimizer = model.optimizer
+    if scaler is not None:
+        if jax.default_backend() == "cpu" and not getattr(model, "_warned_float16_cpu", False):
+            model._warned_float16_cpu = True
+            warnings.warn(
+                "mixed_float16 on JAX's CPU backend: XLA's CPU compiler cannot differentiate "
+                "float16 attention (it fails with \"precision 'F16_F16_F32' is not supported by "
+                "dot_general on CPU\"). mixed_float16 is meant for GPUs; on a CPU use float32 "
+                "or mixed_bfloat16.",
+                stacklevel=2,
+            )
+        optimizer_variables = list(model.optimizer.variables)
+        scale_index = _index(optimizer_variables, scaler.dynamic_scale)
+        counter_index = _index(optimizer_variables, scaler.step_counter)
+        scale = optimizer_values[scale_index]
+        grads = [g / scale.astype(g.dtype) for g in grads]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
+        optimizer = scaler.inner_optimizer
     variables = (
         model.trainable_variables
         + model.non_trainable_variables
@@ -45,11 +68,25 @@ def train_step(model, state, data):
     )
     values = trainable + non_trainable + optimizer_values + metrics_values
     with StatelessScope(state_mapping=list(zip(variables, values))) as scope:
-        logs = model.apply_dinov2_update(grads, logs)
+        logs = model.apply_dinov2_update(grads, logs, optimizer=optimizer)
     n_t, n_nt, n_o = (
         len(trainable), len(non_trainable), len(optimizer_values)
     )
     new_values = _values(scope, variables, values)
+    if scaler is not None:
+        # An overflow step changes nothing but the scale (Keras' LossScaleOptimizer skips it too).
+        n_state = n_t + n_nt + n_o
+        new_values[:n_state] = [
+            jnp.where(finite, new, old) for new, old in zip(new_values[:n_state], start)
+        ]
+        counter = optimizer_values[counter_index]
+        grow = jnp.logical_and(finite, counter == scaler.dynamic_growth_steps - 1)
+        new_values[n_t + n_nt + counter_index] = jnp.where(
+            finite, jnp.where(grow, jnp.zeros_like(counter), counter + 1), jnp.zeros_like(counter)
+        )
+        new_values[n_t + n_nt + scale_index] = jnp.where(
+            finite, jnp.where(grow, scale * 2.0, scale), scale * 0.5
+        )
     state = (
         new_values[:n_t],
         new_values[n_t : n_t + n_nt],
@@ -57,6 +94,13 @@ def train_step(model, state, data):
         new_values[n_t + n_nt + n_o :],
     )
     return logs, state
+
+
+def _index(variables, target):
+    for i, variable in enumerate(variables):
+        if variable is target:
+            return i
+    raise ValueError(f"{target.path} is not among the optimizer's variables.")
 
 
 def test_step(model, state, data):
