@@ -576,6 +576,8 @@ class OptimConfig(_ConfigMixin):
         adamw_beta2: float, default 0.999.
         drop_path_rate: float, default 0.3. Student stochastic depth.
         layer_scale_init: float, default 1e-5.
+        position_embedding_init_std: float, default 0.02. Std of the position table's init for a
+            new backbone (not in the reference's configs, which fix 0.02).
         gradient_accumulation_steps: int, default 1. Micro-batches per optimizer update.
     """
 
@@ -599,6 +601,7 @@ class OptimConfig(_ConfigMixin):
     adamw_beta2: float = 0.999
     drop_path_rate: float = 0.3
     layer_scale_init: float = 1e-5
+    position_embedding_init_std: float = 0.02
     gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
@@ -612,6 +615,11 @@ class OptimConfig(_ConfigMixin):
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(
                 f"{owner}.drop_path_rate must be in [0, 1); received {self.drop_path_rate!r}."
+            )
+        std = self.position_embedding_init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+            raise ValueError(
+                f"{owner}.position_embedding_init_std must be a number > 0; received {std!r}."
             )
 
 

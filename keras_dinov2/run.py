@@ -52,6 +52,7 @@ def _build_backbone(model_name, config):
     if model_name in ARCHITECTURES:
         patch = ARCHITECTURES[model_name]["config"]["patch_size"]
         overrides["layer_scale_init"] = config.optim.layer_scale_init
+        overrides["position_embedding_init_std"] = config.optim.position_embedding_init_std
         # Store the position table for the global crop size: no resampling at 224 / 32.
         overrides["image_size"] = config.data.crops.global_crops_size
         # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any

@@ -150,6 +150,21 @@ def test_intermediate_layers_end_with_the_model_output():
     assert (attention.sum(-1) <= 1 + 1e-5).all()
 
 
+def test_position_embedding_init_std():
+    # The reference's 0.02 by default; a larger std (the digits recipe) is kept in the config, so
+    # a random-init comparison built from the config starts from the same distribution.
+    table = lambda b: to_numpy(b.embeddings.position_embedding)  # noqa: E731
+    default = DINOv2Backbone(patch_size=4, hidden_dim=64, num_layers=1, num_heads=2, image_size=64)
+    assert 0.018 < table(default).std() < 0.022
+    wide = DINOv2Backbone(patch_size=4, hidden_dim=64, num_layers=1, num_heads=2, image_size=64,
+                          position_embedding_init_std=1.0)
+    assert 0.9 < table(wide).std() < 1.1
+    clone = DINOv2Backbone.from_config(wide.get_config())
+    assert 0.9 < table(clone).std() < 1.1
+    with pytest.raises(ValueError, match="position_embedding_init_std"):
+        DINOv2Backbone(position_embedding_init_std=0.0, **TINY)
+
+
 def test_config_round_trip_and_presets(tmp_path):
     backbone = DINOv2Backbone(num_register_tokens=2, ffn_type="swiglu", **TINY)
     x = _images(2, 12, 12)

@@ -79,6 +79,8 @@ class DINOv2Embeddings(keras.layers.Layer):
         num_register_tokens: int, default 0.
         interpolation: str, default "original". How the position table is resampled to other
             grids; see `keras_dinov2.layers.interpolation.resample_grid`.
+        position_embedding_init_std: float, default 0.02. Std of the position table's normal
+            init (the reference's 0.02).
 
     Example:
     >>> emb = DINOv2Embeddings(384, 14, 224, num_register_tokens=4)
@@ -92,6 +94,7 @@ class DINOv2Embeddings(keras.layers.Layer):
         image_size,
         num_register_tokens=0,
         interpolation="original",
+        position_embedding_init_std=0.02,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -110,6 +113,12 @@ class DINOv2Embeddings(keras.layers.Layer):
         self.image_size = int(image_size)
         self.num_register_tokens = int(num_register_tokens)
         self.interpolation = interpolation
+        self.position_embedding_init_std = float(position_embedding_init_std)
+        if not self.position_embedding_init_std > 0:
+            raise ValueError(
+                "`position_embedding_init_std` must be positive, received "
+                f"{position_embedding_init_std!r}."
+            )
         self.grid_size = self.image_size // self.patch_size
         self.patch_embedding = PatchEmbedding(
             hidden_dim, patch_size, dtype=self.dtype_policy, name="patch_embedding"
@@ -129,7 +138,7 @@ class DINOv2Embeddings(keras.layers.Layer):
         self.position_embedding = self.add_weight(
             shape=(1, num_positions, self.hidden_dim),
             # The reference's trunc_normal_(std=0.02) is in effect untruncated.
-            initializer=keras.initializers.RandomNormal(stddev=0.02),
+            initializer=keras.initializers.RandomNormal(stddev=self.position_embedding_init_std),
             name="position_embedding",
         )
         if self.num_register_tokens:
@@ -229,6 +238,7 @@ class DINOv2Embeddings(keras.layers.Layer):
                 "image_size": self.image_size,
                 "num_register_tokens": self.num_register_tokens,
                 "interpolation": self.interpolation,
+                "position_embedding_init_std": self.position_embedding_init_std,
             }
         )
         return config
