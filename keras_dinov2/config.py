@@ -483,6 +483,8 @@ class HeadConfig(_ConfigMixin):
         ibot_separate_head: bool, default False. Untied iBOT head (True in the paper recipes).
         ibot_num_prototypes: int, default 65536. iBOT head outputs when untied.
         ibot_bottleneck_dim: int, default 256. iBOT head bottleneck when untied.
+        use_bn: bool, default False. Batch normalization in the heads' MLPs (`dino.head_use_bn`
+            style; see `DINOHead`). Off in the reference's configs.
     """
 
     num_prototypes: int = 65536
@@ -492,6 +494,7 @@ class HeadConfig(_ConfigMixin):
     ibot_separate_head: bool = False
     ibot_num_prototypes: int = 65536
     ibot_bottleneck_dim: int = 256
+    use_bn: bool = False
 
     def __post_init__(self):
         owner = type(self).__name__

@@ -70,7 +70,7 @@ class DINOv2Pretrainer(keras.Model):
             layer = DINOHead(
                 num_prototypes=prototypes, hidden_dim=heads.hidden_dim,
                 bottleneck_dim=bottleneck, num_layers=heads.num_layers,
-                dtype=backbone.dtype_policy, name=name,
+                use_bn=heads.use_bn, dtype=backbone.dtype_policy, name=name,
             )
             layer.build((None, dim))
             return layer
@@ -231,8 +231,9 @@ class DINOv2Pretrainer(keras.Model):
         teacher_cls = ops.stop_gradient(_view_major(teacher["cls_token"], shards, 2))
         teacher_patches = ops.stop_gradient(_gather_rows(teacher["patch_tokens"], mask_indices))
         teacher_logits = self.teacher_dino_head(teacher_cls)
-        teacher_patch_logits = self.teacher_ibot_head(teacher_patches)
         valid = masks_weight > 0
+        # Padding rows of the masked-patch buffer stay out of the heads' batch statistics.
+        teacher_patch_logits = self.teacher_ibot_head(teacher_patches, row_weights=valid)
         if config.loss.centering == "sinkhorn_knopp":
             teacher_probs = losses.sinkhorn_knopp(teacher_logits, temperature,
                                                   reduction=reduction)
@@ -271,7 +272,7 @@ class DINOv2Pretrainer(keras.Model):
             student_local_logits = self.student_dino_head(
                 _view_major(local["cls_token"], shards, n_local))
         student_patches = _gather_rows(student["patch_tokens"], mask_indices)
-        student_patch_logits = self.student_ibot_head(student_patches)
+        student_patch_logits = self.student_ibot_head(student_patches, row_weights=valid)
 
         parts = losses.dinov2_loss(
             student_logits, teacher_probs,

@@ -178,6 +178,49 @@ def test_matches_torch_weight_norm_head():
     np.testing.assert_allclose(_np(head(x)), expected, atol=1e-5)
 
 
+def test_batch_norm_head_matches_torch_batchnorm_in_training_mode():
+    # The reference's use_bn: Linear -> BatchNorm1d -> GELU; in training BatchNorm1d normalizes with
+    # the batch's mean and biased variance. Rows of weight 0 (padding) stay out of the statistics.
+    torch = pytest.importorskip("torch")
+    head = DINOHead(**SMALL, use_bn=True)
+    head.build((None, 12))
+    rng = np.random.default_rng(3)
+    for variable in head.bn_scales + head.bn_offsets:
+        variable.assign(rng.normal(1.0, 0.3, variable.shape).astype("float32"))
+    modules = []
+    for i, layer in enumerate(head.mlp_layers):
+        linear = torch.nn.Linear(layer.kernel.shape[0], layer.units)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(_np(layer.kernel).T))
+            linear.bias.copy_(torch.from_numpy(_np(layer.bias)))
+        modules.append(linear)
+        if i < len(head.mlp_layers) - 1:
+            norm = torch.nn.BatchNorm1d(layer.units)
+            with torch.no_grad():
+                norm.weight.copy_(torch.from_numpy(_np(head.bn_scales[i])))
+                norm.bias.copy_(torch.from_numpy(_np(head.bn_offsets[i])))
+            modules += [norm, torch.nn.GELU()]
+    mlp = torch.nn.Sequential(*modules).double().train()
+    last = torch.nn.Linear(8, 32, bias=False).double()
+    weight = _np(head.last_layer.weight_v)
+    weight = weight / np.linalg.norm(weight, axis=0, keepdims=True) * _np(head.last_layer.weight_g)
+    with torch.no_grad():
+        last.weight.copy_(torch.from_numpy(weight.T))
+    x = _inputs(shape=(7, 12))
+
+    def expected(rows):
+        with torch.no_grad():
+            y = mlp(torch.from_numpy(rows).double())
+            return last(torch.nn.functional.normalize(y, dim=-1, eps=1e-12)).numpy()
+
+    np.testing.assert_allclose(_np(head(x)), expected(x), atol=1e-4)
+    padded = np.concatenate([x, 100.0 * np.ones((3, 12), "float32")])
+    weights = np.array([1.0] * 7 + [0.0] * 3, "float32")
+    np.testing.assert_allclose(_np(head(padded, row_weights=weights))[:7], expected(x), atol=1e-4)
+    assert {v.name for v in head.weights} >= {"bn_0_norm_scale", "bn_1_norm_offset"}
+    assert DINOHead.from_config(head.get_config()).use_bn
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="num_layers"):
         DINOHead(num_layers=0)

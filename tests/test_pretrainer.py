@@ -232,6 +232,22 @@ def test_mixed_precision_step_is_finite(policy, monkeypatch):
         assert any(not np.array_equal(a, b) for a, b in zip(after, moved))
 
 
+def test_batch_norm_heads_train_and_the_teacher_follows():
+    config = tiny_config(warmup_epochs=0)
+    config.heads.use_bn = True
+    model = tiny_model(config)
+    student, teacher = model.student_dino_head, model.teacher_dino_head
+    assert len(student.bn_scales) == config.heads.num_layers - 1
+    start = to_numpy(student.bn_offsets[0])
+    history = model.fit(dataset([make_batch(0), make_batch(1)]), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    moved = to_numpy(student.bn_offsets[0])
+    assert np.abs(moved - start).max() > 0
+    # The teacher's scale and shift are EMA copies of the student's, like every other weight.
+    followed = to_numpy(teacher.bn_offsets[0])
+    assert 0 < np.abs(followed - start).max() < np.abs(moved - start).max()
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys):
     from keras_dinov2.callbacks import CheckpointCallback, TrainingMonitor
 

@@ -18,7 +18,7 @@ HEADS_CONFIG_FILE = "heads.json"
 HEADS_WEIGHTS_FILE = "heads.weights.npz"
 HEADS_FORMAT = "keras_dinov2.heads/1"
 _HEAD_ARGS = ("num_prototypes", "hidden_dim", "bottleneck_dim", "num_layers", "use_bias",
-              "epsilon")
+              "epsilon", "use_bn")
 
 
 def read_json(path):
@@ -182,6 +182,7 @@ def exported_head_config(folder):
         "bottleneck_dim": int(dino["bottleneck_dim"]),
         "num_layers": int(dino["num_layers"]),
         "ibot_separate_head": bool(config["ibot_separate_head"]),
+        "use_bn": bool(dino.get("use_bn", False)),
     }
     if out["ibot_separate_head"]:
         ibot = config["heads"]["ibot_head"]["config"]

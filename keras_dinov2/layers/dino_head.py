@@ -62,11 +62,15 @@ class WeightNormPrototypes(keras.layers.Layer):
         return config
 
 
+# torch.nn.BatchNorm1d's default.
+_BN_EPSILON = 1e-5
+
+
 @keras.saving.register_keras_serializable(package="keras_dinov2")
 class DINOHead(keras.layers.Layer):
     """DINO head: MLP -> L2 normalization -> weight-normalized linear layer onto the prototypes.
 
-    As the reference's `DINOHead` (no batch norm): `num_layers` Dense layers with exact GELU between them
+    As the reference's `DINOHead` (batch norm optional): `num_layers` Dense layers with exact GELU between them
     (in -> hidden -> ... -> hidden -> bottleneck; one layer is a single Dense in -> bottleneck), kernels
     Normal(0, 0.02) kernels and zero biases; then x / max(||x||, 1e-12); then
     `WeightNormPrototypes` (sublayer "last_layer", variables `weight_v` and `weight_g`, with g trainable like
@@ -86,6 +90,18 @@ class DINOHead(keras.layers.Layer):
         num_layers: int, default 3. Dense layers in the MLP (at least 1).
         use_bias: bool, default True. Biases in the MLP layers (the last layer never has one).
         epsilon: float, default 1e-12. Floor of the norm in the L2 normalization.
+        use_bn: bool, default False. Batch normalization after each hidden Dense layer, before the
+            GELU (the reference's `use_bn`). The heads only run in training, where the reference's
+            BatchNorm1d uses batch statistics in both networks, so statistics always come from the
+            rows of the call (in float32; rows of weight 0 in `row_weights`, such as padding, are
+            left out) and no running averages are kept. Scale and shift are learned, without
+            weight decay. Statistics are per call (the reference normalizes its concatenated crops
+            together) and per replica where each replica runs its own program.
+
+    Call arguments:
+        x: (N, in_dim) tensor.
+        row_weights: optional (N,) tensor; with `use_bn`, rows of weight 0 do not enter the
+            statistics.
 
     Example:
     >>> head = DINOHead(num_prototypes=4096)
@@ -100,6 +116,7 @@ class DINOHead(keras.layers.Layer):
         num_layers=3,
         use_bias=True,
         epsilon=1e-12,
+        use_bn=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -117,6 +134,7 @@ class DINOHead(keras.layers.Layer):
         self.num_layers = int(num_layers)
         self.use_bias = bool(use_bias)
         self.epsilon = float(epsilon)
+        self.use_bn = bool(use_bn)
 
         widths = [self.hidden_dim] * (self.num_layers - 1) + [self.bottleneck_dim]
         self.mlp_layers = [
@@ -145,17 +163,42 @@ class DINOHead(keras.layers.Layer):
             layer.build(shape)
             shape = (*shape[:-1], layer.units)
         self.last_layer.build(shape)
+        self.bn_scales, self.bn_offsets = [], []
+        if self.use_bn:
+            for i in range(self.num_layers - 1):
+                self.bn_scales.append(self.add_weight(
+                    shape=(self.hidden_dim,), initializer="ones", dtype="float32",
+                    name=f"bn_{i}_norm_scale"))
+                self.bn_offsets.append(self.add_weight(
+                    shape=(self.hidden_dim,), initializer="zeros", dtype="float32",
+                    name=f"bn_{i}_norm_offset"))
         self.built = True
+
+    def _batch_norm(self, i, x, row_weights):
+        x32 = ops.cast(x, "float32")
+        if row_weights is None:
+            mean = ops.mean(x32, axis=0, keepdims=True)
+            var = ops.mean(ops.square(x32 - mean), axis=0, keepdims=True)
+        else:
+            w = ops.reshape(ops.cast(row_weights, "float32"), (-1, 1))
+            count = ops.maximum(ops.sum(w), 1.0)
+            mean = ops.sum(w * x32, axis=0, keepdims=True) / count
+            var = ops.sum(w * ops.square(x32 - mean), axis=0, keepdims=True) / count
+        y = (x32 - mean) / ops.sqrt(var + _BN_EPSILON)
+        y = y * self.bn_scales[i] + self.bn_offsets[i]
+        return ops.cast(y, x.dtype)
 
     @property
     def last_layer_variables(self):
         """The prototype layer's variables, [weight_v, weight_g]."""
         return list(self.last_layer.weights)
 
-    def call(self, x):
+    def call(self, x, row_weights=None):
         for i, layer in enumerate(self.mlp_layers):
             x = layer(x)
             if i < len(self.mlp_layers) - 1:
+                if self.use_bn:
+                    x = self._batch_norm(i, x, row_weights)
                 x = ops.gelu(x, approximate=False)
         x = ops.cast(x, self.last_layer.compute_dtype)
         squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
@@ -166,7 +209,7 @@ class DINOHead(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.num_prototypes)
 
-    def compute_output_spec(self, x):
+    def compute_output_spec(self, x, row_weights=None):
         return keras.KerasTensor(
             self.compute_output_shape(x.shape), dtype=self.last_layer.compute_dtype
         )
@@ -181,6 +224,7 @@ class DINOHead(keras.layers.Layer):
                 "num_layers": self.num_layers,
                 "use_bias": self.use_bias,
                 "epsilon": self.epsilon,
+                "use_bn": self.use_bn,
             }
         )
         return config
