@@ -689,17 +689,22 @@ def _paper_recipe(drop_path_rate):
 
 
 def _digits_ssl_recipe():
-    # The bundled digits on a CPU in a few hundred steps. The reference's settings collapse here to uniform
-    # targets (README, "Small datasets"): with LayerScale 1e-5 every image gets the same CLS token at init, so
-    # centered targets carry nothing. LayerScale 1.0, Sinkhorn-Knopp at a fixed teacher temperature of 0.02,
-    # 256 prototypes and a faster teacher keep the targets image-dependent for the whole run.
+    # The bundled digits on a CPU in a few hundred steps (README, "Small datasets"). The reference's settings
+    # collapse here to uniform targets: with LayerScale 1e-5 every image gets the same CLS token at init, so
+    # centered targets carry nothing. LayerScale 1.0, Sinkhorn-Knopp at a fixed teacher temperature of 0.02 and
+    # 256 prototypes keep the targets image-dependent. Position embeddings at the patch embeddings' scale (std
+    # 1.0) let the untrained network see where each patch is (random-init k-NN 47-50% -> 66-71%); their common
+    # part makes CLS tokens alike, which batch norm in the heads removes, so the targets stay sharp. A constant
+    # teacher momentum of 0.99: on a 200-step schedule the cosine to 1.0 freezes the teacher for the second
+    # half, and the student ends ahead of it. 20 epochs (about 400 steps): 300 steps end just under 90% k-NN.
     return SSLConfig(
         batch_size=64,
-        heads=HeadConfig(num_prototypes=256, hidden_dim=512, bottleneck_dim=128),
+        heads=HeadConfig(num_prototypes=256, hidden_dim=512, bottleneck_dim=128, use_bn=True),
         loss=LossConfig(centering="sinkhorn_knopp"),
-        optim=OptimConfig(epochs=10, steps_per_epoch=20, base_lr=0.004, warmup_epochs=1,
+        optim=OptimConfig(epochs=20, steps_per_epoch=20, base_lr=0.004, warmup_epochs=1,
                           teacher_temp=0.02, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=0,
-                          momentum_teacher=0.99, drop_path_rate=0.1, layer_scale_init=1.0),
+                          momentum_teacher=0.99, final_momentum_teacher=0.99, drop_path_rate=0.1,
+                          layer_scale_init=1.0, position_embedding_init_std=1.0),
         data=_digits_recipe(),
     )
 

@@ -30,9 +30,11 @@ def reference_like(config):
                                 local_crops_scale=CropConfig.local_crops_scale, flip_probability=0.5)
     optim = dataclasses.replace(config.optim, layer_scale_init=1e-5, teacher_temp=0.07,
                                 warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=1,
-                                momentum_teacher=0.992)
+                                momentum_teacher=0.992, final_momentum_teacher=1.0,
+                                position_embedding_init_std=0.02)
     return dataclasses.replace(
-        config, heads=dataclasses.replace(config.heads, num_prototypes=1024), loss=LossConfig(),
+        config, heads=dataclasses.replace(config.heads, num_prototypes=1024, use_bn=False),
+        loss=LossConfig(),
         optim=optim, data=dataclasses.replace(config.data, crops=crops))
 
 
@@ -41,7 +43,8 @@ def train(config):
     optim = config.optim
     backbone = DINOv2Backbone.from_preset(
         "dinov2_vit_tiny4", load_weights=False, drop_path_rate=optim.drop_path_rate,
-        layer_scale_init=optim.layer_scale_init)
+        layer_scale_init=optim.layer_scale_init,
+        position_embedding_init_std=optim.position_embedding_init_std)
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
     model.compile()
     data = multicrop_dataset("digits", batch_size=config.batch_size, config=config.data, seed=config.seed)
