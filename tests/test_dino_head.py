@@ -149,11 +149,8 @@ def test_get_config_round_trip_and_saving(tmp_path):
     assert isinstance(restored.get_layer("ibot_head"), DINOHead)
 
 
-def test_matches_torch_weight_norm_head():
-    torch = pytest.importorskip("torch")
-    head = DINOHead(**SMALL)
-    head.build((None, 12))
-    _randomize_g(head)
+def _torch_mlp(torch, head):
+    """The head's MLP as torch modules with its weights (BatchNorm1d after hidden layers with use_bn)."""
     modules = []
     for i, layer in enumerate(head.mlp_layers):
         linear = torch.nn.Linear(layer.kernel.shape[0], layer.units)
@@ -162,8 +159,22 @@ def test_matches_torch_weight_norm_head():
             linear.bias.copy_(torch.from_numpy(_np(layer.bias)))
         modules.append(linear)
         if i < len(head.mlp_layers) - 1:
+            if head.use_bn:
+                norm = torch.nn.BatchNorm1d(layer.units)
+                with torch.no_grad():
+                    norm.weight.copy_(torch.from_numpy(_np(head.bn_scales[i])))
+                    norm.bias.copy_(torch.from_numpy(_np(head.bn_offsets[i])))
+                modules.append(norm)
             modules.append(torch.nn.GELU())
-    mlp = torch.nn.Sequential(*modules).double()
+    return torch.nn.Sequential(*modules).double()
+
+
+def test_matches_torch_weight_norm_head():
+    torch = pytest.importorskip("torch")
+    head = DINOHead(**SMALL)
+    head.build((None, 12))
+    _randomize_g(head)
+    mlp = _torch_mlp(torch, head)
     last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 32, bias=False).double())
     with torch.no_grad():
         last.parametrizations.weight.original0.copy_(
@@ -187,20 +198,7 @@ def test_batch_norm_head_matches_torch_batchnorm_in_training_mode():
     rng = np.random.default_rng(3)
     for variable in head.bn_scales + head.bn_offsets:
         variable.assign(rng.normal(1.0, 0.3, variable.shape).astype("float32"))
-    modules = []
-    for i, layer in enumerate(head.mlp_layers):
-        linear = torch.nn.Linear(layer.kernel.shape[0], layer.units)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(_np(layer.kernel).T))
-            linear.bias.copy_(torch.from_numpy(_np(layer.bias)))
-        modules.append(linear)
-        if i < len(head.mlp_layers) - 1:
-            norm = torch.nn.BatchNorm1d(layer.units)
-            with torch.no_grad():
-                norm.weight.copy_(torch.from_numpy(_np(head.bn_scales[i])))
-                norm.bias.copy_(torch.from_numpy(_np(head.bn_offsets[i])))
-            modules += [norm, torch.nn.GELU()]
-    mlp = torch.nn.Sequential(*modules).double().train()
+    mlp = _torch_mlp(torch, head).train()
     last = torch.nn.Linear(8, 32, bias=False).double()
     weight = _np(head.last_layer.weight_v)
     weight = weight / np.linalg.norm(weight, axis=0, keepdims=True) * _np(head.last_layer.weight_g)
