@@ -239,3 +239,60 @@ def test_from_preset_names_the_broken_file(tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         DINOv2Backbone.from_preset(str(folder))
+
+
+def test_residual_gradient_boundary_is_the_identity_with_the_same_gradient():
+    """Each block passes its residual stream through `residual_gradient_boundary` (a fusion
+    boundary for the backward pass on JAX's CPU backend): values are exact, gradients what they
+    are without it (to float32 rounding: XLA fuses the arithmetic around it differently), NaN
+    included."""
+    from keras_dinov2.trainers import residual_gradient_boundary
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
+    np.testing.assert_array_equal(ops.convert_to_numpy(residual_gradient_boundary(x)), x)
+    symbolic = keras.KerasTensor((None, 5, 8))
+    assert residual_gradient_boundary(symbolic) is symbolic
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+    import jax.numpy as jnp
+
+    def loss(v, boundary):
+        y = jnp.tanh(v) * 3.0
+        for _ in range(4):  # a residual chain, as in the backbone
+            y = (boundary(y) if boundary else y) + jnp.sin(y) * 0.5
+        return jnp.sum(y**2)
+
+    with_boundary = jax.jit(jax.grad(lambda v: loss(v, residual_gradient_boundary)))(x)
+    without = jax.jit(jax.grad(lambda v: loss(v, None)))(x)
+    np.testing.assert_allclose(np.asarray(with_boundary), np.asarray(without), rtol=1e-6, atol=1e-6)
+    poisoned = x.copy()
+    poisoned[0, 0, 0] = np.nan
+    grad = jax.grad(lambda v: jnp.sum(residual_gradient_boundary(v) * v))(jnp.asarray(poisoned))
+    assert np.isnan(np.asarray(grad)[0, 0, 0]) and np.isfinite(np.asarray(grad)[1]).all()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the boundary acts on JAX only")
+def test_backbone_gradients_do_not_depend_on_the_residual_boundary(monkeypatch):
+    """The tiny backbone's parameter gradients with and without the boundary agree to rounding."""
+    import jax
+
+    from keras_dinov2.layers import block as block_module
+
+    backbone = DINOv2Backbone.from_preset("dinov2_vit_tiny4", load_weights=False, image_size=16)
+    images = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype("float32")
+    trainable = [v.value for v in backbone.trainable_variables]
+    non_trainable = [v.value for v in backbone.non_trainable_variables]
+
+    def grads():
+        def loss(values):
+            out, _ = backbone.stateless_call(values, non_trainable, {"images": images})
+            return jax.numpy.sum(out["cls_token"] ** 2) + jax.numpy.mean(out["patch_tokens"])
+
+        return jax.jit(jax.grad(loss))(trainable)
+
+    with_boundary = grads()
+    monkeypatch.setattr(block_module, "residual_gradient_boundary", lambda x: x)
+    without = grads()
+    for a, b in zip(with_boundary, without):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
