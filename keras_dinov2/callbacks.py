@@ -174,14 +174,28 @@ class StepLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         # Epoch-level values (k-NN accuracy...) go to epochs.csv, one row per epoch.
+        # Some values appear only in some epochs (k-NN every few epochs): a new key widens the
+        # header and the file is rewritten, so every column keeps its name.
         path = os.path.join(os.path.dirname(self.path), "epochs.csv")
         row = {"epoch": epoch + 1, "step": self.step, **_floats(logs)}
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, list(row), extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        fields, rows = [], []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                fields = list(reader.fieldnames or [])
+                rows = list(reader)
+        missing = [k for k in row if k not in fields]
+        if fields and not missing:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fields, restval="").writerow(row)
+            return
+        fields += missing
+        temporary = path + ".tmp"
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows + [row])
+        os.replace(temporary, path)
 
     def on_train_batch_end(self, batch, logs=None):
         row = {"step": self.step, "epoch": self.epoch, **_floats(logs)}

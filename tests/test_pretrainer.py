@@ -325,3 +325,21 @@ def test_same_weights_and_batch_give_the_same_loss_on_every_backend():
         values = [float(results[b][key]) for b in results]
         # float32 with different kernels per backend: agree to 1e-4 relative.
         np.testing.assert_allclose(values, values[0], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_epochs_csv_keeps_columns_that_appear_only_in_some_epochs(tmp_path):
+    """k-NN every few epochs: its columns must be named in epochs.csv, with blanks elsewhere."""
+    import csv
+
+    from keras_dinov2.callbacks import StepLogger
+
+    logger = StepLogger(str(tmp_path))
+    logger.on_epoch_end(0, {"loss": 2.0})
+    logger.on_epoch_end(1, {"loss": 1.5, "knn_top1": 60.0})
+    logger.on_epoch_end(2, {"loss": 1.25})
+    with open(tmp_path / "epochs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["loss"] for r in rows] == ["2.0", "1.5", "1.25"]
+    assert [r["knn_top1"] for r in rows] == ["", "60.0", ""]
+    assert all(None not in r for r in rows)  # no unnamed extra values
