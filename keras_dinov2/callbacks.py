@@ -319,14 +319,30 @@ def plot_metrics(csv_path, png_path, keys=None):
     groups = [g for g in groups if g]
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.4 * len(groups)), sharex=True)
     axes = np.atleast_1d(axes)
+    def series(key):
+        source = columns if key in columns else epoch_columns
+        values = source[key]
+        mask = np.isfinite(values)
+        return source["step"][mask], values[mask]
+
+    def scale(key):
+        values = np.abs(series(key)[1])
+        return float(values.max()) if values.size else 0.0
+
     for ax, group in zip(axes, groups):
-        for key in group:
-            source = columns if key in columns else epoch_columns
-            values = source[key]
-            mask = np.isfinite(values)
-            ax.plot(source["step"][mask], values[mask], label=key,
-                    marker="o" if mask.sum() < 30 else None)
-        ax.legend(loc="best", fontsize=8)
+        # Two series of very different scales (learning rate and weight decay, momentum and
+        # temperature) get one y axis each, so neither is drawn flat.
+        twin = (len(group) == 2 and min(scale(k) for k in group) > 0
+                and max(scale(k) for k in group) > 10 * min(scale(k) for k in group))
+        lines = []
+        for i, key in enumerate(group):
+            target = ax.twinx() if twin and i == 1 else ax
+            steps, values = series(key)
+            lines += target.plot(steps, values, label=key, color=f"C{i}",
+                                 marker="o" if len(values) < 30 else None)
+            if twin:
+                target.set_ylabel(key, color=f"C{i}", fontsize=8)
+        ax.legend(lines, [line.get_label() for line in lines], loc="best", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     fig.tight_layout()

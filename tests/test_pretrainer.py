@@ -343,3 +343,22 @@ def test_epochs_csv_keeps_columns_that_appear_only_in_some_epochs(tmp_path):
     assert [r["loss"] for r in rows] == ["2.0", "1.5", "1.25"]
     assert [r["knn_top1"] for r in rows] == ["", "60.0", ""]
     assert all(None not in r for r in rows)  # no unnamed extra values
+
+
+def test_run_plot_gives_schedules_of_different_scales_their_own_axis(tmp_path, monkeypatch):
+    """lr (~1e-3) drawn beside wd (~0.1) on one axis would look flat at 0: it gets a twin axis."""
+    import matplotlib.axes
+
+    from keras_dinov2.callbacks import plot_metrics
+
+    steps = np.arange(50)
+    with open(tmp_path / "metrics.csv", "w") as f:
+        f.write("step,epoch,loss,dino_local,lr,wd\n")
+        for s in steps:
+            f.write(f"{s},0,{3 - s / 50},{2 - s / 50},{1e-3 * s / 50},{0.04 + 0.36 * s / 50}\n")
+    twins = []
+    original = matplotlib.axes.Axes.twinx
+    monkeypatch.setattr(matplotlib.axes.Axes, "twinx", lambda ax: twins.append(ax) or original(ax))
+    plot_metrics(str(tmp_path / "metrics.csv"), str(tmp_path / "metrics.png"))
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    assert len(twins) == 1  # lr / wd only; loss and dino_local share a scale
