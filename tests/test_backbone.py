@@ -274,7 +274,8 @@ def test_residual_gradient_boundary_is_the_identity_with_the_same_gradient():
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the boundary acts on JAX only")
 def test_backbone_gradients_do_not_depend_on_the_residual_boundary(monkeypatch):
-    """The tiny backbone's parameter gradients with and without the boundary agree to rounding."""
+    """The tiny backbone's parameter gradients with and without the boundary agree to rounding
+    (XLA orders the float32 sums differently around the loop: differences up to ~2e-6 seen)."""
     import jax
 
     from keras_dinov2.layers import block as block_module
