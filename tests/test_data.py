@@ -34,7 +34,7 @@ from keras_dinov2.data import (
     solarize,
     split_source,
 )
-from keras_dinov2.data.augment import _crop_box
+from keras_dinov2.data.augment import _crop_box, _shifted_slices_blur
 from keras_dinov2.data.sources import _parse_tfds
 
 MEAN = np.array(IMAGENET_MEAN, np.float32)
@@ -324,8 +324,14 @@ def numpy_gaussian_blur(image, sigma, kernel_size):
 def test_gaussian_blur_matches_numpy():
     image = np.random.default_rng(3).random((13, 11, 3)).astype(np.float32)
     for sigma in (0.1, 0.8, 2.0):
+        expected = numpy_gaussian_blur(image, sigma, 9)
         ours = gaussian_blur(tf.constant(image), sigma, 9).numpy()
-        np.testing.assert_allclose(ours, numpy_gaussian_blur(image, sigma, 9), atol=1e-5)
+        np.testing.assert_allclose(ours, expected, atol=1e-5)
+        # the form the XLA-compiled crop stage uses
+        compiled = tf.function(_shifted_slices_blur, jit_compile=True, autograph=False)
+        np.testing.assert_allclose(
+            compiled(tf.constant(image), sigma, 9).numpy(), expected, atol=1e-5
+        )
     np.testing.assert_allclose(
         gaussian_blur(tf.fill([10, 10, 3], 0.3), 1.7).numpy(), 0.3, atol=1e-6
     )
@@ -345,6 +351,43 @@ def test_random_resized_crop_boxes():
     areas = np.array(areas)
     assert areas.min() >= 0.04 and areas.max() <= 0.34
     assert 0.15 < areas.mean() < 0.22  # uniform in (0.05, 0.32): mean 0.185
+
+
+@pytest.mark.parametrize(
+    "augmentation",
+    [
+        {},  # the defaults: jitter p 0.8, gray p 0.2, blur (1.0, 0.1, 0.5), solarize p 0.2
+        dict(
+            color_jitter_probability=1.0,
+            blur_probabilities=(1.0, 1.0, 1.0),
+            solarize_probability=1.0,
+        ),
+        dict(grayscale_probability=1.0, blur_probabilities=(0.0, 0.0, 1.0)),
+    ],
+)
+def test_compiled_crop_stage_matches_plain_tensorflow(augmentation):
+    """The XLA-compiled stage after the resize (flip, jitter, gray, blur, solarize, normalize; the local crops in
+    one loop) gives the values of the same operations as plain TensorFlow ops."""
+    config = DataConfig(
+        crops=dataclasses.replace(TINY.crops, local_crops_number=3, flip_probability=0.5),
+        augmentation=AugmentationConfig(**augmentation),
+        masking=TINY.masking,
+    )
+    image = tf.random.stateless_uniform([30, 40, 3], [5, 6])
+    compiled, plain_ops = (
+        MultiCropAugmentation(config),
+        MultiCropAugmentation(config, jit_compile=False),
+    )
+    for seed in range(6):
+        a = compiled(image, tf.constant([seed, 1]))
+        b = plain_ops(image, tf.constant([seed, 1]))
+        for key in ("global_crops", "local_crops"):
+            np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), atol=2e-5, err_msg=key)
+    # normalized: a crop of the constant image is (value - mean) / std in every pixel (no jitter, gray or blur)
+    still = MultiCropAugmentation(plain())(tf.fill([20, 20, 3], 0.25), tf.constant([0, 0]))
+    np.testing.assert_allclose(
+        still["local_crops"].numpy(), ((0.25 - MEAN) / STD) * np.ones((2, 8, 8, 3)), atol=1e-5
+    )
 
 
 def test_multicrop_augmentation_direct():

@@ -248,7 +248,7 @@ def multicrop_dataset(
         num_parallel_calls: int, default tf.data.AUTOTUNE. Parallelism of decoding and augmentation.
         deterministic: bool, default True. Keep the order under parallel map (False trades it for speed).
         prefetch: int or None, default tf.data.AUTOTUNE. Batches prefetched; None disables it.
-        jit_compile: bool, default True. XLA-compile the per-crop color stage (see `MultiCropAugmentation`).
+        jit_compile: bool, default True. XLA-compile the crop stage after the resize (see `MultiCropAugmentation`).
 
     Example:
         >>> ds = multicrop_dataset("digits", batch_size=8, config=DataConfig.recipe("digits"))
