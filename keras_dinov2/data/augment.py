@@ -190,9 +190,13 @@ def _jitter(x, u_factors, u_order, brightness, contrast, saturation, hue):
         (_hue, -hue + 2.0 * hue * u_factors[3]),
     ]
     order = tf.argsort(u_order)
-    for slot in range(4):
+
+    def apply_slot(slot, x):
         branches = [functools.partial(fn, x, value) for fn, value in operations]
-        x = tf.ensure_shape(tf.switch_case(order[slot], branches), x.shape)
+        return slot + 1, tf.ensure_shape(tf.switch_case(order[slot], branches), x.shape)
+
+    # A loop over the 4 slots, not 4 unrolled switches: XLA then compiles each operation once, not 4 times.
+    _, x = tf.while_loop(lambda slot, x: slot < 4, apply_slot, (tf.constant(0), x))
     return x
 
 
@@ -328,7 +332,7 @@ class MultiCropAugmentation:
             self._finish_all, jit_compile=self.jit_compile, autograph=False
         )
 
-    def _finish(self, x, draws, blur_probability, solarize_probability):
+    def _finish(self, x, draws, blur_probability, solarize_probability, may_blur, may_solarize):
         """Everything after the resize of one crop (S, S, 3): clip, flip, color jitter, grayscale, blur, solarize,
         normalize, driven by its row of uniform draws."""
         crops, aug = self.config.crops, self.config.augmentation
@@ -351,7 +355,7 @@ class MultiCropAugmentation:
             x = tf.cond(
                 draws[_GRAY] < aug.grayscale_probability, lambda: to_grayscale(x), lambda: x
             )
-        if blur_probability > 0:
+        if may_blur:
             low, high = aug.blur_sigma
             sigma = low + (high - low) * draws[_BLUR_SIGMA]
             # Shifted slices inside XLA (its convolution is slow on CPU); TensorFlow's depthwise kernel outside.
@@ -361,7 +365,7 @@ class MultiCropAugmentation:
                 lambda: blur(x, sigma, aug.blur_kernel_size),
                 lambda: x,
             )
-        if solarize_probability > 0:
+        if may_solarize:
             x = tf.cond(
                 draws[_SOLARIZE] < solarize_probability,
                 lambda: solarize(x, aug.solarize_threshold),
@@ -371,20 +375,14 @@ class MultiCropAugmentation:
 
     def _finish_all(self, crops, draws, blur_probabilities, solarize_probabilities):
         """`_finish` of n crops of one size (n, S, S, 3), crop i driven by draws[i], in one compiled call."""
-        if len(set(zip(blur_probabilities, solarize_probabilities))) == 1:
-            blur, solarize = blur_probabilities[0], solarize_probabilities[0]
-            return tf.map_fn(
-                lambda args: self._finish(args[0], args[1], blur, solarize),
-                (crops, draws),
-                fn_output_signature=tf.TensorSpec(crops.shape[1:], tf.float32),
-            )
-        return tf.stack(
-            [
-                self._finish(crops[i], draws[i], blur, solarize)
-                for i, (blur, solarize) in enumerate(
-                    zip(blur_probabilities, solarize_probabilities)
-                )
-            ]
+        # A loop over the crops (one compiled body, whatever their number); each crop's probabilities are values.
+        blur = tf.constant(blur_probabilities, tf.float32)
+        solarize = tf.constant(solarize_probabilities, tf.float32)
+        may_blur, may_solarize = max(blur_probabilities) > 0, max(solarize_probabilities) > 0
+        return tf.map_fn(
+            lambda args: self._finish(args[0], args[1], args[2], args[3], may_blur, may_solarize),
+            (crops, draws, blur, solarize),
+            fn_output_signature=tf.TensorSpec(crops.shape[1:], tf.float32),
         )
 
     def crops(self, image, draws, size, scale, blur_probabilities, solarize_probabilities):
