@@ -5,15 +5,27 @@ temporary folder, then times `keras_dinov2.data.multicrop_dataset` with the ViT-
 (2 x 224 + 8 x 98 crops, block masks for patch 14) and, with `--digits`, the bundled digits
 recipe. The pipeline runs alone (no model), so the figure is the input rate the CPU can feed.
 
+With `--reference-src DIR` (a checkout of facebookresearch/dinov2) the same recipe also runs through
+the reference's own DataAugmentationDINO (torchvision on PIL images) and collate_data_and_cast with
+its MaskingGenerator, in a torch DataLoader with `--workers` processes, on the same JPEGs, in the same
+run, and the ratio is printed. That needs torch and torchvision; the reference's code is imported
+from DIR at run time, never copied.
+
 Example:
     python tools/benchmark_data.py --batch-size 32 --batches 20
+    python tools/benchmark_data.py --reference-src ~/src/dinov2 --repeats 3
 """
 
 import argparse
+import functools
+import glob
+import importlib
 import os
+import statistics
 import sys
 import tempfile
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +66,101 @@ def time_pipeline(source, config, batch_size, batches, jit_compile):
     return batches * batch_size / seconds, first
 
 
+def import_torchvision():
+    """Imports torchvision; returns a note when its compiled operators could not be loaded.
+
+    A torchvision wheel built for another torch build fails at import while it registers its compiled
+    operators (nms, ...). The reference's augmentation uses only torchvision's Python transforms on PIL
+    images, so the import is retried with that registration skipped, and the output says so.
+    """
+    try:
+        import torchvision  # noqa: F401
+
+        return ""
+    except RuntimeError as error:
+        import torch
+
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        register_fake = torch.library.register_fake
+        torch.library.register_fake = lambda *args, **kwargs: (lambda fn: fn)
+        try:
+            import torchvision  # noqa: F401, F811
+        finally:
+            torch.library.register_fake = register_fake
+        return (f"torchvision's compiled operators do not load with this torch build ({error}); "
+                "its Python transforms, all the recipe uses, were imported without them")
+
+
+def import_reference_data(folder):
+    """DataAugmentationDINO, collate_data_and_cast and MaskingGenerator from a dinov2 checkout.
+
+    dinov2/data/__init__.py imports the dataset loaders and their dependencies; the three files the
+    recipe needs are imported as a package of their own instead.
+    """
+    data = os.path.join(folder, "dinov2", "data")
+    missing = [name for name in ("augmentations.py", "transforms.py", "collate.py", "masking.py")
+               if not os.path.isfile(os.path.join(data, name))]
+    if missing:
+        raise SystemExit(f"--reference-src: {data} lacks {', '.join(missing)}; expected a checkout of "
+                         "facebookresearch/dinov2.")
+    package = types.ModuleType("_reference_data")
+    package.__path__ = [data]
+    sys.modules["_reference_data"] = package
+    modules = {name: importlib.import_module(f"_reference_data.{name}")
+               for name in ("augmentations", "collate", "masking")}
+    return (modules["augmentations"].DataAugmentationDINO, modules["collate"].collate_data_and_cast,
+            modules["masking"].MaskingGenerator)
+
+
+class _JpegFolder:
+    """A map-style torch dataset: (the reference's augmentation of image i, label 0), as its ImageNet class."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        with open(self.paths[index], "rb") as f:
+            image = Image.open(f).convert("RGB")
+        return self.transform(image), 0
+
+
+def time_reference(folder, reference, batch_size, batches, workers):
+    """Source images/s of the reference's augmentation + collate in a torch DataLoader (same recipe)."""
+    import torch
+
+    augmentation, collate, masking_generator = reference
+    transform = augmentation((0.32, 1.0), (0.05, 0.32), 8, global_crops_size=224, local_crops_size=98)
+    grid = 224 // 14
+    collate_fn = functools.partial(
+        collate, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, dtype=torch.float32,
+        n_tokens=grid * grid,
+        mask_generator=masking_generator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid))
+    dataset = _JpegFolder(sorted(glob.glob(os.path.join(folder, "*.jpg"))), transform)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         num_workers=workers, collate_fn=collate_fn, drop_last=True,
+                                         persistent_workers=workers > 0)
+    iterator = iter(loader)
+    start = time.perf_counter()
+    next(iterator)
+    first = time.perf_counter() - start
+    for _ in range(3):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    del iterator, loader
+    return batches * batch_size / seconds, first
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,25 +170,59 @@ def main():
     parser.add_argument("--no-xla", action="store_true",
                         help="also time the pipeline without the XLA-compiled color stage")
     parser.add_argument("--digits", action="store_true", help="also time the digits recipe")
+    parser.add_argument("--reference-src", metavar="DIR",
+                        help="a checkout of facebookresearch/dinov2: also time its augmentation and "
+                             "collate in a torch DataLoader, in the same run")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader worker processes for --reference-src (default 2)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time each pipeline this many times, alternating, and report the "
+                             "median (default 1)")
     args = parser.parse_args()
+    for name in ("images", "batch_size", "batches", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; received {getattr(args, name)}.")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0; received {args.workers}.")
+    reference, note = None, ""
+    if args.reference_src:
+        folder = os.path.abspath(os.path.expanduser(args.reference_src))
+        try:
+            note = import_torchvision()
+        except ImportError as error:
+            raise SystemExit(f"--reference-src needs torch and torchvision: {error}") from error
+        reference = import_reference_data(folder)
 
     from keras_dinov2.config import DataConfig
 
     info = machine_info()
     print(f"CPU: {info['cpu']} ({info['cpu_count']} cores), tensorflow "
           f"{info['versions'].get('tensorflow')}; load average before {load_average():.2f}")
-    rows = []
+    runs = {}  # name -> [(rate, first batch seconds)]
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, args.images)
-        for jit in [True] + ([False] if args.no_xla else []):
-            rate, first = time_pipeline(folder, DataConfig(), args.batch_size, args.batches, jit)
-            rows.append((f"ViT-14 recipe, 2x224 + 8x98, JPEG 500x375, XLA {'on' if jit else 'off'}",
-                         rate, first))
+        for _ in range(args.repeats):
+            for jit in [True] + ([False] if args.no_xla else []):
+                name = f"keras-dinov2, ViT-14 recipe, 2x224 + 8x98, JPEG 500x375, XLA {'on' if jit else 'off'}"
+                runs.setdefault(name, []).append(
+                    time_pipeline(folder, DataConfig(), args.batch_size, args.batches, jit))
+            if reference:
+                name = (f"reference DataAugmentationDINO + collate, 2x224 + 8x98, DataLoader "
+                        f"{args.workers} workers")
+                runs.setdefault(name, []).append(
+                    time_reference(folder, reference, args.batch_size, args.batches, args.workers))
     if args.digits:
-        rate, first = time_pipeline("digits", DataConfig.recipe("digits"), 64, args.batches, True)
-        rows.append(("digits recipe, 2x32 + 8x16", rate, first))
-    for name, rate, first in rows:
-        print(f"{name}: {rate:.1f} images/s (first batch {first:.1f} s)")
+        runs["keras-dinov2, digits recipe, 2x32 + 8x16"] = [
+            time_pipeline("digits", DataConfig.recipe("digits"), 64, args.batches, True)]
+    rates = {name: statistics.median(rate for rate, _ in values) for name, values in runs.items()}
+    peer = next((rate for name, rate in rates.items() if name.startswith("reference")), None)
+    for name, values in runs.items():
+        spread = (f" (runs {', '.join(f'{rate:.1f}' for rate, _ in values)})"
+                  if len(values) > 1 else "")
+        ratio = f", {rates[name] / peer:.2f}x the reference" if peer else ""
+        print(f"{name}: {rates[name]:.1f} images/s{ratio}{spread}; first batch {values[0][1]:.1f} s")
+    if note:
+        print(f"Note: {note}")
     print(f"load average after {load_average():.2f}; batch {args.batch_size}, "
           f"{args.batches} timed batches after 3 warm-up batches")
 
