@@ -219,7 +219,8 @@ def main():
     for name, values in runs.items():
         spread = (f" (runs {', '.join(f'{rate:.1f}' for rate, _ in values)})"
                   if len(values) > 1 else "")
-        ratio = f", {rates[name] / peer:.2f}x the reference" if peer else ""
+        same_recipe = "ViT-14 recipe" in name or name.startswith("reference")
+        ratio = f", {rates[name] / peer:.2f}x the reference" if peer and same_recipe else ""
         print(f"{name}: {rates[name]:.1f} images/s{ratio}{spread}; first batch {values[0][1]:.1f} s")
     if note:
         print(f"Note: {note}")
