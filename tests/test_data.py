@@ -472,6 +472,56 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert train.num_examples + test.num_examples == 7 and test.num_classes == 3
 
 
+def _bmp_4bit_top_down(indices, palette_rgb):
+    """A hand-built uncompressed 4-bit BMP, rows stored top-down (negative height), for the decoder test."""
+    height, width = indices.shape
+    row_bytes = (4 * width + 31) // 32 * 4
+    rows = np.zeros((height, row_bytes), np.uint8)
+    padded = np.zeros((height, 2 * row_bytes), np.uint8)
+    padded[:, :width] = indices
+    rows[:, :] = (padded[:, 0::2] << 4) | padded[:, 1::2]
+    palette = np.zeros((16, 4), np.uint8)
+    palette[: len(palette_rgb), :3] = palette_rgb[:, ::-1]  # stored as B, G, R, 0
+    offset = 14 + 40 + palette.nbytes
+    info = np.array([40, width, -height], "<i4").tobytes() + np.array([1, 4], "<u2").tobytes()
+    info += np.array([0, rows.nbytes, 2835, 2835, 16, 0], "<i4").tobytes()
+    file_header = b"BM" + np.array([offset + rows.nbytes, 0, offset], "<u4").tobytes()
+    return file_header + info + palette.tobytes() + rows.tobytes()
+
+
+def test_palette_bmp_files_decode_through_their_palette(tmp_path):
+    """8-bit, 4-bit and 1-bit BMPs hold palette indices; TensorFlow's decoder alone returns the indices as gray
+    levels (8-bit) or fails (1 and 4-bit)."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 255, (13, 11, 3), dtype=np.uint8)
+    expected = {}
+    if importlib.util.find_spec("PIL") is not None:
+        from PIL import Image as image_module
+
+        for name, convert in [
+            ("p16.bmp", dict(mode="P", palette=1, colors=16)),
+            ("bw.bmp", dict(mode="1")),
+        ]:
+            image = image_module.fromarray(pixels).convert(**convert)
+            image.save(tmp_path / name)
+            expected[name] = np.asarray(image.convert("RGB"))
+    indices = rng.integers(0, 12, (5, 7)).astype(np.uint8)
+    palette = rng.integers(0, 255, (12, 3), dtype=np.uint8)
+    (tmp_path / "nibbles.bmp").write_bytes(_bmp_4bit_top_down(indices, palette))
+    expected["nibbles.bmp"] = palette[indices]
+
+    source = get_source(tmp_path)
+    decoded = {
+        os.path.basename(source.describe(record).numpy().decode()): source.decode(record)[0].numpy()
+        for record in source.stream()
+    }
+    assert sorted(decoded) == sorted(expected)
+    for name, pixels_rgb in expected.items():
+        np.testing.assert_array_equal(
+            np.round(decoded[name] * 255).astype(np.uint8), pixels_rgb, err_msg=name
+        )
+
+
 def _folder_with_bad_files(root):
     rng = np.random.default_rng(1)
     for i in range(4):

@@ -197,9 +197,68 @@ def _to_rgb_float(image):
     return image
 
 
+def _le_int(header, offset, dtype=tf.int32):
+    size = {tf.int32: 4, tf.uint16: 2}[dtype]
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(header, offset, size), dtype)[0], tf.int32)
+
+
+def _bmp_header(data):
+    """The first 54 bytes of `data`, zero-padded, so that parsing a short file raises no error here."""
+    return tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, 54), b"\0" * 54]), 0, 54)
+
+
+def _is_indexed_bmp(data):
+    """True for an uncompressed BMP with 1, 4 or 8 bits per pixel (colors from a palette)."""
+    header = _bmp_header(data)
+    bits = _le_int(header, 28, tf.uint16)
+    return (
+        tf.equal(tf.strings.substr(header, 0, 2), b"BM")
+        & tf.equal(_le_int(header, 30), 0)
+        & ((bits == 1) | (bits == 4) | (bits == 8))
+    )
+
+
+def _decode_indexed_bmp(data):
+    """uint8 RGB (H, W, 3) of an uncompressed 1, 4 or 8 bit BMP, through its palette.
+
+    TensorFlow's BMP decoder returns the palette indices of 8-bit files as gray levels and rejects 1 and 4-bit
+    files; this reads the rows (padded to 4 bytes, bottom-up unless the height is negative), unpacks the indices
+    and looks up the BGR(A) palette that follows the info header.
+    """
+    header = _bmp_header(data)
+    width, height = _le_int(header, 18), _le_int(header, 22)
+    rows = tf.abs(height)
+    bits = _le_int(header, 28, tf.uint16)
+    row_bytes = (bits * width + 31) // 32 * 4
+    pixels = tf.io.decode_raw(
+        tf.strings.substr(data, _le_int(header, 10), row_bytes * rows), tf.uint8
+    )
+    pixels = tf.reshape(pixels, [rows, row_bytes])
+    per_byte = 8 // bits
+    # The pixels of a byte, most significant bits first: shift right by (per_byte - 1 - j) * bits, mask.
+    shifts = tf.cast((per_byte - 1 - tf.range(per_byte)) * bits, tf.uint8)
+    indices = tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(pixels[:, :, None], shifts[None, None, :]),
+        tf.cast(tf.bitwise.left_shift(1, bits) - 1, tf.uint8),
+    )
+    indices = tf.reshape(indices, [rows, row_bytes * per_byte])[:, :width]
+    indices = tf.cond(height > 0, lambda: tf.reverse(indices, [0]), lambda: indices)
+    colors = _le_int(header, 46)
+    colors = tf.where(colors > 0, colors, tf.bitwise.left_shift(1, bits))
+    palette = tf.io.decode_raw(
+        tf.strings.substr(data, 14 + _le_int(header, 14), 4 * colors), tf.uint8
+    )
+    palette = tf.reverse(tf.reshape(palette, [colors, 4])[:, :3], [1])  # BGR(A) -> RGB
+    return tf.gather(palette, tf.cast(indices, tf.int32))
+
+
 def _decode_file(path):
     data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = tf.cond(
+        _is_indexed_bmp(data),
+        lambda: _decode_indexed_bmp(data),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
     image.set_shape([None, None, 3])
     return tf.image.convert_image_dtype(image, tf.float32)
 
