@@ -272,6 +272,52 @@ def test_residual_gradient_boundary_is_the_identity_with_the_same_gradient():
     assert np.isnan(np.asarray(grad)[0, 0, 0]) and np.isfinite(np.asarray(grad)[1]).all()
 
 
+def numpy_attention(q, k, v, scale):
+    """softmax(q k^T * scale) v per head, (batch, tokens, heads, dim), in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def test_attention_dispatch_matches_numpy():
+    """The attention the blocks call (on JAX's CPU backend a hand-laid-out formulation with its own
+    gradient, elsewhere keras.ops.dot_product_attention) computes softmax attention."""
+    from keras_dinov2.trainers import dot_product_attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 7, 3, 4)).astype("float32") * 2 for _ in range(3))
+    out = ops.convert_to_numpy(dot_product_attention(q, k, v, scale=0.5))
+    np.testing.assert_allclose(out, numpy_attention(q, k, v, 0.5), rtol=1e-5, atol=1e-5)
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+    import jax.numpy as jnp
+
+    from keras_dinov2.trainers.jax import cpu_dot_product_attention
+
+    weights = rng.normal(size=q.shape).astype("float32")
+
+    def loss(attention):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v)) * weights)
+
+    ours = jax.jit(
+        jax.grad(loss(lambda q, k, v: cpu_dot_product_attention(q, k, v, 0.5)), (0, 1, 2))
+    )
+    theirs = jax.grad(
+        loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.5)), (0, 1, 2)
+    )
+    for a, b in zip(ours(q, k, v), theirs(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(cpu_dot_product_attention(q, k, v, 0.5)),
+        numpy_attention(q, k, v, 0.5),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the boundary acts on JAX only")
 def test_backbone_gradients_do_not_depend_on_the_residual_boundary(monkeypatch):
     """The tiny backbone's parameter gradients with and without the boundary agree to rounding

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_dinov2.trainers import dot_product_attention
+
 
 def torch_linear_init():
     """Normal(0, 0.02) kernels: the reference's `trunc_normal_(std=0.02)` cuts at +-2 in
@@ -66,7 +68,7 @@ class Attention(keras.layers.Layer):
         shape = ops.shape(x)
         qkv = ops.reshape(self.qkv(x), (shape[0], shape[1], 3, self.num_heads, self.head_dim))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = ops.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         out = ops.reshape(out, (shape[0], shape[1], self.hidden_dim))
         return self.proj(out)
 

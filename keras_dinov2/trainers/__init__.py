@@ -33,6 +33,32 @@ def residual_gradient_boundary(x):
     return x if function is None else function(x)
 
 
+_ATTENTION = {}
+
+
+def dot_product_attention(query, key, value, scale):
+    """`keras.ops.dot_product_attention(query, key, value, scale=scale)`, inputs (batch, tokens, heads, head_dim).
+
+    On JAX's CPU backend with float32 inputs it is
+    `keras_dinov2.trainers.jax.cpu_dot_product_attention`: the same values, laid out for XLA's
+    CPU kernels (~24% faster forward, ~32% faster forward + backward at 257 tokens). Everywhere
+    else (other backends, GPU and TPU with their fused kernels, mixed precision, symbolic tensors)
+    it is the Keras op.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax" and not isinstance(query, keras.KerasTensor):
+        if backend not in _ATTENTION:
+            from keras_dinov2.trainers import jax as module
+
+            _ATTENTION[backend] = module.dot_product_attention_for_platform()
+        function = _ATTENTION[backend]
+        if function is not None and all(
+            keras.backend.standardize_dtype(x.dtype) == "float32" for x in (query, key, value)
+        ):
+            return function(query, key, value, float(scale))
+    return keras.ops.dot_product_attention(query, key, value, scale=scale)
+
+
 def step_functions():
     """The (train_step, test_step) implementations for the active Keras backend."""
     backend = keras.backend.backend()
