@@ -19,6 +19,8 @@ import math
 import keras
 from keras import ops
 
+from keras_dinov2.trainers import max_over_rows, sum_over_rows
+
 __all__ = [
     "CrossReplica",
     "softmax_center",
@@ -232,9 +234,9 @@ def sinkhorn_knopp(
     for _ in range(num_iterations):
         # Prototype step: log of each prototype's mass over the global batch (real rows only).
         excluded = ops.where(mask, scores, -math.inf) if mask is not None else scores
-        peak = reduction.max(ops.max(excluded, axis=0, keepdims=True))
+        peak = reduction.max(ops.expand_dims(max_over_rows(excluded), 0))
         peak = ops.where(ops.isfinite(peak), peak, 0.0)  # no real row on any replica
-        mass = reduction.sum(ops.sum(ops.exp(excluded - peak), axis=0, keepdims=True))
+        mass = reduction.sum(ops.expand_dims(sum_over_rows(ops.exp(excluded - peak)), 0))
         scores = scores - (peak + ops.log(ops.maximum(mass, 1e-30)))
         # Sample step: rows are local, no collective needed.
         scores = scores - ops.logsumexp(scores, axis=-1, keepdims=True)
@@ -280,10 +282,10 @@ def update_center(center, teacher_logits, momentum=0.9, valid=None, reduction=No
     rows_shape = (math.prod(shape[:-1]) if all(d is not None for d in shape[:-1]) else None,)
     mask = _rows_mask("teacher_logits", valid, None, None, rows_shape)
     if mask is None:
-        local_mean = ops.mean(logits, axis=0)
+        local_mean = sum_over_rows(logits) / ops.cast(ops.shape(logits)[0], "float32")
     else:
         count = ops.maximum(ops.sum(ops.cast(mask, "float32")), 1.0)
-        local_mean = ops.sum(ops.where(ops.expand_dims(mask, -1), logits, 0.0), axis=0) / count
+        local_mean = sum_over_rows(ops.where(ops.expand_dims(mask, -1), logits, 0.0)) / count
     batch_mean = reduction.mean(local_mean)
     return momentum * center + (1.0 - momentum) * ops.reshape(batch_mean, ops.shape(center))
 

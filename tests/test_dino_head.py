@@ -224,3 +224,42 @@ def test_invalid_arguments():
         DINOHead(num_layers=0)
     with pytest.raises(ValueError, match="num_prototypes"):
         DINOHead(num_prototypes=0)
+
+
+def test_row_reductions_and_weight_normalized_kernel_match_numpy():
+    """The reductions over rows and the weight-normalized kernel that the heads and losses call (on
+    JAX's CPU backend loops over the rows with hand-written gradients, elsewhere keras.ops) give
+    NumPy's values, and on JAX the gradients of the plain formulas."""
+    from keras_dinov2.trainers import max_over_rows, sum_over_rows, weight_normalized_kernel
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(37, 11)).astype("float32")
+    np.testing.assert_allclose(_np(sum_over_rows(x)), x.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(max_over_rows(x)), x.max(0))
+    v = rng.normal(size=(9, 13)).astype("float32")
+    v[:, 4] = 0.0  # an all-zero column: the floor keeps it finite (0)
+    g = rng.uniform(0.5, 2.0, size=(13,)).astype("float32")
+    expected = v * g / np.sqrt(np.maximum((v.astype(np.float64) ** 2).sum(0), 1e-24))
+    np.testing.assert_allclose(_np(weight_normalized_kernel(v, g, 1e-24)), expected, rtol=1e-5, atol=1e-6)
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+    import jax.numpy as jnp
+
+    weights = rng.normal(size=v.shape).astype("float32")
+
+    def plain(v, g):
+        return v * (g / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=0), 1e-24)))
+
+    def loss(kernel):
+        return lambda v, g: jnp.sum(jnp.sin(kernel(v, g)) * weights)
+
+    ours = jax.jit(jax.grad(loss(lambda v, g: weight_normalized_kernel(v, g, 1e-24)), (0, 1)))(v, g)
+    theirs = jax.grad(loss(plain), (0, 1))(v, g)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    row_weights = rng.normal(size=(11,)).astype("float32")
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.cos(sum_over_rows(x)) * row_weights)))(x)
+    np.testing.assert_allclose(
+        np.asarray(grad), np.broadcast_to(-np.sin(x.sum(0)) * row_weights, x.shape), rtol=1e-4, atol=1e-5
+    )

@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
+from keras_dinov2.trainers import weight_normalized_kernel
 
 _MIXED_COMPUTE_DTYPES = ("float16", "bfloat16")
 
@@ -47,8 +48,7 @@ class WeightNormPrototypes(keras.layers.Layer):
         v = ops.cast(self.weight_v, self.compute_dtype)
         g = ops.cast(self.weight_g, self.compute_dtype)
         # The floor only matters for an all-zero column (the reference has none and would divide by 0).
-        norm = ops.sqrt(ops.maximum(ops.sum(ops.square(v), axis=0), 1e-24))
-        return v * (g / norm)
+        return weight_normalized_kernel(v, g, 1e-24)
 
     def call(self, x):
         return ops.matmul(x, self.effective_kernel())

@@ -48,13 +48,6 @@ def _boundary_bwd(_, gradient):
 residual_gradient_boundary.defvjp(_boundary_fwd, _boundary_bwd)
 
 
-def residual_gradient_boundary_for_platform():
-    """`residual_gradient_boundary` on XLA:CPU, else None. The duplication was found and
-    measured on CPU only; on a GPU the loop's condition would also be read back by the host at
-    each block, so GPU and TPU steps are left as they were."""
-    return residual_gradient_boundary if jax.default_backend() == "cpu" else None
-
-
 def _heads_first(x):
     """(batch, tokens, heads, head_dim) -> (batch * heads, tokens, head_dim)."""
     batch, tokens, heads, dim = x.shape
@@ -118,9 +111,84 @@ def _attention_bwd(scale, residuals, gradient):
 cpu_dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def dot_product_attention_for_platform():
-    """`cpu_dot_product_attention` on XLA:CPU, else None (GPU and TPU keep their fused kernels)."""
-    return cpu_dot_product_attention if jax.default_backend() == "cpu" else None
+def _sum_rows(x):
+    """sum(x, axis=0), accumulated one row at a time in a loop.
+
+    XLA:CPU's reduction over the leading axis of a (256, 65536) matrix takes ~85 ms (YNNPACK),
+    a matrix-vector product with ones ~20 ms, this loop ~3.5 ms: each step adds one contiguous
+    row into an accumulator that stays in cache. Sequential float32 summation: the rounding error
+    grows with the row count (hundreds here), not with the row length.
+    """
+    x = jnp.asarray(x)
+    return jax.lax.fori_loop(0, x.shape[0], lambda i, total: total + x[i], jnp.zeros(x.shape[1:], x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _cpu_sum_over_rows(x, rows):
+    return _sum_rows(x)
+
+
+def _sum_over_rows_fwd(x, rows):
+    return _sum_rows(x), None
+
+
+def _sum_over_rows_bwd(rows, _, gradient):
+    return (jnp.broadcast_to(gradient, (rows, *gradient.shape)),)
+
+
+_cpu_sum_over_rows.defvjp(_sum_over_rows_fwd, _sum_over_rows_bwd)
+
+
+def cpu_sum_over_rows(x):
+    """`sum(x, axis=0)` through `_sum_rows`, with the broadcast gradient."""
+    return _cpu_sum_over_rows(x, x.shape[0])
+
+
+def cpu_max_over_rows(x):
+    """`max(x, axis=0)` one row at a time, like `_sum_rows` (differentiable as a loop)."""
+    x = jnp.asarray(x)
+    return jax.lax.fori_loop(1, x.shape[0], lambda i, peak: jnp.maximum(peak, x[i]), x[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cpu_weight_normalized_kernel(v, g, floor):
+    """g * v / sqrt(max(sum(v^2, axis=0), floor)) per column, its two reductions over rows done by `_sum_rows`.
+
+    The gradient is written by hand so that its one reduction over rows, sum(dK * v), also runs in
+    the loop (autodiff would emit XLA's slow leading-axis reduction).
+    """
+    return v * (g / jnp.sqrt(jnp.maximum(_sum_rows(v * v), floor)))
+
+
+def _weight_norm_fwd(v, g, floor):
+    squares = _sum_rows(v * v)
+    norm = jnp.sqrt(jnp.maximum(squares, floor))
+    return v * (g / norm), (v, g, norm, squares > floor)
+
+
+def _weight_norm_bwd(floor, residuals, d_kernel):
+    v, g, norm, above_floor = residuals
+    # K = v g / n with n = sqrt(sum_i v_i^2): dK/dv_k = g / n - v_k (sum_i dK_i v_i) g / n^3.
+    t = _sum_rows(d_kernel * v)
+    d_v = d_kernel * (g / norm) - v * jnp.where(above_floor, t * g / norm**3, 0.0)
+    return d_v, t / norm
+
+
+cpu_weight_normalized_kernel.defvjp(_weight_norm_fwd, _weight_norm_bwd)
+
+
+def cpu_function(name):
+    """The XLA:CPU formulation called `name`, or None off JAX's CPU platform (GPUs and TPUs keep
+    the plain operations, where none of these was measured to help)."""
+    if jax.default_backend() != "cpu":
+        return None
+    return {
+        "residual_gradient_boundary": residual_gradient_boundary,
+        "dot_product_attention": cpu_dot_product_attention,
+        "sum_over_rows": cpu_sum_over_rows,
+        "max_over_rows": cpu_max_over_rows,
+        "weight_normalized_kernel": cpu_weight_normalized_kernel,
+    }[name]
 
 
 def _values(scope, variables, fallback):
