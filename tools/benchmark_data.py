@@ -48,12 +48,9 @@ def write_jpegs(folder, count, seed=0):
             os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
-def time_pipeline(source, config, batch_size, batches, jit_compile):
-    from keras_dinov2.data import multicrop_dataset
-
-    dataset = multicrop_dataset(source, batch_size=batch_size, config=config, repeat=True,
-                                jit_compile=jit_compile)
-    iterator = iter(dataset)
+def time_batches(batches_iterable, batch_size, batches):
+    """(source images/s over `batches` batches after 3 warm-up ones, seconds to the first batch)."""
+    iterator = iter(batches_iterable)
     start = time.perf_counter()
     next(iterator)
     first = time.perf_counter() - start
@@ -64,6 +61,14 @@ def time_pipeline(source, config, batch_size, batches, jit_compile):
         next(iterator)
     seconds = time.perf_counter() - start
     return batches * batch_size / seconds, first
+
+
+def time_pipeline(source, config, batch_size, batches, jit_compile):
+    from keras_dinov2.data import multicrop_dataset
+
+    dataset = multicrop_dataset(source, batch_size=batch_size, config=config, repeat=True,
+                                jit_compile=jit_compile)
+    return time_batches(dataset, batch_size, batches)
 
 
 def import_torchvision():
@@ -147,18 +152,7 @@ def time_reference(folder, reference, batch_size, batches, workers):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          num_workers=workers, collate_fn=collate_fn, drop_last=True,
                                          persistent_workers=workers > 0)
-    iterator = iter(loader)
-    start = time.perf_counter()
-    next(iterator)
-    first = time.perf_counter() - start
-    for _ in range(3):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    seconds = time.perf_counter() - start
-    del iterator, loader
-    return batches * batch_size / seconds, first
+    return time_batches(loader, batch_size, batches)
 
 
 def main():
