@@ -241,17 +241,17 @@ def test_from_preset_names_the_broken_file(tmp_path):
         DINOv2Backbone.from_preset(str(folder))
 
 
-def test_residual_gradient_boundary_is_the_identity_with_the_same_gradient():
-    """Each block passes its residual stream through `residual_gradient_boundary` (a fusion
+def test_gradient_boundary_is_the_identity_with_the_same_gradient():
+    """Each block passes its residual stream through `gradient_boundary` (a fusion
     boundary for the backward pass on JAX's CPU backend): values are exact, gradients what they
     are without it (to float32 rounding: XLA fuses the arithmetic around it differently), NaN
     included."""
-    from keras_dinov2.trainers import residual_gradient_boundary
+    from keras_dinov2.trainers import gradient_boundary
 
     x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
-    np.testing.assert_array_equal(ops.convert_to_numpy(residual_gradient_boundary(x)), x)
+    np.testing.assert_array_equal(ops.convert_to_numpy(gradient_boundary(x)), x)
     symbolic = keras.KerasTensor((None, 5, 8))
-    assert residual_gradient_boundary(symbolic) is symbolic
+    assert gradient_boundary(symbolic) is symbolic
     if keras.backend.backend() != "jax":
         return
     import jax
@@ -263,12 +263,12 @@ def test_residual_gradient_boundary_is_the_identity_with_the_same_gradient():
             y = (boundary(y) if boundary else y) + jnp.sin(y) * 0.5
         return jnp.sum(y**2)
 
-    with_boundary = jax.jit(jax.grad(lambda v: loss(v, residual_gradient_boundary)))(x)
+    with_boundary = jax.jit(jax.grad(lambda v: loss(v, gradient_boundary)))(x)
     without = jax.jit(jax.grad(lambda v: loss(v, None)))(x)
     np.testing.assert_allclose(np.asarray(with_boundary), np.asarray(without), rtol=1e-6, atol=1e-6)
     poisoned = x.copy()
     poisoned[0, 0, 0] = np.nan
-    grad = jax.grad(lambda v: jnp.sum(residual_gradient_boundary(v) * v))(jnp.asarray(poisoned))
+    grad = jax.grad(lambda v: jnp.sum(gradient_boundary(v) * v))(jnp.asarray(poisoned))
     assert np.isnan(np.asarray(grad)[0, 0, 0]) and np.isfinite(np.asarray(grad)[1]).all()
 
 
@@ -339,7 +339,7 @@ def test_backbone_gradients_do_not_depend_on_the_residual_boundary(monkeypatch):
         return jax.jit(jax.grad(loss))(trainable)
 
     with_boundary = grads()
-    monkeypatch.setattr(block_module, "residual_gradient_boundary", lambda x: x)
+    monkeypatch.setattr(block_module, "gradient_boundary", lambda x: x)
     without = grads()
     for a, b in zip(with_boundary, without):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

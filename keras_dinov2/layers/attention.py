@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_dinov2.trainers import dot_product_attention
+from keras_dinov2.trainers import dot_product_attention, gradient_boundary
 
 
 def torch_linear_init():
@@ -66,11 +66,12 @@ class Attention(keras.layers.Layer):
 
     def call(self, x):
         shape = ops.shape(x)
-        qkv = ops.reshape(self.qkv(x), (shape[0], shape[1], 3, self.num_heads, self.head_dim))
+        qkv = gradient_boundary(self.qkv(x))
+        qkv = ops.reshape(qkv, (shape[0], shape[1], 3, self.num_heads, self.head_dim))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         out = ops.reshape(out, (shape[0], shape[1], self.hidden_dim))
-        return self.proj(out)
+        return gradient_boundary(self.proj(out))
 
     def attention_weights(self, x):
         """Softmax attention probabilities (batch, heads, tokens, tokens) in float32."""

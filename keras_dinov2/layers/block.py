@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_dinov2.layers.attention import Attention
 from keras_dinov2.layers.feedforward import MLP, SwiGLU, swiglu_hidden_dim
-from keras_dinov2.trainers import residual_gradient_boundary
+from keras_dinov2.trainers import gradient_boundary
 
 FFN_TYPES = ("mlp", "swiglu")
 
@@ -190,7 +190,7 @@ class TransformerBlock(keras.layers.Layer):
 
     def call(self, x, training=None):
         # A no-op except in the backward pass on JAX's CPU backend (see its docstring).
-        x = residual_gradient_boundary(x)
+        x = gradient_boundary(x)
         subset = (
             training
             and self.subset_drop_path

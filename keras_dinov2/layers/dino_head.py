@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
-from keras_dinov2.trainers import weight_normalized_kernel
+from keras_dinov2.trainers import gradient_boundary, weight_normalized_kernel
 
 _MIXED_COMPUTE_DTYPES = ("float16", "bfloat16")
 
@@ -195,7 +195,7 @@ class DINOHead(keras.layers.Layer):
 
     def call(self, x, row_weights=None):
         for i, layer in enumerate(self.mlp_layers):
-            x = layer(x)
+            x = gradient_boundary(layer(x))
             if i < len(self.mlp_layers) - 1:
                 if self.use_bn:
                     x = self._batch_norm(i, x, row_weights)

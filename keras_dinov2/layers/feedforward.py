@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
+from keras_dinov2.trainers import gradient_boundary
 
 
 def swiglu_hidden_dim(hidden_dim, mlp_ratio):
@@ -49,7 +50,9 @@ class MLP(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        return self.fc2(ops.gelu(self.fc1(x), approximate=False))
+        # The boundaries only change how XLA:CPU schedules the backward pass (see its docstring).
+        hidden = gradient_boundary(self.fc1(x))
+        return gradient_boundary(self.fc2(ops.gelu(hidden, approximate=False)))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -101,8 +104,8 @@ class SwiGLU(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        gate, value = ops.split(self.w12(x), 2, axis=-1)
-        return self.w3(ops.silu(gate) * value)
+        gate, value = ops.split(gradient_boundary(self.w12(x)), 2, axis=-1)
+        return gradient_boundary(self.w3(ops.silu(gate) * value))
 
     def compute_output_shape(self, input_shape):
         return input_shape

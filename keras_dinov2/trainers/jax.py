@@ -9,14 +9,17 @@ from keras import StatelessScope
 
 
 @jax.custom_vjp
-def residual_gradient_boundary(x):
+def gradient_boundary(x):
     """Identity; its gradient is the incoming one, written to memory once (XLA:CPU only).
 
     A ViT's residual stream gets, in the backward pass, a running sum of gradients: block k's
     is block k+1's plus the LayerNorm terms of block k. XLA's CPU fusion duplicates cheap
     elementwise producers into each consumer, so every block's weight-gradient products
     recompute the whole sum from the top instead of reading it: quadratic in depth (on
-    ViT-S/14, 12 blocks, these fusions took 40% of the training step). An optimization barrier
+    ViT-S/14, 12 blocks, these fusions took 40% of the training step). Likewise at a linear
+    layer's output: XLA computes the weight gradient as dy^T x and fuses dy's producers (the
+    LayerNorm or GELU backward) into the copy that transposes dy, evaluating them in transposed
+    order, several times slower than writing dy and transposing it. An optimization barrier
     does not stop it (XLA:CPU removes barriers before fusion); a while loop that XLA cannot
     prove runs once does: its carried value must be a buffer. The loop runs once and multiplies
     by a carried 1.0 (computed as 1 + 0 * the first element, which XLA cannot fold), so a
@@ -45,7 +48,7 @@ def _boundary_bwd(_, gradient):
     return (gradient,)
 
 
-residual_gradient_boundary.defvjp(_boundary_fwd, _boundary_bwd)
+gradient_boundary.defvjp(_boundary_fwd, _boundary_bwd)
 
 
 def _heads_first(x):
@@ -183,7 +186,7 @@ def cpu_function(name):
     if jax.default_backend() != "cpu":
         return None
     return {
-        "residual_gradient_boundary": residual_gradient_boundary,
+        "gradient_boundary": gradient_boundary,
         "dot_product_attention": cpu_dot_product_attention,
         "sum_over_rows": cpu_sum_over_rows,
         "max_over_rows": cpu_max_over_rows,
