@@ -283,13 +283,33 @@ def numpy_attention(q, k, v, scale):
 
 def test_attention_dispatch_matches_numpy():
     """The attention the blocks call (on JAX's CPU backend a hand-laid-out formulation with its own
-    gradient, elsewhere keras.ops.dot_product_attention) computes softmax attention."""
+    gradient, on TensorFlow's CPU one that scales q, elsewhere keras.ops.dot_product_attention)
+    computes softmax attention, and its gradients are those of the Keras op."""
     from keras_dinov2.trainers import dot_product_attention
 
     rng = np.random.default_rng(1)
     q, k, v = (rng.normal(size=(2, 7, 3, 4)).astype("float32") * 2 for _ in range(3))
-    out = ops.convert_to_numpy(dot_product_attention(q, k, v, scale=0.5))
-    np.testing.assert_allclose(out, numpy_attention(q, k, v, 0.5), rtol=1e-5, atol=1e-5)
+    out = ops.convert_to_numpy(dot_product_attention(q, k, v, scale=0.3))
+    np.testing.assert_allclose(out, numpy_attention(q, k, v, 0.3), rtol=1e-5, atol=1e-5)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        from keras_dinov2.trainers.tensorflow import cpu_dot_product_attention
+
+        if not tf.config.list_logical_devices("GPU"):
+            np.testing.assert_array_equal(
+                out, cpu_dot_product_attention(q, k, v, 0.3).numpy())
+        weights = rng.normal(size=q.shape).astype("float32")
+        grads = []
+        for attention in (cpu_dot_product_attention,
+                          lambda q, k, v, s: ops.dot_product_attention(q, k, v, scale=s)):
+            inputs = [tf.constant(t) for t in (q, k, v)]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                loss = tf.reduce_sum(tf.sin(attention(*inputs, 0.3)) * weights)
+            grads.append(tape.gradient(loss, inputs))
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
     if keras.backend.backend() != "jax":
         return
     import jax
