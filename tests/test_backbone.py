@@ -296,7 +296,7 @@ def test_attention_dispatch_matches_numpy():
 
         from keras_dinov2.trainers.tensorflow import cpu_dot_product_attention
 
-        if not tf.config.list_logical_devices("GPU"):
+        if not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")):
             np.testing.assert_array_equal(
                 out, cpu_dot_product_attention(q, k, v, 0.3).numpy())
         weights = rng.normal(size=q.shape).astype("float32")

@@ -18,8 +18,9 @@ def cpu_dot_product_attention(query, key, value, scale):
 
 
 def cpu_function(name):
-    """The CPU formulation called `name`, or None where TensorFlow sees a GPU or has none."""
-    if tf.config.list_logical_devices("GPU"):
+    """The CPU formulation called `name`; None where TensorFlow sees a GPU or a TPU (neither was
+    measured), and for the names that have no TensorFlow formulation."""
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
         return None
     return {"dot_product_attention": cpu_dot_product_attention}.get(name)
 
