@@ -143,20 +143,24 @@ def inference_flops(backbone, batch, size):
     return _flops(jax.jit(forward).lower(trainable, non_trainable, images).compile())
 
 
-def train_step_flops(preset, batch_size, prototypes):
-    """FLOPs of the compiled JAX training step, on a batch from the library's pipeline."""
+def train_step_flops(model_name, batch_size, prototypes):
+    """FLOPs of the compiled JAX training step, on a batch from the library's pipeline, with
+    the crops benchmark_train_step.py uses for this model."""
     import jax
     import keras
     import numpy as np
+    from benchmark_train_step import MODELS as TRAIN_MODELS
     from benchmark_train_step import _source_images
 
     from keras_dinov2 import DINOv2Backbone, DINOv2Pretrainer, SSLConfig
-    from keras_dinov2.config import HeadConfig, OptimConfig
+    from keras_dinov2.config import DataConfig, HeadConfig, OptimConfig
     from keras_dinov2.data import multicrop_dataset
 
     keras.utils.set_random_seed(0)
+    preset = MODELS[model_name]
     config = SSLConfig(batch_size=batch_size, heads=HeadConfig(num_prototypes=prototypes),
-                       optim=OptimConfig(warmup_epochs=0))
+                       optim=OptimConfig(warmup_epochs=0),
+                       data=DataConfig.recipe(TRAIN_MODELS[model_name]["data"]))
     backbone = DINOv2Backbone.from_preset(
         preset, load_weights=False, image_size=config.data.crops.global_crops_size,
         layer_scale_init=1e-5)
@@ -175,7 +179,7 @@ def train_step_flops(preset, batch_size, prototypes):
     )
     compiled = jax.jit(model.train_step).lower(state, (batch,)).compile()
     masked = int(batch["mask_indices"].shape[0])
-    return _flops(compiled), masked, config.data.crops
+    return _flops(compiled), masked, config.data.crops, config.heads.bottleneck_dim
 
 
 def main(argv=None):
@@ -207,9 +211,10 @@ def main(argv=None):
     flops = inference_flops(backbone, args.batch_size, args.image_size)
     step = None
     if not args.inference_only:
-        step_flops, masked, crops = train_step_flops(preset, args.train_batch, args.prototypes)
+        step_flops, masked, crops, bottleneck = train_step_flops(args.model, args.train_batch,
+                                                                  args.prototypes)
         step = {"flops": step_flops, "masked_rows": masked}
-        shapes.append((masked, 256, args.prototypes))
+        shapes.append((masked, bottleneck, args.prototypes))
     print(f"Matrix products, float32, median of {args.repeats}:")
     rates = gemm_rates(shapes, args.repeats)
     block_rates = {s: r for s, r in list(rates.items())[:4]}
@@ -233,7 +238,7 @@ def main(argv=None):
         # at their own measured rate; every other FLOP at the block products' rate.
         b, m, k = args.train_batch, step["masked_rows"], args.prototypes
         teacher_rows, student_rows = 2 * b + m, (2 + crops.local_crops_number) * b + m
-        head = 2.0 * 256 * k * (teacher_rows + 3 * student_rows)
+        head = 2.0 * bottleneck * k * (teacher_rows + 3 * student_rows)
         print(f"Training step, {preset}, {b} source images (2 x {crops.global_crops_size} + "
               f"{crops.local_crops_number} x {crops.local_crops_size} crops each), {k} "
               f"prototypes, {m} masked-patch rows: {step['flops'] / 1e9:.1f} GFLOP per step, "
@@ -243,7 +248,7 @@ def main(argv=None):
         for name, key, rate in (("XLA", "xla", xla), ("torch", "torch", torch_rate)):
             if rate is None:
                 continue
-            head_rate = rates[(m, 256, k)][key]
+            head_rate = rates[(m, bottleneck, k)][key]
             seconds = (step["flops"] - head) / (rate * 1e9) + head / (head_rate * 1e9)
             step["bounds"][name] = {"s_per_step": seconds, "images_per_s": b / seconds}
             print(f"  at {name}'s rates ({rate:.1f} GFLOP/s blocks, {head_rate:.1f} prototype "

@@ -59,8 +59,8 @@ def dot_product_attention(query, key, value, scale):
     CPU kernels (~24% faster forward, ~32% faster forward + backward at 257 tokens). On
     TensorFlow without a GPU or TPU it is
     `keras_dinov2.trainers.tensorflow.cpu_dot_product_attention` (q scaled instead of the
-    logits: 3-4% faster ViT-S/14 inference). Everywhere else (torch,
-    GPU and TPU with their fused kernels, mixed precision, symbolic tensors) it is the Keras op.
+    logits: 3-4% faster ViT-S/14 inference). Everywhere else (torch, GPU and TPU with their
+    fused kernels, mixed precision, symbolic tensors) it is the Keras op.
     """
     if not isinstance(query, keras.KerasTensor) and _float32(query, key, value):
         function = _cpu_function("dot_product_attention")
