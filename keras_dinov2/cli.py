@@ -52,6 +52,15 @@ def _parser():
     pretrain.add_argument("--accumulation", type=int, default=None,
                           help="micro-batches per optimizer update (gradient accumulation)")
     pretrain.add_argument("--lr", type=float, default=None, help="base learning rate")
+    pretrain.add_argument("--drop-path", type=float, default=None, dest="drop_path_rate",
+                          help="student stochastic-depth rate (recipe default: 0.3, 0.4 for "
+                               "vitl14 / vitg14, 0.1 for digits)")
+    pretrain.add_argument("--drop-path-uniform", action=argparse.BooleanOptionalAction,
+                          default=None,
+                          help="the same drop-path rate in every block, as the reference's "
+                               "DINOv2 configs (default for the DINOv2 recipes); "
+                               "--no-drop-path-uniform ramps it linearly from 0 in the first "
+                               "block (the digits recipe's rule)")
     pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pretrain.add_argument("--knn-every", type=int, default=1,
                           help="k-NN of the teacher on held-out digits every N epochs (digits "

@@ -578,6 +578,9 @@ class OptimConfig(_ConfigMixin):
         adamw_beta1: float, default 0.9.
         adamw_beta2: float, default 0.999.
         drop_path_rate: float, default 0.3. Student stochastic depth.
+        drop_path_uniform: bool, default True. The same `drop_path_rate` in every block, as the
+            reference's `drop_path_uniform: true` (ssl_default_config.yaml); False ramps the rate
+            linearly from 0 in the first block to `drop_path_rate` in the last (DINO v1's rule).
         layer_scale_init: float, default 1e-5.
         position_embedding_init_std: float, default 0.02. Std of the position table's init for a
             new backbone (not in the reference's configs, which fix 0.02).
@@ -603,6 +606,7 @@ class OptimConfig(_ConfigMixin):
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     drop_path_rate: float = 0.3
+    drop_path_uniform: bool = True
     layer_scale_init: float = 1e-5
     position_embedding_init_std: float = 0.02
     gradient_accumulation_steps: int = 1
@@ -619,11 +623,31 @@ class OptimConfig(_ConfigMixin):
             raise ValueError(
                 f"{owner}.drop_path_rate must be in [0, 1); received {self.drop_path_rate!r}."
             )
+        if not isinstance(self.drop_path_uniform, bool):
+            raise ValueError(
+                f"{owner}.drop_path_uniform must be True or False; received "
+                f"{self.drop_path_uniform!r}."
+            )
         std = self.position_embedding_init_std
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
             raise ValueError(
                 f"{owner}.position_embedding_init_std must be a number > 0; received {std!r}."
             )
+
+
+    def stochastic_depth(self) -> dict[str, Any]:
+        """The student backbone's stochastic-depth arguments (`DINOv2Backbone(**...)`).
+
+        Example:
+            >>> OptimConfig().stochastic_depth()
+            {'drop_path_rate': 0.3, 'drop_path_uniform': True}
+        """
+        return {"drop_path_rate": self.drop_path_rate, "drop_path_uniform": self.drop_path_uniform}
+
+    def new_backbone_init(self) -> dict[str, Any]:
+        """The initialization arguments of a new (randomly initialized) student backbone."""
+        return {"layer_scale_init": self.layer_scale_init,
+                "position_embedding_init_std": self.position_embedding_init_std}
 
 
 @dataclasses.dataclass
@@ -704,7 +728,8 @@ def _digits_ssl_recipe():
         optim=OptimConfig(epochs=20, steps_per_epoch=20, base_lr=0.004, warmup_epochs=1,
                           teacher_temp=0.02, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=0,
                           momentum_teacher=0.99, final_momentum_teacher=0.99, drop_path_rate=0.1,
-                          layer_scale_init=1.0, position_embedding_init_std=1.0),
+                          drop_path_uniform=False, layer_scale_init=1.0,
+                          position_embedding_init_std=1.0),
         data=_digits_recipe(),
     )
 
