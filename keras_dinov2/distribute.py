@@ -146,7 +146,7 @@ class DistributedSetup:
         start = self.process_index * self.local_replicas
         return list(range(start, start + self.local_replicas))
 
-    def dataset(self, source, batch_size, config=None, *, skip=0, **kwargs):
+    def dataset(self, source, batch_size, config=None, *, skip=0, micro_batches=1, **kwargs):
         """The multi-crop training data as this engine wants it, `batch_size` images per replica.
 
         Every replica reads its own shard (`num_shards = num_replicas`). For random-access sources (folders,
@@ -159,13 +159,16 @@ class DistributedSetup:
             batch_size: int. Images per replica per step.
             config: DataConfig (or a config holding one), as `multicrop_dataset`.
             skip: int, default 0. Batches to skip at the start of every shard (resume).
+            micro_batches: int, default 1. Micro-batches per optimizer update (gradient
+                accumulation): each replica's k consecutive batches are stacked into one
+                (`keras_dinov2.data.group_micro_batches`), after `skip`.
             **kwargs: passed to `multicrop_dataset` (seed, repeat, start_epoch, ...).
 
         Returns:
             a tf.data.Dataset (JAX: replica-stacked batches of this host's replicas; torch: this rank's
             batches; one device: the plain dataset), or a tf.distribute DistributedDataset (TensorFlow).
         """
-        from keras_dinov2.data import multicrop_dataset
+        from keras_dinov2.data import group_micro_batches, multicrop_dataset
 
         if "num_shards" in kwargs or "shard_index" in kwargs or "input_context" in kwargs:
             raise ValueError(
@@ -176,7 +179,7 @@ class DistributedSetup:
         def shard(index):
             ds = multicrop_dataset(source, batch_size, config, num_shards=self.num_replicas,
                                    shard_index=index, **kwargs)
-            return ds.skip(skip) if skip else ds
+            return group_micro_batches(ds.skip(skip) if skip else ds, micro_batches)
 
         if self.backend == "tensorflow" and self.strategy is not None:
             import tensorflow as tf
@@ -640,6 +643,36 @@ def replica_reduction():
     if backend == "torch":
         return _torch_reduction()
     return None
+
+
+def active_replicas():
+    """Data-parallel replicas of the distribution in force now (1 without one).
+
+    JAX: the batch axis of the active `keras.distribution` mesh; TensorFlow: the current
+    tf.distribute strategy's replicas in sync; torch: the torch.distributed world size. Used
+    for the global batch that scales the learning rate, as the reference scales by its
+    per-GPU batch times the world size.
+    """
+    backend = _backend()
+    if backend == "jax":
+        distribution = keras.distribution.distribution()
+        mesh = getattr(distribution, "device_mesh", None)
+        if mesh is None:
+            return 1
+        names = list(mesh.axis_names)
+        axis = getattr(distribution, "batch_dim_name", None) or names[0]
+        return int(mesh.shape[names.index(axis)]) if axis in names else 1
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return int(tf.distribute.get_strategy().num_replicas_in_sync)
+    if backend == "torch":
+        if not _torch_distributed():
+            return 1
+        import torch.distributed
+
+        return int(torch.distributed.get_world_size())
+    return 1
 
 
 def all_reduce_gradients(grads):

@@ -434,8 +434,8 @@ def _grouped_koleo(x, shape, eps, groups):
 
 
 def dinov2_loss(
-    student_global_logits,
-    teacher_global_probs,
+    student_global_logits=None,
+    teacher_global_probs=None,
     student_local_logits=None,
     student_patch_logits=None,
     teacher_patch_probs=None,
@@ -471,8 +471,11 @@ def dinov2_loss(
     the student's (NOT swapped); the swap happens here.
 
     Args:
-        student_global_logits: tensor (2B, K). Student DINO head on the (masked) global crops' CLS.
-        teacher_global_probs: tensor (2B, K). Centered or Sinkhorn teacher probabilities of the global crops.
+        student_global_logits: optional tensor (2B, K). Student DINO head on the (masked) global crops' CLS.
+            None switches the DINO term (and KoLeo, which lives inside it) off, as the reference's
+            `do_dino`; `num_images` is then required for iBOT.
+        teacher_global_probs: optional tensor (2B, K). Centered or Sinkhorn teacher probabilities of the
+            global crops (with `student_global_logits`).
         student_local_logits: optional tensor (nB, K). Student DINO head on the local crops' CLS.
         student_patch_logits: optional tensor (M, K'). Student (iBOT) head on the masked patches (buffer).
         teacher_patch_probs: optional tensor (M, K'). Teacher targets for those patches.
@@ -499,6 +502,18 @@ def dinov2_loss(
     >>> parts = dinov2_loss(s_global, t_global, s_local, s_patch, t_patch, masks_weight, cls_global)
     >>> parts["total"]
     """
+    zero = ops.zeros((), "float32")
+    if student_global_logits is None:
+        if num_images is None:
+            raise ValueError(
+                "`num_images` is required when `student_global_logits` is None (DINO term off)."
+            )
+        ibot = zero
+        if student_patch_logits is not None:
+            ibot = ibot_cross_entropy(student_patch_logits, teacher_patch_probs, masks_weight,
+                                      num_images, student_temperature)
+        return {"dino_local": zero, "dino_global": zero, "ibot": ibot, "koleo": zero,
+                "total": ibot_weight * ibot}
     gshape = _check_rank("student_global_logits", student_global_logits, (2,))
     _check_same_shape(
         "student_global_logits", student_global_logits, "teacher_global_probs", teacher_global_probs
@@ -508,7 +523,6 @@ def dinov2_loss(
             "`student_global_logits` must hold 2 global crops of B rows each, received "
             f"student_global_logits.shape={gshape}."
         )
-    zero = ops.zeros((), "float32")
     num_prototypes = ops.shape(student_global_logits)[-1]
     batch = ops.shape(student_global_logits)[0] // 2
 

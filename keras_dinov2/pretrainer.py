@@ -24,10 +24,21 @@ class DINOv2Pretrainer(keras.Model):
     part (backbone, each head); AdamW with layer-wise learning-rate decay steps; then the
     teacher follows the student by EMA with the scheduled momentum.
 
-    Differences from the reference, on purpose: gradient accumulation is available (the
-    teacher, the step counter and the schedules advance once per optimizer update); during
-    the frozen first epoch the head's last layer gets learning rate 0 (the reference drops
-    its gradients, so its Adam moments also stay untouched there).
+    During the frozen first epoch the heads' last layers get learning rate 0, as the
+    reference's DINOv2 does (their gradients still reach AdamW's moments; dropping them is DINO
+    v1's rule). A loss term whose weight is 0 is switched off as in the reference: no DINO,
+    iBOT or KoLeo computation, and no separate iBOT head without iBOT.
+
+    Differences from the reference, on purpose: gradient accumulation is available, and k
+    micro-batches of b images take the step of one batch of k * b (the teacher sees the whole
+    update first, so Sinkhorn-Knopp and the centers use the whole update's statistics; the
+    gradients are summed, clipped once, and the optimizer, the centers, the EMA and the
+    schedules advance once per update), KoLeo and head batch norm aside (within a
+    micro-batch). Under mixed_float16 a step whose gradients overflow leaves the student and
+    the optimizer (and with it the schedules' step counter) where they were, while the centers
+    and the teacher's EMA are updated as in the reference's GradScaler step; the reference's
+    counter advances on such a step, ours does not, since Keras' loss scaling skips the whole
+    optimizer step.
 
     Args:
         backbone: DINOv2Backbone. The student; the teacher is a copy without drop path.
@@ -75,11 +86,24 @@ class DINOv2Pretrainer(keras.Model):
             layer.build((None, dim))
             return layer
 
+        # The reference's switches: a term with weight 0 is not computed; KoLeo lives inside the
+        # DINO term. The DINO head is built whenever a term is on (as the reference builds it),
+        # and is frozen when only a separate iBOT head trains; an iBOT head of its own only
+        # when iBOT is on.
+        loss = self.config.loss
+        self.do_dino = loss.dino_weight > 0
+        self.do_ibot = loss.ibot_weight > 0
+        self.do_koleo = self.do_dino and loss.koleo_weight > 0
+        if not (self.do_dino or self.do_ibot):
+            raise ValueError(
+                "At least one of `config.loss.dino_weight` and `config.loss.ibot_weight` must be "
+                f"> 0, received dino_weight={loss.dino_weight} and ibot_weight={loss.ibot_weight}."
+            )
         self.student_dino_head = head("student_dino_head", heads.num_prototypes,
                                       heads.bottleneck_dim)
         self.teacher_dino_head = head("teacher_dino_head", heads.num_prototypes,
                                       heads.bottleneck_dim)
-        if heads.ibot_separate_head:
+        if heads.ibot_separate_head and self.do_ibot:
             self.student_ibot_head = head("student_ibot_head", heads.ibot_num_prototypes,
                                           heads.ibot_bottleneck_dim)
             self.teacher_ibot_head = head("teacher_ibot_head", heads.ibot_num_prototypes,
@@ -87,7 +111,10 @@ class DINOv2Pretrainer(keras.Model):
         else:
             self.student_ibot_head = self.student_dino_head
             self.teacher_ibot_head = self.teacher_dino_head
-        ibot_prototypes = (heads.ibot_num_prototypes if heads.ibot_separate_head
+        if not self.do_dino and self.student_ibot_head is not self.student_dino_head:
+            self.student_dino_head.trainable = False
+        ibot_prototypes = (heads.ibot_num_prototypes
+                           if self.student_ibot_head is not self.student_dino_head
                            else heads.num_prototypes)
 
         # The teacher starts as an exact copy of the student and never trains.
@@ -96,7 +123,7 @@ class DINOv2Pretrainer(keras.Model):
             for s, t in zip(student_part.trainable_weights, teacher_part.trainable_weights):
                 t.assign(ops.copy(s))
                 self._ema_pairs.append((s, t))
-        for _, teacher_part in self._student_teacher_parts():
+        for teacher_part in (self.teacher, self.teacher_dino_head, self.teacher_ibot_head):
             teacher_part.trainable = False
 
         self.dino_center = self.add_weight(
@@ -112,8 +139,9 @@ class DINOv2Pretrainer(keras.Model):
         self._train_step, self._test_step = step_functions()
 
     def _student_teacher_parts(self):
-        parts = [(self.student, self.teacher),
-                 (self.student_dino_head, self.teacher_dino_head)]
+        parts = [(self.student, self.teacher)]
+        if self.student_dino_head.trainable:
+            parts.append((self.student_dino_head, self.teacher_dino_head))
         if self.student_ibot_head is not self.student_dino_head:
             parts.append((self.student_ibot_head, self.teacher_ibot_head))
         return parts
@@ -143,18 +171,21 @@ class DINOv2Pretrainer(keras.Model):
                 biases, norms and LayerScale) and per-step schedules.
             global_batch_size: optional int. Images per optimizer update across replicas
                 (micro-batch x accumulation x replicas); scales the learning rate by
-                sqrt(batch / 1024). Default: `config.data.batch_size * accumulation`.
+                sqrt(batch / 1024), as the reference scales by its global batch. Default:
+                `config.batch_size * gradient_accumulation_steps * replicas`, the replicas
+                of the active distribution (`keras_dinov2.distribute.active_replicas`).
             total_steps: optional int. Optimizer updates in the whole run. Default:
                 `config.optim.epochs * steps_per_epoch`.
             **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`).
         """
+        from keras_dinov2.distribute import active_replicas
         from keras_dinov2.optim import DINOv2AdamW, param_groups
         from keras_dinov2.schedules import dinov2_schedules
 
         optim = self.config.optim
-        accumulation = int(optim.gradient_accumulation_steps)
         if global_batch_size is None:
-            global_batch_size = self.config.batch_size * accumulation
+            global_batch_size = (self.config.batch_size * self.accumulation_steps
+                                 * active_replicas())
         if total_steps is None:
             total_steps = optim.epochs * self.steps_per_epoch
         self.schedules = dinov2_schedules(
@@ -173,7 +204,9 @@ class DINOv2Pretrainer(keras.Model):
             warmup_teacher_temp_epochs=optim.warmup_teacher_temp_epochs,
             freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
         )
-        heads = {"dino_head": self.student_dino_head}
+        heads = {}
+        if self.student_dino_head.trainable:
+            heads["dino_head"] = self.student_dino_head
         if self.student_ibot_head is not self.student_dino_head:
             heads["ibot_head"] = self.student_ibot_head
         self.param_groups = param_groups(self.student, heads=heads,
@@ -183,14 +216,191 @@ class DINOv2Pretrainer(keras.Model):
             optimizer = DINOv2AdamW.from_schedules(
                 self.schedules, self.param_groups,
                 beta_1=optim.adamw_beta1, beta_2=optim.adamw_beta2,
-                gradient_accumulation_steps=accumulation if accumulation > 1 else None,
             )
         super().compile(optimizer=optimizer, **kwargs)
 
     # ------------------------------------------------------------------ the step
 
+    @property
+    def accumulation_steps(self):
+        """Micro-batches per optimizer update (`config.optim.gradient_accumulation_steps`)."""
+        return int(self.config.optim.gradient_accumulation_steps)
+
+    def _layout(self, data):
+        """(replicas R, micro-batches k) of a batch: it stacks R * k per-replica micro-batches.
+
+        Stacked batches are replica-major: replica r's k micro-batches follow each other (see
+        `keras_dinov2.data.group_micro_batches` and `keras_dinov2.distribute.stack_batches`).
+        """
+        shards = _replica_count(data)
+        k = self.accumulation_steps
+        if shards % k:
+            raise ValueError(
+                f"gradient_accumulation_steps={k} needs batches that stack k micro-batches per "
+                f"replica, received a batch of {shards} stacked micro-batch(es). Build the data with "
+                f"`multicrop_dataset(..., micro_batches={k})` (or `group_micro_batches(dataset, {k})`)."
+            )
+        return shards // k, k
+
+    def micro_batch(self, data, index):
+        """Micro-batch `index` of an update's batch (all replicas' share of it); the batch if k = 1."""
+        data = _unpack(data)
+        replicas, k = self._layout(data)
+        if k == 1:
+            return data
+        out = {}
+        for key, value in data.items():
+            shape = tuple(value.shape)
+            x = ops.reshape(value, (replicas, k, shape[0] // (replicas * k)) + shape[1:])
+            out[key] = ops.reshape(x[:, index], (-1,) + shape[1:])
+        return out
+
+    def teacher_targets(self, data, update_centers=True, reduction=None):
+        """The teacher's pass over a whole update: targets for every micro-batch, centers updated once.
+
+        The teacher (unmasked global crops, inference mode) sees every micro-batch of the update
+        before any student pass, so Sinkhorn-Knopp's sums and the centers' means cover the whole
+        update, as one step on the large batch would: k micro-batches of b images give the
+        targets of one batch of k * b. Nothing here is differentiated.
+
+        Args:
+            data: a multi-crop batch (dict), or a tuple holding it first.
+            update_centers: bool, default True. Assign the staged center update (once per update).
+            reduction: optional `CrossReplica`. Default `self.reduction` (the identity).
+
+        Returns:
+            (targets, logs): targets for `student_loss`; logs with the teacher temperature and the
+            collapse signals of the whole update's targets.
+        """
+        config = self.config
+        reduction = reduction or self.reduction
+        data = _unpack(data)
+        global_crops = data["global_crops"]
+        masks_weight = ops.cast(data["masks_weight"], "float32")
+        shards = _replica_count(data)
+        replicas, _ = self._layout(data)
+        temperature = self.schedules.teacher_temperature(self.step)
+        teacher = self.teacher({"images": global_crops}, training=False)
+        targets = {"dino": None, "ibot": None}
+        logs = {"teacher_temp": temperature}
+        momentum = config.loss.center_momentum
+        centering = config.loss.centering == "sinkhorn_knopp"
+        if self.do_dino:
+            teacher_cls = ops.stop_gradient(_view_major(teacher["cls_token"], shards, 2))
+            logits = self.teacher_dino_head(teacher_cls)
+            if centering:
+                probs = losses.sinkhorn_knopp(logits, temperature, reduction=reduction)
+            else:
+                probs = losses.softmax_center(logits, self.dino_center, temperature)
+                # The reference stages the center update: this update's mean is used next time.
+                if update_centers:
+                    self.dino_center.assign(losses.update_center(
+                        self.dino_center, logits, momentum=momentum, reduction=reduction))
+            targets["dino"] = ops.stop_gradient(probs)
+            logs.update(collapse_signals(probs, reduction=reduction))
+        if self.do_ibot:
+            num_patches = data["masks"].shape[1]
+            crops = global_crops.shape[0] // shards
+            indices = ops.cast(data["mask_indices"], "int32")
+            if shards > 1:
+                indices = _stacked_patch_indices(indices, shards, crops, num_patches)
+            patches = ops.stop_gradient(_gather_rows(teacher["patch_tokens"], indices))
+            valid = masks_weight > 0
+            # Padding rows of the masked-patch buffer stay out of the heads' batch statistics.
+            logits = self.teacher_ibot_head(patches, row_weights=valid)
+            if centering:
+                probs = losses.sinkhorn_knopp(logits, temperature, valid=valid, reduction=reduction)
+            else:
+                probs = losses.softmax_center(logits, ops.reshape(self.ibot_center, (1, -1)),
+                                              temperature)
+                if update_centers:
+                    if replicas > 1:
+                        # The reference's iBOT mean: each replica's mean over its masked
+                        # patches (all its micro-batches), averaged over replicas.
+                        rows = _replica_means(logits, valid, replicas)
+                        self.ibot_center.assign(losses.update_center(
+                            self.ibot_center, rows, momentum=momentum, reduction=reduction))
+                    else:
+                        self.ibot_center.assign(losses.update_center(
+                            self.ibot_center, logits, momentum=momentum, valid=valid,
+                            reduction=reduction))
+            targets["ibot"] = ops.stop_gradient(probs)
+        return targets, logs
+
+    def student_loss(self, data, targets, index=0, training=True, reduction=None):
+        """The student's loss on micro-batch `index` of an update, against the teacher's targets.
+
+        Args:
+            data: the micro-batch (`micro_batch(update, index)`).
+            targets: `teacher_targets(update)[0]`.
+            index: int, default 0. Which micro-batch of the update `data` is.
+            training: bool, default True. Drop path in the student.
+            reduction: optional `CrossReplica`. Default `self.reduction`.
+
+        Returns:
+            (loss of this micro-batch, dict of its float32 loss parts). The update's loss is the
+            mean over its micro-batches, which equals the large batch's loss except for KoLeo,
+            whose nearest neighbours are searched within a micro-batch (the reference has no
+            accumulation; within a micro-batch is what its per-GPU KoLeo does on a GPU of that
+            batch), and for batch norm in the heads (`HeadConfig.use_bn`), whose student-side
+            statistics are a micro-batch's.
+        """
+        config = self.config
+        reduction = reduction or self.reduction
+        k = self.accumulation_steps
+        global_crops = data["global_crops"]
+        masks = data["masks"]
+        two_b = global_crops.shape[0]
+        shards = _replica_count(data)
+        student = self.student({"images": global_crops, "masks": masks}, training=training)
+        student_cls = _view_major(student["cls_token"], shards, 2)
+        dino = {}
+        if self.do_dino:
+            teacher_probs = _micro_rows(targets["dino"], index, k, shards, views=2)
+            local_crops = data.get("local_crops")
+            if local_crops is not None and local_crops.shape[0]:
+                n_local = local_crops.shape[0] // (two_b // 2)
+                local = self.student({"images": local_crops}, training=training)
+                dino["student_local_logits"] = self.student_dino_head(
+                    _view_major(local["cls_token"], shards, n_local))
+                dino["n_local_crops"] = n_local
+            dino["student_global_logits"] = self.student_dino_head(student_cls)
+            dino["teacher_global_probs"] = teacher_probs
+            if self.do_koleo:
+                dino["student_global_cls"] = student_cls
+        ibot = {}
+        if self.do_ibot:
+            mask_indices = ops.cast(data["mask_indices"], "int32")
+            if shards > 1:
+                mask_indices = _stacked_patch_indices(mask_indices, shards, two_b // shards,
+                                                      masks.shape[1])
+            masks_weight = ops.cast(data["masks_weight"], "float32")
+            patches = _gather_rows(student["patch_tokens"], mask_indices)
+            ibot["student_patch_logits"] = self.student_ibot_head(patches,
+                                                                  row_weights=masks_weight > 0)
+            ibot["teacher_patch_probs"] = _micro_rows(targets["ibot"], index, k, shards)
+            ibot["masks_weight"] = masks_weight
+        parts = losses.dinov2_loss(
+            **dino, **ibot,
+            num_images=two_b,
+            dino_weight=config.loss.dino_weight,
+            ibot_weight=config.loss.ibot_weight,
+            koleo_weight=config.loss.koleo_weight,
+            student_temperature=config.loss.student_temp,
+            # KoLeo over the global batch (gathered rows), or the reference's per replica.
+            reduction=reduction if config.loss.koleo_scope == "global" else None,
+            koleo_groups=shards if config.loss.koleo_scope == "replica" else 1,
+        )
+        logs = {name: parts[name] for name in ("dino_local", "dino_global", "ibot", "koleo")}
+        logs["loss"] = parts["total"]
+        return parts["total"], logs
+
     def compute_dinov2_loss(self, data, training=True, update_centers=True, reduction=None):
-        """Forward pass of teacher and student and the combined loss (backend-agnostic).
+        """Forward pass of teacher and student and the update's loss (backend-agnostic).
+
+        The teacher's targets for the whole update (`teacher_targets`), then the student's loss on
+        each micro-batch (`student_loss`), averaged. The trainers differentiate the micro-batches
+        one at a time; this method is the same computation in one call, for evaluation and tests.
 
         Several replicas: a replica step (TensorFlow, torch) passes its `reduction`, bound to the
         backend's collectives, and the statistics of the objectives (Sinkhorn-Knopp's sums, the
@@ -209,98 +419,24 @@ class DINOv2Pretrainer(keras.Model):
         Returns:
             (total loss, dict of float32 scalars to log). Updates the centers in place.
         """
-        config = self.config
-        reduction = reduction or self.reduction
-        if isinstance(data, (tuple, list)):
-            # (x,) from a generator or PyDataset; targets are not used.
-            data = keras.utils.unpack_x_y_sample_weight(tuple(data))[0]
-        global_crops = data["global_crops"]
-        local_crops = data.get("local_crops")
-        masks = data["masks"]
-        mask_indices = ops.cast(data["mask_indices"], "int32")
-        masks_weight = ops.cast(data["masks_weight"], "float32")
-        two_b = global_crops.shape[0]
-        shards = _replica_count(data)
-        if shards > 1:
-            mask_indices = _stacked_patch_indices(mask_indices, shards, two_b // shards,
-                                                  masks.shape[1])
-        temperature = self.schedules.teacher_temperature(self.step)
+        data = _unpack(data)
+        targets, teacher_logs = self.teacher_targets(data, update_centers=update_centers,
+                                                     reduction=reduction)
+        micro_logs = []
+        for index in range(self.accumulation_steps):
+            _, logs = self.student_loss(self.micro_batch(data, index), targets, index,
+                                        training=training, reduction=reduction)
+            micro_logs.append(logs)
+        logs = self.merge_logs(micro_logs, teacher_logs)
+        return logs["loss"], logs
 
-        # Teacher: unmasked global crops, inference mode, constant targets.
-        teacher = self.teacher({"images": global_crops}, training=False)
-        teacher_cls = ops.stop_gradient(_view_major(teacher["cls_token"], shards, 2))
-        teacher_patches = ops.stop_gradient(_gather_rows(teacher["patch_tokens"], mask_indices))
-        teacher_logits = self.teacher_dino_head(teacher_cls)
-        valid = masks_weight > 0
-        # Padding rows of the masked-patch buffer stay out of the heads' batch statistics.
-        teacher_patch_logits = self.teacher_ibot_head(teacher_patches, row_weights=valid)
-        if config.loss.centering == "sinkhorn_knopp":
-            teacher_probs = losses.sinkhorn_knopp(teacher_logits, temperature,
-                                                  reduction=reduction)
-            teacher_patch_probs = losses.sinkhorn_knopp(
-                teacher_patch_logits, temperature, valid=valid, reduction=reduction)
-        else:
-            teacher_probs = losses.softmax_center(teacher_logits, self.dino_center, temperature)
-            teacher_patch_probs = losses.softmax_center(
-                teacher_patch_logits, ops.reshape(self.ibot_center, (1, -1)), temperature)
-            # The reference stages the center update: this step's mean is used next step.
-            if update_centers:
-                momentum = config.loss.center_momentum
-                self.dino_center.assign(losses.update_center(
-                    self.dino_center, teacher_logits, momentum=momentum,
-                    reduction=reduction))
-                if shards > 1:
-                    # The reference's iBOT mean: each replica's mean over its masked
-                    # patches, averaged over replicas.
-                    self.ibot_center.assign(losses.update_center(
-                        self.ibot_center, _replica_means(teacher_patch_logits, valid, shards),
-                        momentum=momentum, reduction=reduction))
-                else:
-                    self.ibot_center.assign(losses.update_center(
-                        self.ibot_center, teacher_patch_logits, momentum=momentum,
-                        valid=valid, reduction=reduction))
-
-        # Student: masked global crops and the local crops.
-        student = self.student({"images": global_crops, "masks": masks}, training=training)
-        student_cls = _view_major(student["cls_token"], shards, 2)
-        student_logits = self.student_dino_head(student_cls)
-        student_local_logits = None
-        n_local = 0
-        if local_crops is not None and local_crops.shape[0]:
-            n_local = local_crops.shape[0] // (two_b // 2)
-            local = self.student({"images": local_crops}, training=training)
-            student_local_logits = self.student_dino_head(
-                _view_major(local["cls_token"], shards, n_local))
-        student_patches = _gather_rows(student["patch_tokens"], mask_indices)
-        student_patch_logits = self.student_ibot_head(student_patches, row_weights=valid)
-
-        parts = losses.dinov2_loss(
-            student_logits, teacher_probs,
-            student_local_logits=student_local_logits,
-            student_patch_logits=student_patch_logits,
-            teacher_patch_probs=teacher_patch_probs,
-            masks_weight=masks_weight,
-            student_global_cls=student_cls,
-            num_images=two_b,
-            n_local_crops=n_local,
-            dino_weight=config.loss.dino_weight,
-            ibot_weight=config.loss.ibot_weight,
-            koleo_weight=config.loss.koleo_weight,
-            student_temperature=config.loss.student_temp,
-            # KoLeo over the global batch (gathered rows), or the reference's per replica.
-            reduction=reduction if config.loss.koleo_scope == "global" else None,
-            koleo_groups=shards if config.loss.koleo_scope == "replica" else 1,
-        )
-        logs = {
-            "loss": parts["total"],
-            "dino_local": parts["dino_local"],
-            "dino_global": parts["dino_global"],
-            "ibot": parts["ibot"],
-            "koleo": parts["koleo"],
-            "teacher_temp": temperature,
-        }
-        logs.update(collapse_signals(teacher_probs, reduction=reduction))
-        return parts["total"], logs
+    @staticmethod
+    def merge_logs(micro_logs, teacher_logs):
+        """One update's logs: the micro-batches' loss parts averaged, then the teacher's logs."""
+        count = float(len(micro_logs))
+        logs = {key: sum(item[key] for item in micro_logs) / count for key in micro_logs[0]}
+        logs.update(teacher_logs)
+        return logs
 
     def scale_loss(self, loss):
         """The loss to differentiate: scaled under mixed_float16 (Keras' LossScaleOptimizer)."""
@@ -310,20 +446,28 @@ class DINOv2Pretrainer(keras.Model):
         return getattr(self.optimizer, "inner_optimizer", self.optimizer)
 
     def apply_dinov2_update(self, grads, logs, optimizer=None):
-        """Clipping per part, the optimizer step, the teacher's EMA and the step counter.
+        """Clipping per part, the optimizer step, then the teacher's EMA (`apply_gradients`,
+        `update_teacher`). `grads` are the whole update's (the mean over its micro-batches)."""
+        logs = self.apply_gradients(grads, logs, optimizer=optimizer)
+        self.update_teacher(logs["momentum"])
+        return logs
+
+    def apply_gradients(self, grads, logs, optimizer=None):
+        """Clipping per part (once per update, on the accumulated gradients) and the optimizer step.
 
         Written with stateful keras.ops; the JAX trainer runs it inside a StatelessScope.
         `optimizer` replaces `self.optimizer` for the update (the JAX trainer passes the inner
-        optimizer of a LossScaleOptimizer with gradients it has already unscaled).
+        optimizer of a LossScaleOptimizer with gradients it has already unscaled). Reads every
+        schedule at the update's step into `logs` (lr, wd, momentum) before the step counter
+        advances.
         """
         optimizer = self.optimizer if optimizer is None else optimizer
         # Read every schedule before the optimizer advances its step counter (on torch the
         # counter's tensor is updated in place).
         step = self.step
-        momentum = self.schedules.teacher_momentum(step)
         logs["lr"] = self.schedules.learning_rate(step)
         logs["wd"] = self.schedules.weight_decay(step)
-        logs["momentum"] = momentum
+        logs["momentum"] = self.schedules.teacher_momentum(step)
         clip = self.config.optim.clip_grad
         if clip:
             # Under loss scaling (mixed_float16) the gradients carry the scale: clip the
@@ -338,24 +482,16 @@ class DINOv2Pretrainer(keras.Model):
             for part, norm in norms.items():
                 logs[f"grad_norm_{part}"] = norm
         optimizer.apply(grads, self.trainable_variables)
-        inner = self._inner_optimizer()
-        accumulation = inner.gradient_accumulation_steps or 1
-        if accumulation > 1:
-            # Keras counts micro-batches in `_iterations`; the update lands on multiples of N.
-            updated = ops.equal(ops.mod(inner._iterations, accumulation), 0)
-        else:
-            updated = ops.convert_to_tensor(True)
-        # Between accumulation boundaries the student has not moved: keep the teacher.
-        m = ops.where(updated, momentum, 1.0)
-        for s, t in self._ema_pairs:
-            t.assign(ops.cast(m, t.dtype) * t + ops.cast(1.0 - m, t.dtype) * s)
         return logs
 
-    def _trainable_parts(self):
-        parts = [self.student, self.student_dino_head]
-        if self.student_ibot_head is not self.student_dino_head:
-            parts.append(self.student_ibot_head)
-        return parts
+    def update_teacher(self, momentum):
+        """teacher = m * teacher + (1 - m) * student, for every weight pair (after the step).
+
+        On a mixed_float16 step whose gradients overflow, the student does not move but the
+        teacher still takes this step, as the reference's GradScaler step does.
+        """
+        for s, t in self._ema_pairs:
+            t.assign(ops.cast(momentum, t.dtype) * t + ops.cast(1.0 - momentum, t.dtype) * s)
 
     def train_step(self, *args):
         return self._train_step(self, *args)
@@ -373,6 +509,22 @@ class DINOv2Pretrainer(keras.Model):
         held-out labelled images): the DINOv2 loss itself says little about them.
         """
         return self._test_step(self, *args)
+
+
+def _unpack(data):
+    if isinstance(data, (tuple, list)):
+        # (x,) from a generator or PyDataset; targets are not used.
+        data = keras.utils.unpack_x_y_sample_weight(tuple(data))[0]
+    return data
+
+
+def _micro_rows(rows, index, k, replicas, views=1):
+    """The rows of micro-batch `index` in rows laid out (views, replicas, k, per, ...)."""
+    if k == 1:
+        return rows
+    shape = tuple(rows.shape)
+    x = ops.reshape(rows, (views, replicas, k, -1) + shape[1:])
+    return ops.reshape(x[:, :, index], (-1,) + shape[1:])
 
 
 def _replica_count(data):

@@ -35,6 +35,10 @@ def _resolve_config(args, run_dir):
         optim["base_lr"] = args.lr
     if args.steps_per_epoch is not None:
         optim["steps_per_epoch"] = args.steps_per_epoch
+    if getattr(args, "drop_path_rate", None) is not None:
+        optim["drop_path_rate"] = args.drop_path_rate
+    if getattr(args, "drop_path_uniform", None) is not None:
+        optim["drop_path_uniform"] = args.drop_path_uniform
     config = dataclasses.replace(
         config,
         optim=dataclasses.replace(config.optim, **optim),
@@ -48,11 +52,10 @@ def _resolve_config(args, run_dir):
 def _build_backbone(model_name, config):
     from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
 
-    overrides = {"drop_path_rate": config.optim.drop_path_rate}
+    overrides = config.optim.stochastic_depth()
     if model_name in ARCHITECTURES:
         patch = ARCHITECTURES[model_name]["config"]["patch_size"]
-        overrides["layer_scale_init"] = config.optim.layer_scale_init
-        overrides["position_embedding_init_std"] = config.optim.position_embedding_init_std
+        overrides.update(config.optim.new_backbone_init())
         # Store the position table for the global crop size: no resampling at 224 / 32.
         overrides["image_size"] = config.data.crops.global_crops_size
         # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any
@@ -66,7 +69,7 @@ def _build_backbone(model_name, config):
             )
         return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
     # A preset folder or URI: continue pretraining from its weights.
-    return DINOv2Backbone.from_preset(model_name, drop_path_rate=config.optim.drop_path_rate)
+    return DINOv2Backbone.from_preset(model_name, **overrides)
 
 
 def pretrain(args):
@@ -95,10 +98,11 @@ def pretrain(args):
             "(or its size is unknown); lower --batch-size or pass --steps-per-epoch."
         )
     if args.steps_per_epoch is None and not args.resume and args.recipe is None:
+        updates = max(batches_per_pass // config.optim.gradient_accumulation_steps, 1)
         config = dataclasses.replace(
-            config, optim=dataclasses.replace(config.optim, steps_per_epoch=batches_per_pass))
+            config, optim=dataclasses.replace(config.optim, steps_per_epoch=updates))
     optim = config.optim
-    micro_steps = optim.steps_per_epoch * optim.gradient_accumulation_steps
+    accumulation = optim.gradient_accumulation_steps
 
     # An export with heads (`keras-dinov2 export --heads`) continues with its heads and centers,
     # so the teacher's targets carry on where they were instead of restarting from random heads.
@@ -122,7 +126,7 @@ def pretrain(args):
         if dist.num_replicas > 1:
             # The learning rate scales with the global batch (all replicas).
             model.compile(global_batch_size=dist.global_batch_size(config.batch_size)
-                          * optim.gradient_accumulation_steps)
+                          * accumulation)
         else:
             model.compile()
 
@@ -147,10 +151,12 @@ def pretrain(args):
         return 0
 
     # The data stream is keyed by (seed, pass): skip to where the interrupted run stopped.
-    consumed = initial_epoch * micro_steps
+    # Each step takes one update's micro-batches, stacked (gradient accumulation).
+    consumed = initial_epoch * optim.steps_per_epoch * accumulation
     dataset = dist.dataset(
         data_spec, config.batch_size, config.data, seed=config.seed, repeat=True,
         start_epoch=consumed // batches_per_pass, skip=consumed % batches_per_pass,
+        micro_batches=accumulation,
     )
 
     monitor = cb.TrainingMonitor()
@@ -160,7 +166,8 @@ def pretrain(args):
         cb.CheckpointCallback(run_dir, metadata={"model": model_name}),
     ]
     if chief:
-        callbacks.insert(0, cb.StepLogger(run_dir, initial_step=consumed))
+        callbacks.insert(0, cb.StepLogger(run_dir,
+                                          initial_step=initial_epoch * optim.steps_per_epoch))
     # The k-NN monitor runs outside the train step on one process: not across hosts.
     knn = data_spec == "digits" and args.knn_every > 0 and dist.num_processes == 1
     if knn:
@@ -179,14 +186,15 @@ def pretrain(args):
             f"the {keras.backend.backend()} backend: {optim.epochs} epochs x "
             f"{optim.steps_per_epoch} steps, batch {config.batch_size}"
             + (f" per replica x {dist.num_replicas} replicas" if dist.num_replicas > 1 else "")
-            + (f" x {optim.gradient_accumulation_steps} accumulated" if micro_steps > optim.steps_per_epoch else "")
+            + (f" x {accumulation} accumulated" if accumulation > 1 else "")
             + f", run directory {run_dir}."
             + (f" Distribution: {dist.describe()}." if dist.mode != "none" else "")
         )
     start = time.time()
     try:
         model.fit(dataset, epochs=optim.epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=micro_steps, callbacks=callbacks, verbose=args.verbose)
+                  steps_per_epoch=optim.steps_per_epoch, callbacks=callbacks,
+                  verbose=args.verbose)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Resume with: keras-dinov2 pretrain --out {run_dir} --resume")
         return 130

@@ -16,7 +16,12 @@ from keras_dinov2.data.augment import (
     to_grayscale,
 )
 from keras_dinov2.data.masking import block_masks, mask_buffer_size, mask_strata, sample_masks
-from keras_dinov2.data.pipeline import BATCH_KEYS, eval_dataset, multicrop_dataset
+from keras_dinov2.data.pipeline import (
+    BATCH_KEYS,
+    eval_dataset,
+    group_micro_batches,
+    multicrop_dataset,
+)
 from keras_dinov2.data.sources import (
     IMAGE_EXTENSIONS,
     ImageSource,
@@ -39,6 +44,7 @@ __all__ = [
     "digits_source",
     "eval_dataset",
     "gaussian_blur",
+    "group_micro_batches",
     "get_source",
     "image_folder_source",
     "mask_buffer_size",

@@ -407,6 +407,40 @@ def multicrop_dataset(
     return ds
 
 
+def group_micro_batches(dataset: tf.data.Dataset, micro_batches: int) -> tf.data.Dataset:
+    """Stack every `micro_batches` consecutive multi-crop batches into one update's batch.
+
+    With gradient accumulation (`OptimConfig.gradient_accumulation_steps = k`) the pretrainer's
+    step takes the k micro-batches of one optimizer update at once: the teacher sees all of
+    them before the student's k passes. Every array of the k batches is concatenated along axis
+    0 (each micro-batch keeps its own view-major crops and its own masked-patch buffer, whose
+    indices stay local to it), and `n_masked_patches` becomes a vector of k counts, the layout
+    `keras_dinov2.distribute.stack_batches` gives replicas. An incomplete last group is dropped.
+
+    Args:
+        dataset: tf.data.Dataset of multi-crop batches (`multicrop_dataset`).
+        micro_batches: int >= 1. Micro-batches per update; 1 returns `dataset` unchanged.
+
+    Example:
+    >>> ds = group_micro_batches(multicrop_dataset("digits", 16, config), 4)  # updates of 64
+    """
+    _check_positive_int("micro_batches", micro_batches)
+    if micro_batches == 1:
+        return dataset
+
+    def merge(batch):
+        out = {}
+        for key, value in batch.items():
+            shape = value.shape
+            if shape.rank == 1:  # n_masked_patches: one count per micro-batch
+                out[key] = value
+            else:
+                out[key] = tf.reshape(value, [-1] + shape[2:].as_list())
+        return out
+
+    return dataset.batch(micro_batches, drop_remainder=True).map(merge)
+
+
 def _resize_center_crop(image, resize_size, crop_size, method):
     """torchvision Resize(shorter side = resize_size) then CenterCrop(crop_size)."""
     shape = tf.shape(image)

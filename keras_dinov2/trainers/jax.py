@@ -202,33 +202,57 @@ def _values(scope, variables, fallback):
     return out
 
 
+def _mapping(variables, values):
+    return list(zip(variables, values))
+
+
 def train_step(model, state, data):
-    """One DINOv2 step on JAX: `state` = (trainable, non_trainable, optimizer, metrics).
+    """One DINOv2 update on JAX: `state` = (trainable, non_trainable, optimizer, metrics).
+
+    The teacher's pass over the whole update first (targets, centers), then one gradient per
+    micro-batch, summed in order (the micro-batches' activations are never alive together),
+    then one clipped optimizer step and the teacher's EMA.
 
     Under mixed_float16, Keras wraps the optimizer in a LossScaleOptimizer, whose `apply`
     updates its scale inside a cond that cannot run in the StatelessScope of this step. The
-    step does the same dynamic loss scaling itself: gradients of the scaled loss are unscaled,
-    the update (optimizer, teacher EMA, centers) is kept only when every gradient is finite,
-    and the scale doubles after `dynamic_growth_steps` finite steps and halves on overflow.
+    step does the same dynamic loss scaling itself: gradients of the scaled loss are unscaled;
+    when one is not finite, the student and the optimizer keep their values (the step counter
+    included) while the centers and the teacher's EMA are still updated, as the reference's
+    GradScaler step; the scale doubles after `dynamic_growth_steps` finite steps and halves
+    on overflow.
     """
     trainable, non_trainable, optimizer_values, metrics_values = state
     scaler = model.optimizer if hasattr(model.optimizer, "dynamic_scale") else None
-    start = list(trainable) + list(non_trainable) + list(optimizer_values)
+    steps = model.accumulation_steps
+    base = _mapping(model.optimizer.variables, optimizer_values)
 
-    def loss_fn(trainable_values, non_trainable_values):
-        mapping = list(zip(model.trainable_variables, trainable_values))
-        mapping += list(zip(model.non_trainable_variables, non_trainable_values))
-        # The schedules read the optimizer's step counter in the forward pass.
-        mapping += list(zip(model.optimizer.variables, optimizer_values))
+    # The teacher's targets for the whole update (the schedules read the optimizer's counter).
+    with StatelessScope(state_mapping=_mapping(model.trainable_variables, trainable)
+                        + _mapping(model.non_trainable_variables, non_trainable) + base) as scope:
+        targets, teacher_logs = model.teacher_targets(data)
+    non_trainable = _values(scope, model.non_trainable_variables, non_trainable)
+
+    def loss_fn(trainable_values, non_trainable_values, micro, index):
+        mapping = _mapping(model.trainable_variables, trainable_values)
+        mapping += _mapping(model.non_trainable_variables, non_trainable_values) + base
         with StatelessScope(state_mapping=mapping) as scope:
-            loss, logs = model.compute_dinov2_loss(data, training=True)
+            loss, logs = model.student_loss(micro, targets, index, training=True)
             loss = model.scale_loss(loss)
         new_non_trainable = _values(scope, model.non_trainable_variables, non_trainable_values)
         return loss, (logs, new_non_trainable)
 
-    (_, (logs, non_trainable)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable, non_trainable
-    )
+    grads, micro_logs = None, []
+    for index in range(steps):
+        micro = model.micro_batch(data, index)
+        (_, (logs, non_trainable)), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, non_trainable, micro, index
+        )
+        micro_logs.append(logs)
+        grads = micro_grads if grads is None else [a + b for a, b in zip(grads, micro_grads)]
+    if steps > 1:
+        grads = [g / steps for g in grads]
+    logs = model.merge_logs(micro_logs, teacher_logs)
+
     optimizer = model.optimizer
     if scaler is not None:
         if jax.default_backend() == "cpu" and not getattr(model, "_warned_float16_cpu", False):
@@ -247,40 +271,32 @@ def train_step(model, state, data):
         grads = [g / scale.astype(g.dtype) for g in grads]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
         optimizer = scaler.inner_optimizer
-    variables = (
-        model.trainable_variables
-        + model.non_trainable_variables
-        + model.optimizer.variables
-        + model.metrics_variables
-    )
-    values = trainable + non_trainable + optimizer_values + metrics_values
-    with StatelessScope(state_mapping=list(zip(variables, values))) as scope:
-        logs = model.apply_dinov2_update(grads, logs, optimizer=optimizer)
-    n_t, n_nt, n_o = (
-        len(trainable), len(non_trainable), len(optimizer_values)
-    )
+    variables = model.trainable_variables + model.optimizer.variables
+    values = list(trainable) + list(optimizer_values)
+    with StatelessScope(state_mapping=_mapping(variables, values)
+                        + _mapping(model.non_trainable_variables, non_trainable)) as scope:
+        logs = model.apply_gradients(grads, logs, optimizer=optimizer)
     new_values = _values(scope, variables, values)
+    n_t = len(trainable)
     if scaler is not None:
-        # An overflow step changes nothing but the scale (Keras' LossScaleOptimizer skips it too).
-        n_state = n_t + n_nt + n_o
-        new_values[:n_state] = [
-            jnp.where(finite, new, old) for new, old in zip(new_values[:n_state], start)
-        ]
+        # An overflow step leaves the student and the optimizer as they were (Keras'
+        # LossScaleOptimizer skips it too); only the scale and its counter move.
+        new_values = [jnp.where(finite, new, old) for new, old in zip(new_values, values)]
         counter = optimizer_values[counter_index]
         grow = jnp.logical_and(finite, counter == scaler.dynamic_growth_steps - 1)
-        new_values[n_t + n_nt + counter_index] = jnp.where(
+        new_values[n_t + counter_index] = jnp.where(
             finite, jnp.where(grow, jnp.zeros_like(counter), counter + 1), jnp.zeros_like(counter)
         )
-        new_values[n_t + n_nt + scale_index] = jnp.where(
+        new_values[n_t + scale_index] = jnp.where(
             finite, jnp.where(grow, scale * 2.0, scale), scale * 0.5
         )
-    state = (
-        new_values[:n_t],
-        new_values[n_t : n_t + n_nt],
-        new_values[n_t + n_nt : n_t + n_nt + n_o],
-        new_values[n_t + n_nt + n_o :],
-    )
-    return logs, state
+    trainable, optimizer_values = new_values[:n_t], new_values[n_t:]
+    # The teacher follows the student as it is now (unchanged after an overflow).
+    with StatelessScope(state_mapping=_mapping(model.trainable_variables, trainable)
+                        + _mapping(model.non_trainable_variables, non_trainable)) as scope:
+        model.update_teacher(logs["momentum"])
+    non_trainable = _values(scope, model.non_trainable_variables, non_trainable)
+    return logs, (trainable, non_trainable, optimizer_values, list(metrics_values))
 
 
 def _index(variables, target):

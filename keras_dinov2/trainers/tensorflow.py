@@ -38,26 +38,33 @@ def _optimizer_without_all_reduce(model):
         inner._all_reduce_sum_gradients = _grads_already_reduced
 
 
-def _check_no_accumulation(model):
-    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-    if (inner.gradient_accumulation_steps or 1) > 1 and tf.distribute.has_strategy():
-        # Keras' optimizer accumulates inside a cond, where tf.distribute cannot synchronize.
-        raise ValueError(
-            "gradient_accumulation_steps="
-            f"{inner.gradient_accumulation_steps} is not supported under a tf.distribute "
-            "strategy on the TensorFlow backend; raise the per-replica batch size instead, or "
-            "use the jax or torch backend."
-        )
+def _add(total, grads):
+    if total is None:
+        return list(grads)
+    return [a if b is None else (b if a is None else a + b) for a, b in zip(total, grads)]
 
 
 def train_step(model, data):
-    """One DINOv2 step on TensorFlow (one replica's share under a tf.distribute strategy)."""
-    _check_no_accumulation(model)
+    """One DINOv2 update on TensorFlow (one replica's share under a tf.distribute strategy).
+
+    The teacher's pass over the whole update first, then one tape per micro-batch, the
+    gradients summed, one clipped optimizer step and the teacher's EMA.
+    """
     reduction = distribute.replica_reduction()
-    with tf.GradientTape() as tape:
-        loss, logs = model.compute_dinov2_loss(data, training=True, reduction=reduction)
-        loss = model.scale_loss(loss)
-    grads = tape.gradient(loss, model.trainable_variables)
+    targets, teacher_logs = model.teacher_targets(data, reduction=reduction)
+    steps = model.accumulation_steps
+    grads, micro_logs = None, []
+    for index in range(steps):
+        micro = model.micro_batch(data, index)
+        with tf.GradientTape() as tape:
+            loss, logs = model.student_loss(micro, targets, index, training=True,
+                                            reduction=reduction)
+            loss = model.scale_loss(loss)
+        grads = _add(grads, tape.gradient(loss, model.trainable_variables))
+        micro_logs.append(logs)
+    if steps > 1:
+        grads = [None if g is None else g / steps for g in grads]
+    logs = model.merge_logs(micro_logs, teacher_logs)
     if reduction is not None:
         grads = distribute.all_reduce_gradients(grads)
         _optimizer_without_all_reduce(model)

@@ -6,14 +6,27 @@ from keras_dinov2 import distribute
 
 
 def train_step(model, data):
-    """One DINOv2 step on PyTorch (this rank's share when torch.distributed runs several)."""
+    """One DINOv2 update on PyTorch (this rank's share when torch.distributed runs several).
+
+    The teacher's pass over the whole update first (no autograd graph), then one backward pass
+    per micro-batch, accumulating into the gradients, one clipped optimizer step and the EMA.
+    """
     reduction = distribute.replica_reduction()
     # Clear every trainable variable's gradient: Module.zero_grad() only reaches parameters
     # registered on modules, and a left-over gradient would be added to this step's.
     for variable in model.trainable_variables:
         variable.value.grad = None
-    loss, logs = model.compute_dinov2_loss(data, training=True, reduction=reduction)
-    model.scale_loss(loss).backward()
+    with torch.no_grad():
+        targets, teacher_logs = model.teacher_targets(data, reduction=reduction)
+    steps = model.accumulation_steps
+    micro_logs = []
+    for index in range(steps):
+        micro = model.micro_batch(data, index)
+        loss, logs = model.student_loss(micro, targets, index, training=True,
+                                        reduction=reduction)
+        model.scale_loss(loss / steps if steps > 1 else loss).backward()
+        micro_logs.append({k: v.detach() if hasattr(v, "detach") else v for k, v in logs.items()})
+    logs = model.merge_logs(micro_logs, teacher_logs)
     grads = [v.value.grad for v in model.trainable_variables]
     if reduction is not None:
         # Keras' torch backend has no DDP: average the ranks' gradients here, before clipping.
