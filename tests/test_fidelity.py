@@ -91,13 +91,14 @@ from test_pretrainer import tiny_config, tiny_model
 dist = distribute.setup("data")
 with dist.scope():
     model = tiny_model(tiny_config(gradient_accumulation_steps=3))
+    active = distribute.active_replicas()
 config = model.config
 peak = model.schedules.learning_rate.base_value
 # One accumulated update over the replicas, through the pipeline (stacked micro-batches).
 data = dist.dataset("digits", config.batch_size, config.data, repeat=True, micro_batches=3)
 history = model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
 loss = history.history["loss"][0]
-print("RESULT", dist.num_replicas, distribute.active_replicas(), float(peak), loss)
+print("RESULT", dist.num_replicas, active, float(peak), loss)
 """
 
 
