@@ -849,6 +849,23 @@ def load_torch_hub_checkpoint(path, **overrides):
     Example:
     >>> backbone = load_torch_hub_checkpoint("dinov2_vits14_pretrain.pth")
     """
+    return _build(*torch_hub_parts(path, **overrides))
+
+
+def _build(config, tensors, where):
+    backbone = DINOv2Backbone(**config)
+    assign_torch_hub_weights(backbone, tensors, source=where)
+    return backbone
+
+
+def torch_hub_parts(path, **overrides):
+    """Everything `load_torch_hub_checkpoint` reads and checks, short of building the model.
+
+    Returns:
+        (config, tensors, where): checked DINOv2Backbone arguments, the torch-hub-named
+        tensors, and the source's name for messages. `DINOv2Backbone(**config)` followed by
+        `assign_torch_hub_weights(backbone, tensors, where)` completes the load.
+    """
     where = f"checkpoint {os.path.basename(os.fspath(path))}"
     tensors = _normalize_torch_hub_keys(read_torch_state_dict(path))
     arch = _tensor_architecture(tensors, where)
@@ -858,9 +875,7 @@ def load_torch_hub_checkpoint(path, **overrides):
     config = {**_infer_torch_hub_config(arch), **overrides}
     check_backbone_config(config, where)
     check_config_against_tensors(config, arch, where)
-    backbone = DINOv2Backbone(**config)
-    assign_torch_hub_weights(backbone, tensors, source=where)
-    return backbone
+    return config, tensors, where
 
 
 _HF_RENAMES = [
@@ -904,13 +919,14 @@ def _hf_to_torch_hub(tensors, where="the transformers checkpoint"):
         else:
             out[key] = value
     for (layer, kind), parts in qkv.items():
+        kinds = "weights" if kind == "weight" else "biases"
         if any(p is None for p in parts):
             raise CheckpointError(f"{where}: layer {layer} lacks one of its query, key or value "
-                                  f"{kind}s.")
+                                  f"{kinds}.")
         rank = 2 if kind == "weight" else 1
         if any(p.ndim != rank or p.shape != parts[0].shape for p in parts):
             raise CheckpointError(
-                f"{where}: layer {layer}'s query, key and value {kind}s have shapes "
+                f"{where}: layer {layer}'s query, key and value {kinds} have shapes "
                 f"{[p.shape for p in parts]}; expected three equal {rank}-d shapes."
             )
         out[f"blocks.{layer}.attn.qkv.{kind}"] = np.concatenate(parts, axis=0)
@@ -1062,6 +1078,9 @@ def transformers_config_to_backbone_config(hf_config, where="config.json"):
         raise CheckpointError(f"{where}: image_size={_value(size)} is out of bounds; expected an "
                               f"integer in [patch_size={patch}, {MAX_IMAGE_SIZE}].")
     config["image_size"] = size // patch * patch
+    if config["layer_scale_init"] is None:
+        raise CheckpointError(f"{where}: layerscale_value=None is out of bounds; expected a "
+                              "finite number.")
     config["mlp_ratio"] = float(config["mlp_ratio"])
     config["layer_scale_init"] = float(config["layer_scale_init"])
     config["layer_norm_epsilon"] = float(config["layer_norm_epsilon"])
@@ -1089,6 +1108,15 @@ def load_transformers_checkpoint(folder, **overrides):
     Example:
     >>> backbone = load_transformers_checkpoint("dinov2-small")
     """
+    return _build(*transformers_parts(folder, **overrides))
+
+
+def transformers_parts(folder, **overrides):
+    """Everything `load_transformers_checkpoint` reads and checks, short of building the model.
+
+    Returns:
+        (config, tensors, where), as `torch_hub_parts`.
+    """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder!r} is not a folder: a transformers checkpoint is a "
@@ -1107,6 +1135,4 @@ def load_transformers_checkpoint(folder, **overrides):
     if overrides:
         check_backbone_config(config, "the overrides")
         check_config_against_tensors(config, arch, "the overrides")
-    backbone = DINOv2Backbone(**config)
-    assign_torch_hub_weights(backbone, tensors, source=where)
-    return backbone
+    return config, tensors, where
