@@ -357,7 +357,10 @@ class DINOv2Backbone(keras_hub.models.Backbone):
             return load_torch_hub_checkpoint(path, **{**entry["config"], **overrides})
         if isinstance(preset, str) and os.path.isdir(preset):
             # Name the missing or broken file instead of failing deep inside keras-hub.
+            from keras_dinov2.convert import reading
             from keras_dinov2.export.preset import check_preset_folder
 
             check_preset_folder(preset)
+            with reading(f"the preset {preset}"):
+                return super().from_preset(preset, load_weights=load_weights, **kwargs)
         return super().from_preset(preset, load_weights=load_weights, **kwargs)

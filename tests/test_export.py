@@ -448,3 +448,205 @@ def test_export_arguments_are_checked(run, tmp_path):
         export(run["source"], run["hf"], format="transformers")
     with pytest.raises(ValueError, match="hf://user/repo"):
         export(run["source"], str(tmp_path / "a"), push="s3://bucket/x")
+
+
+# --- Round trips: export -> convert (read back) -> export, every variant and format ---
+
+from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from keras_dinov2.convert import CheckpointError  # noqa: E402
+from keras_dinov2.export.keras_hub_format import save_keras_hub_preset  # noqa: E402
+from keras_dinov2.export.transformers_format import save_transformers  # noqa: E402
+
+ROUND_TRIP_VARIANTS = [(registers, ffn, mode) for registers in (0, 2)
+                       for ffn in ("mlp", "swiglu")
+                       for mode in ("original", "registers", "transformers")]
+
+
+def tiny_backbone(registers=0, ffn="mlp", mode="transformers", seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    config = dict(patch_size=PATCH, hidden_dim=16, num_layers=1, num_heads=2, image_size=SIZE,
+                  num_register_tokens=registers, ffn_type=ffn, interpolation=mode,
+                  layer_scale_init=0.5)
+    backbone = DINOv2Backbone(**{**config, **kwargs})
+    randomize(backbone, seed=seed)
+    return backbone
+
+
+def write_format(backbone, fmt, folder):
+    """The writer `export(format=fmt)` runs, without its verification and model card."""
+    if fmt == "keras_dinov2":
+        backbone.save_to_preset(str(folder))
+    elif fmt == "keras_hub":
+        save_keras_hub_preset(backbone, str(folder), IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        save_transformers(backbone, str(folder), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def stored_arrays(fmt, folder):
+    """Every array a format wrote, as sorted (shape, bytes) pairs (layer names aside)."""
+    if fmt == "transformers":
+        from safetensors.numpy import load_file
+
+        return sorted((k, v.shape, v.tobytes())
+                      for k, v in load_file(str(folder / "model.safetensors")).items())
+    import h5py
+
+    arrays = []
+    with h5py.File(folder / "model.weights.h5", "r") as f:
+        f.visititems(lambda name, item: arrays.append((item.shape, item[()].tobytes()))
+                     if isinstance(item, h5py.Dataset) else None)
+    return sorted(arrays)
+
+
+def expected_rule(fmt, registers, mode):
+    """The interpolation rule a backbone has after a round trip through `fmt`."""
+    if fmt == "keras_dinov2":
+        return mode
+    if fmt == "keras_hub":   # keras-hub has two rules: with antialias, or without
+        return "registers" if mode == "registers" else "transformers"
+    return "registers" if registers or mode == "registers" else "transformers"
+
+
+@pytest.mark.parametrize("fmt", ["keras_dinov2", "keras_hub", "transformers"])
+@pytest.mark.parametrize("registers,ffn,mode", ROUND_TRIP_VARIANTS,
+                         ids=[f"reg{r}-{f}-{m}" for r, f, m in ROUND_TRIP_VARIANTS])
+def test_export_convert_export_round_trip(tmp_path, fmt, registers, ffn, mode):
+    backbone = tiny_backbone(registers, ffn, mode, seed=registers + len(ffn) + len(mode))
+    write_format(backbone, fmt, tmp_path / "first")
+    converted = load_backbone(str(tmp_path / "first"))
+    assert converted.interpolation == expected_rule(fmt, registers, mode)
+    assert (converted.num_register_tokens, converted.ffn_type) == (registers, ffn)
+    write_format(converted, fmt, tmp_path / "second")
+    again = load_backbone(str(tmp_path / "second"))
+    x = images(SIZE, seed=7)
+    want = tokens(backbone, x)
+    np.testing.assert_allclose(tokens(converted, x), want, atol=1e-5)
+    np.testing.assert_allclose(tokens(again, x), want, atol=1e-5)
+    # The round trip is a fixed point: the second export holds exactly the first's arrays
+    # and the same architecture.
+    assert stored_arrays(fmt, tmp_path / "second") == stored_arrays(fmt, tmp_path / "first")
+    first, second = (json.loads((tmp_path / d / "config.json").read_text())
+                     for d in ("first", "second"))
+    if fmt != "transformers":
+        first, second = ({k: v for k, v in c["config"].items() if k != "name"}
+                         for c in (first, second))
+    assert first == second
+
+
+def test_transformers_export_without_registers_converts_back(tmp_path, capsys):
+    # The registers rule without registers exports as Dinov2WithRegistersModel with zero
+    # registers. It used to write an empty (1, 0, D) `register_tokens` tensor that
+    # `keras-dinov2 convert --from transformers` then refused as unused.
+    from safetensors.numpy import load_file, save_file
+
+    backbone = tiny_backbone(0, "mlp", "registers", seed=11)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("error", ExportWarning)   # exact in every format
+        export(backbone, str(tmp_path / "hf"), "transformers")
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert not any("register" in k for k in tensors)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_register_tokens"] == 0
+    assert main(["convert", "--from", "transformers", str(tmp_path / "hf"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    assert "0 registers" in capsys.readouterr().out
+    x = images(OTHER, seed=8)   # the registers rule holds at other sizes too
+    converted = DINOv2Backbone.from_preset(str(tmp_path / "ours"))
+    np.testing.assert_allclose(tokens(converted, x), tokens(backbone, x), atol=1e-5)
+    # Folders written before the fix, with the empty tensor, read as well.
+    tensors["embeddings.register_tokens"] = np.zeros((1, 0, 16), "float32")
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    np.testing.assert_allclose(tokens(load_backbone(str(tmp_path / "hf")), x),
+                               tokens(backbone, x), atol=1e-5)
+
+
+# --- Preset configs are checked against bounds and their weights before a model is built ---
+
+
+def _edit_preset_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["config"].update(changes)
+    path.write_text(json.dumps(config))
+
+
+OUR_PRESET_CONFIGS = [
+    (dict(num_layers=1000000), r"num_layers=1000000 is out of bounds"),
+    (dict(num_layers=3), r"num_layers=3 does not match the weights, which hold 1 blocks"),
+    (dict(hidden_dim=32, num_heads=2), r"hidden_dim=32 does not match .* \(4, 4, 3, 16\)"),
+    (dict(num_heads=3), r"num_heads=3 does not divide hidden_dim=16"),
+    (dict(image_size=32), r"lacks arrays of shape \(1, 65, 16\)"),
+    (dict(image_size=18), r"image_size=18 must be a multiple of patch_size=4"),
+    (dict(num_register_tokens=3), r"lacks arrays of shape \(1, 3, 16\)"),
+    (dict(ffn_type="swiglu"), r"weights do not match"),
+    (dict(mlp_ratio=1e9), r"mlp_ratio=1000000000.0 is out of bounds"),
+    (dict(layer_scale_init=None), r"holds arrays of shape 2 x \(16,\) the config does not use"),
+    (dict(interpolation="nearest"), r"interpolation='nearest' is out of bounds"),
+    (dict(patch_size="4"), r"patch_size='4' is out of bounds"),
+]
+HUB_PRESET_CONFIGS = [
+    (dict(num_layers=1000000), r"num_layers=1000000 is out of bounds"),
+    (dict(num_layers=2), r"num_layers=2 does not match the weights, which hold 1 blocks"),
+    (dict(image_shape=[100000, 100000, 3]), r"image_shape=\[100000, 100000, 3\] must hold"),
+    (dict(position_embedding_shape=[32, 32, 3]), r"lacks arrays of shape \(1, 65, 16\)"),
+    (dict(intermediate_dim=10 ** 8), r"intermediate_dim=100000000 is out of bounds"),
+    (dict(intermediate_dim=32), r"lacks arrays of shape .*\(16, 32\)"),
+    (dict(num_heads=4), r"lacks arrays of shape .*\(16, 4, 4\)"),
+    (dict(use_swiglu_ffn="yes"), r"use_swiglu_ffn must be true or false"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_presets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("presets")
+    backbone = tiny_backbone(1, "mlp", "registers", seed=12)
+    write_format(backbone, "keras_dinov2", root / "ours")
+    write_format(backbone, "keras_hub", root / "hub")
+    return root
+
+
+@pytest.mark.parametrize("fmt,changes,words",
+                         [("ours", c, w) for c, w in OUR_PRESET_CONFIGS]
+                         + [("hub", c, w) for c, w in HUB_PRESET_CONFIGS],
+                         ids=[f"ours-{next(iter(c))}" for c, _ in OUR_PRESET_CONFIGS]
+                         + [f"hub-{next(iter(c))}" for c, _ in HUB_PRESET_CONFIGS])
+def test_preset_config_is_checked_before_building(tiny_presets, tmp_path, fmt, changes, words):
+    import time
+
+    folder = tmp_path / fmt
+    shutil.copytree(tiny_presets / fmt, folder)
+    _edit_preset_config(folder, **changes)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=words):
+        load_backbone(str(folder))
+    if fmt == "ours":
+        with pytest.raises(CheckpointError, match=words):
+            DINOv2Backbone.from_preset(str(folder))
+    else:
+        with pytest.raises(CheckpointError, match=words):
+            import_keras_hub_preset(str(folder))
+    assert time.perf_counter() - start < 5   # a million blocks used to be built first
+
+
+def test_variable_shape_formulas_match_the_built_models():
+    # The preset checks compare config.json with the weights through these formulas: they
+    # must describe exactly the variables the models create.
+    import collections
+
+    import keras_hub
+
+    from keras_dinov2.convert import backbone_variable_shapes
+    from keras_dinov2.export.keras_hub_format import keras_hub_config, keras_hub_variable_shapes
+
+    for registers, ffn, scale in ((0, "mlp", 0.5), (3, "swiglu", None), (1, "mlp", None)):
+        backbone = DINOv2Backbone(patch_size=PATCH, hidden_dim=24, num_layers=2, num_heads=3,
+                                  image_size=SIZE, num_register_tokens=registers, ffn_type=ffn,
+                                  mlp_ratio=2.5, layer_scale_init=scale)
+        built = collections.Counter(tuple(v.shape) for v in backbone.weights)
+        assert backbone_variable_shapes(backbone.get_config()) == built
+        config = {**keras_hub_config(backbone), "image_shape": (OTHER, OTHER, 3)}
+        hub = keras_hub.models.DINOV2Backbone(**config)
+        grid = (SIZE // PATCH, SIZE // PATCH)
+        expected = keras_hub_variable_shapes(
+            PATCH, 2, 24, 3, config["intermediate_dim"], registers, True, ffn == "swiglu",
+            (OTHER // PATCH, OTHER // PATCH), grid)
+        assert expected == collections.Counter(tuple(v.shape) for v in hub.weights)

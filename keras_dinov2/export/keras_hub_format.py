@@ -10,20 +10,32 @@ avoids that path entirely: `image_shape` equals `position_embedding_shape` (the 
 both tables back.
 """
 
+import collections
+import math
 import os
 
 import keras
 import numpy as np
 
+from keras_dinov2.convert import (
+    MAX_IMAGE_SIZE,
+    MAX_LAYERS,
+    MAX_MLP_RATIO,
+    MAX_PATCH_SIZE,
+    MAX_POSITIONS,
+    MAX_REGISTERS,
+    MAX_WIDTH,
+    CheckpointError,
+    reading,
+)
 from keras_dinov2.export.layout import torch_hub_tensors
+from keras_dinov2.export.preset import KERAS_HUB_CLASS, compare_shapes
 from keras_dinov2.export.verify import (
     backbone_tokens,
     forward,
     keras_hub_resize_is_exact,
     probe_batch,
 )
-
-KERAS_HUB_CLASS = "keras_hub>DINOV2Backbone"
 
 
 def _keras_hub():
@@ -250,6 +262,123 @@ def keras_hub_to_torch_hub(model):
     return {k: np.ascontiguousarray(v) for k, v in t.items()}
 
 
+def _keras_hub_grid(shape, patch, data_format, field, where):
+    if not isinstance(shape, (list, tuple)) or len(shape) not in (2, 3):
+        raise CheckpointError(f"{where}: {field} must be a list [height, width(, 3)], "
+                              f"received a {type(shape).__name__}.")
+    if len(shape) == 3 and data_format == "channels_first":
+        shape = shape[1:]
+    sides = shape[:2]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and patch <= v <= MAX_IMAGE_SIZE
+               for v in sides):
+        raise CheckpointError(f"{where}: {field}={list(shape)} must hold two integers in "
+                              f"[patch_size={patch}, {MAX_IMAGE_SIZE}].")
+    if (sides[0] // patch) * (sides[1] // patch) > MAX_POSITIONS:
+        raise CheckpointError(f"{where}: {field}={list(shape)} makes more than {MAX_POSITIONS} "
+                              "patches.")
+    return sides[0] // patch, sides[1] // patch
+
+
+def check_keras_hub_preset(config, shapes, where):
+    """Checks a keras-hub DINOV2Backbone config against bounds and against its weight arrays.
+
+    Runs before keras-hub builds anything from the config, so a hostile `num_layers` or
+    `image_shape` fails at once with the field named.
+
+    Args:
+        config: dict. The `config` entry of the preset's config.json.
+        shapes: {dataset path: shape} of model.weights.h5.
+        where: str. The config file, for the message.
+
+    Raises:
+        CheckpointError: naming the field and what is allowed, or the arrays that differ.
+    """
+    def integer(field, low, high, default=None):
+        value = config.get(field, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            shown = value if isinstance(value, (int, float, type(None))) else type(value).__name__
+            raise CheckpointError(f"{where}: {field}={shown!r:.40} is out of bounds; expected an "
+                                  f"integer in [{low}, {high}].")
+        return value
+
+    def flag(field, default):
+        value = config.get(field, default)
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{where}: {field} must be true or false.")
+        return value
+
+    patch = integer("patch_size", 1, MAX_PATCH_SIZE)
+    depth = integer("num_layers", 1, MAX_LAYERS)
+    dim = integer("hidden_dim", 1, MAX_WIDTH)
+    heads = integer("num_heads", 1, dim)
+    if dim % heads:
+        raise CheckpointError(f"{where}: num_heads={heads} does not divide hidden_dim={dim}.")
+    hidden = integer("intermediate_dim", 1, int(dim * MAX_MLP_RATIO))
+    registers = integer("num_register_tokens", 0, MAX_REGISTERS, 0)
+    mask, swiglu = flag("use_mask_token", True), flag("use_swiglu_ffn", False)
+    for field in ("antialias_in_interpolation", "apply_layernorm"):
+        flag(field, False)
+    for field in ("dropout_rate", "drop_path_rate"):
+        value = config.get(field, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+            raise CheckpointError(f"{where}: {field} must be a number in [0, 1).")
+    scale = config.get("layer_scale_init_value", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise CheckpointError(f"{where}: layer_scale_init_value must be a finite number.")
+    data_format = config.get("data_format")
+    if data_format not in (None, "channels_last", "channels_first"):
+        raise CheckpointError(f"{where}: data_format must be 'channels_last' or "
+                              "'channels_first'.")
+    image = _keras_hub_grid(config.get("image_shape", [224, 224, 3]), patch, data_format,
+                            "image_shape", where)
+    table = _keras_hub_grid(config.get("position_embedding_shape", [518, 518, 3]), patch,
+                            data_format, "position_embedding_shape", where)
+    if image[0] != image[1]:
+        raise CheckpointError(f"{where}: image_shape must be square.")
+    convs = [s for s in shapes.values() if len(s) == 4]
+    if len(convs) == 1 and (convs[0][0], convs[0][3]) != (patch, dim):
+        raise CheckpointError(f"{where}: patch_size={patch}, hidden_dim={dim} do not match the "
+                              f"weights' patch projection {convs[0]}.")
+    blocks = {p.split("/attention/", 1)[0] for p in shapes if "/query_dense/" in p}
+    if blocks and len(blocks) != depth:
+        raise CheckpointError(f"{where}: num_layers={depth} does not match the weights, which "
+                              f"hold {len(blocks)} blocks.")
+    expected = keras_hub_variable_shapes(
+        patch=patch, depth=depth, dim=dim, heads=heads, hidden=hidden, registers=registers,
+        mask=mask, swiglu=swiglu, image_grid=image, table_grid=table)
+    summary = (f"a keras-hub DINOV2Backbone of {depth} layers, {dim} wide (patch {patch}, "
+               f"{registers} registers, intermediate_dim {hidden})")
+    compare_shapes(expected, shapes, where, summary)
+
+
+def keras_hub_variable_shapes(patch, depth, dim, heads, hidden, registers, mask, swiglu,
+                              image_grid, table_grid):
+    """The shapes of keras-hub DINOV2Backbone's variables, without building it.
+
+    Returns:
+        collections.Counter mapping each shape to how many variables have it.
+    """
+    head_dim = dim // heads
+    shapes = collections.Counter([
+        (1, 1, dim), (1, table_grid[0] * table_grid[1] + 1, dim),
+        (1, image_grid[0] * image_grid[1] + 1, dim), (patch, patch, 3, dim), (dim,),
+        (dim,), (dim,)])
+    if mask:
+        shapes[(1, dim)] += 1
+    if registers:
+        shapes[(1, registers, dim)] += 1
+    block = [(dim,)] * 6 + [(dim, heads, head_dim)] * 3 + [(heads, head_dim)] * 3
+    block += [(heads, head_dim, dim), (dim,)]
+    if swiglu:
+        half = (int(hidden * 2 / 3) + 7) // 8 * 8
+        block += [(dim, 2 * half), (2 * half,), (half, dim), (dim,)]
+    else:
+        block += [(dim, hidden), (hidden,), (hidden, dim), (dim,)]
+    for shape, count in collections.Counter(block).items():
+        shapes[shape] += count * depth
+    return shapes
+
+
 def import_keras_hub_preset(folder, **overrides):
     """Builds our DINOv2Backbone from a keras-hub DINOV2Backbone preset folder.
 
@@ -277,17 +406,19 @@ def import_keras_hub_preset(folder, **overrides):
         config = check_preset_folder(folder)
         registered = config.get("registered_name")
         if registered != KERAS_HUB_CLASS:
-            raise ValueError(
+            raise CheckpointError(
                 f"{os.path.join(folder, 'config.json')} describes {registered!r}, not a keras-hub "
                 f"DINOV2Backbone ({KERAS_HUB_CLASS!r})."
             )
     keras_hub = _keras_hub()
-    model = keras_hub.models.Backbone.from_preset(folder)
+    with reading(f"the keras-hub preset {folder}"):
+        model = keras_hub.models.Backbone.from_preset(folder)
     if type(model).__name__ != "DINOV2Backbone":
-        raise ValueError(f"{folder} holds a {type(model).__name__}, not a DINOV2Backbone.")
+        raise CheckpointError(f"{folder} holds a {type(model).__name__}, not a "
+                              "DINOV2Backbone.")
     height, width = model.embeddings.position_embedding_shape
     if height != width:
-        raise ValueError(
+        raise CheckpointError(
             f"{folder}: position_embedding_shape {model.position_embedding_shape} is not square; "
             "DINOv2 position tables are square."
         )

@@ -107,7 +107,6 @@ def transformers_tensors(backbone):
     """
     t = torch_hub_tensors(backbone, layer_scale_ones=True)
     dim = backbone.hidden_dim
-    model_type, _, _ = transformers_model_type(backbone)
     out = {
         "embeddings.cls_token": t["cls_token"],
         "embeddings.mask_token": t["mask_token"],
@@ -117,9 +116,10 @@ def transformers_tensors(backbone):
         "layernorm.weight": t["norm.weight"],
         "layernorm.bias": t["norm.bias"],
     }
-    if model_type != "dinov2":
-        out["embeddings.register_tokens"] = t.get(
-            "register_tokens", np.zeros((1, 0, dim), "float32"))
+    if "register_tokens" in t:
+        # Without registers nothing is written: an empty (1, 0, D) tensor is no weight, and
+        # transformers' Dinov2WithRegistersModel starts from that same empty table.
+        out["embeddings.register_tokens"] = t["register_tokens"]
     swiglu = backbone.ffn_type == "swiglu"
     for i in range(backbone.num_layers):
         src, dst = f"blocks.{i}", f"encoder.layer.{i}"
