@@ -62,14 +62,16 @@ class _SkipLog:
     tf.data cannot catch a decoding error inside a map function; `_decode_skipping` decodes each record in a
     one-element dataset with `ignore_errors`, so a failure becomes a missing element, and calls back into Python
     only for those failures. At the end of each pass the pipeline prints one message with the count and the
-    names (paths); files already named in an earlier pass are only counted.
+    names (paths), each with the source's note on it when it has one (a header declaring too many pixels);
+    files already named in an earlier pass are only counted.
     """
 
     max_listed = 20
 
-    def __init__(self, source_name, refilled):
+    def __init__(self, source_name, refilled, explain=None):
         self.source_name = source_name
         self.refilled = refilled
+        self.explain = explain or (lambda name: "")
         self.skipped = {}  # pass id -> {name: None}, in order of appearance
         self.reported = set()
 
@@ -89,12 +91,17 @@ class _SkipLog:
         )
         new = [name for name in names if name not in self.reported]
         if new:
-            listed = "\n  ".join(new[: self.max_listed])
+            notes = {name: self.explain(name) for name in new[: self.max_listed]}
+            listed = "\n  ".join(f"{name} ({note})" if note else name for name, note in notes.items())
             more = len(new) - self.max_listed
             tail = f"\n  ... and {more} more" if more > 0 else ""
+            large = (
+                " Images that are only too large can be read with a higher max_image_pixels "
+                "(--max-image-pixels)." if any(notes.values()) else ""
+            )
             message = (
-                f"skipped {what} (corrupt, truncated or not an image) in this pass over the data:\n  {listed}"
-                f"{tail}\n{after} Remove or repair these files."
+                f"skipped {what} (corrupt, truncated, not an image, or more pixels than max_image_pixels) "
+                f"in this pass over the data:\n  {listed}{tail}\n{after} Remove or repair these files.{large}"
             )
         else:
             message = f"skipped the same {what} again in this pass."
@@ -223,8 +230,9 @@ def multicrop_dataset(
     steps_per_epoch=...)`, and `start_epoch` to resume an exact epoch. Batches then run across epoch boundaries
     (like the reference's infinite sampler).
 
-    Undecodable files (corrupt, truncated, empty, not an image) are skipped: another image of the shard takes
-    the place of each, so a pass keeps its length, and one warning at the end of the pass names them.
+    Undecodable files (corrupt, truncated, empty, not an image, or a header declaring more pixels than the
+    source's `max_image_pixels`) are skipped: another image of the shard takes the place of each, so a pass
+    keeps its length, and one warning at the end of the pass names them.
 
     Sharding: every shard sees the same permutation and takes every num_shards-th image (the reference's sharded
     sampler); all shards get the same number of batches. `batch_size` is per shard (per replica), like the
@@ -288,7 +296,7 @@ def multicrop_dataset(
         )
 
     augmentation = _augmentation(config, jit_compile)
-    log = _SkipLog(src.name, refilled=per_shard is not None)
+    log = _SkipLog(src.name, refilled=per_shard is not None, explain=src.explain)
 
     def read_and_decode(records, key):
         """(record, seed) -> (image, seed) for one pass; a pass never ends early on an undecodable file."""
@@ -495,7 +503,7 @@ def eval_dataset(
     ds = src.stream(num_shards, shard_index)
     if src.can_fail:
         # Undecodable files are left out (and named at the end of each pass); the rest keep their order.
-        log = _SkipLog(src.name, refilled=False)
+        log = _SkipLog(src.name, refilled=False, explain=src.explain)
         pass_id = tf.constant(0, tf.int64)
         ds = ds.map(_plain(lambda record: (record, tf.constant(0, tf.int32))))
         ds = _decode_skipping(src, ds, log, pass_id, num_parallel_calls, True)
