@@ -177,14 +177,21 @@ def test_cli_visualize_writes_the_pictures_and_the_run_plot(backbone, tmp_path, 
     printed = capsys.readouterr().out
     assert "pictures.png" in printed and "metrics.png" in printed
 
-    with pytest.raises(SystemExit, match="missing.png"):
-        main(["visualize", "--preset", str(run), "--image", str(tmp_path / "missing.png"),
-              "--out", str(out)])
-    with pytest.raises(SystemExit, match="30 is not a multiple of the backbone's patch size 4"):
-        main(args[:-1] + ["30"])
-    with pytest.raises(SystemExit, match="--random-weights"):
-        main(["visualize", "--preset", "dinov2_vit_tiny4", "--image", "skimage:coffee",
-              "--out", str(out)])
+    # Bad input: exit status 2 and one line naming the problem.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(23000, 23000))
+    for argv, words in [
+        (["visualize", "--preset", str(run), "--image", str(tmp_path / "missing.png"), "--out", str(out)],
+         ["missing.png"]),
+        (args[:-1] + ["30"], ["30 is not a multiple of the backbone's patch size 4"]),
+        (["visualize", "--preset", "dinov2_vit_tiny4", "--image", "skimage:coffee", "--out", str(out)],
+         ["--random-weights"]),
+        (["visualize", "--preset", str(run), "--image", str(bomb), "--out", str(out)],
+         ["bomb.png", "529,000,000 pixels", "--max-image-pixels"]),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(word in err[0] for word in words), err
 
 
 def test_pictures_read_the_backbones_own_outputs(backbone):

@@ -17,7 +17,7 @@ import tensorflow as tf
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from keras_dinov2.data.augment import MultiCropAugmentation, normalize
 from keras_dinov2.data.masking import sample_masks
-from keras_dinov2.data.sources import _check_shards, get_source
+from keras_dinov2.data.sources import DEFAULT_MAX_IMAGE_PIXELS, _check_shards, get_source
 
 __all__ = ["multicrop_dataset", "eval_dataset", "BATCH_KEYS"]
 
@@ -205,6 +205,7 @@ def multicrop_dataset(
     deterministic: bool = True,
     prefetch: int | None = tf.data.AUTOTUNE,
     jit_compile: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tf.data.Dataset:
     """Build the DINOv2 multi-crop dataset that `model.fit` consumes on every backend.
 
@@ -257,6 +258,8 @@ def multicrop_dataset(
         deterministic: bool, default True. Keep the order under parallel map (False trades it for speed).
         prefetch: int or None, default tf.data.AUTOTUNE. Batches prefetched; None disables it.
         jit_compile: bool, default True. XLA-compile the crop stage after the resize (see `MultiCropAugmentation`).
+        max_image_pixels: int or None, default 89,478,485. For a folder or "tfds:" spec: images whose header
+            declares more pixels are skipped, never decoded (see `get_source`); None for no limit.
 
     Example:
         >>> ds = multicrop_dataset("digits", batch_size=8, config=DataConfig.recipe("digits"))
@@ -286,7 +289,7 @@ def multicrop_dataset(
             f"start_epoch={start_epoch} needs repeat=True (finite datasets draw a new key per pass)."
         )
     num_shards, shard_index = _resolve_shards(num_shards, shard_index, input_context)
-    src = get_source(source)
+    src = get_source(source, max_image_pixels=max_image_pixels)
 
     per_shard = None if src.num_examples is None else src.num_examples // num_shards
     if per_shard is not None and per_shard < batch_size:
@@ -450,6 +453,7 @@ def eval_dataset(
     shard_index: int = 0,
     drop_remainder: bool = False,
     num_parallel_calls: int = tf.data.AUTOTUNE,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tf.data.Dataset:
     """Build a labelled evaluation dataset of (images, labels): resize, center crop, normalize; stored order.
 
@@ -470,6 +474,8 @@ def eval_dataset(
         shard_index: int, default 0.
         drop_remainder: bool, default False. Drop the last partial batch.
         num_parallel_calls: int, default tf.data.AUTOTUNE.
+        max_image_pixels: int or None, default 89,478,485. For a folder or "tfds:" spec: images whose header
+            declares more pixels are left out (and named), never decoded; None for no limit.
 
     Returns:
         `tf.data.Dataset` of (float32 (B, S, S, 3), int32 (B,)).
@@ -489,7 +495,7 @@ def eval_dataset(
         raise ValueError(
             f"resize_size must be >= image_size ({image_size}); received {resize_size}."
         )
-    src = get_source(source, split=split)
+    src = get_source(source, split=split, max_image_pixels=max_image_pixels)
     if not src.has_labels:
         raise ValueError(
             f"eval_dataset needs labelled images; {src.name} has no labels (use class subfolders)."
