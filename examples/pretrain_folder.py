@@ -81,7 +81,7 @@ def run_cli(argv):
     print("$ keras-dinov2 " + " ".join(argv), flush=True)
     try:
         return main(argv)
-    except SystemExit as error:  # the command line reports bad input by exiting; turn it into a status
+    except SystemExit as error:  # argparse exits on a bad flag (other errors come back as status 2)
         if isinstance(error.code, str):
             print(error.code, file=sys.stderr)
             return 1

@@ -12,6 +12,8 @@ Public names:
     layers           the building blocks
 """
 
+# First, before anything imports TensorFlow: the command line starts without TensorFlow's start-up lines.
+from keras_dinov2 import _startup  # noqa: F401, I001
 from keras_dinov2 import config, convert, layers, losses
 from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
 from keras_dinov2.config import SSLConfig

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import time
 import warnings
 
 import keras
@@ -210,6 +211,149 @@ class StepLogger(keras.callbacks.Callback):
                     csv.writer(f).writerow(self._fields)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self._fields, extrasaction="ignore").writerow(row)
+
+
+def _format_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressBar(keras.callbacks.ProgbarLogger):
+    """fit's progress line, fitted to the terminal: the loss, its parts and the learning rate.
+
+    Keras' bar prints every log of a step, about 15 for a pretraining step, and wraps on an 80-column terminal.
+    This one draws the chosen `keys` only, with 4 significant digits, and drops the bar, a digit, then the time,
+    when the line would not fit. The other callbacks still receive every log (`StepLogger` writes all of them to
+    metrics.csv): only what is drawn changes. On a terminal the line is redrawn in place; elsewhere (a log file)
+    each epoch prints one line, as with `verbose=2`. Pass it to `fit(callbacks=...)`: Keras then adds no bar of
+    its own, and fit's `verbose` still decides (0 draws nothing). Place it first, so that lines other callbacks
+    print at the end of an epoch come after the finished bar.
+
+    Args:
+        keys: sequence of (log key, label) pairs, default `DEFAULT_KEYS` (loss, dino_local as "local",
+            dino_global as "global", ibot, koleo, lr). Keys missing from the logs are left out.
+        stream: file-like or None, default None (sys.stdout when writing).
+        columns: int or None, default None: the terminal's width (the COLUMNS variable, else 80).
+
+    Example:
+    >>> pretrainer.fit(data, epochs=10, callbacks=[ProgressBar(), StepLogger("runs/x")])
+    """
+
+    DEFAULT_KEYS = (("loss", "loss"), ("dino_local", "local"), ("dino_global", "global"),
+                    ("ibot", "ibot"), ("koleo", "koleo"), ("lr", "lr"))
+    _REFRESH_SECONDS = 0.1
+
+    def __init__(self, keys=None, stream=None, columns=None):
+        super().__init__()
+        self.keys = tuple(self.DEFAULT_KEYS if keys is None else keys)
+        self.stream = stream
+        self.columns = columns
+        self._start = self._last_draw = 0.0
+        self._drawn = 0
+        self._step_logs = {}
+
+    def _out(self):
+        import sys
+
+        return self.stream if self.stream is not None else sys.stdout
+
+    def _width(self):
+        import shutil
+
+        return max(20, int(self.columns or shutil.get_terminal_size((80, 24)).columns) - 1)
+
+    def _dynamic(self):
+        out = self._out()
+        return self.verbose == 1 and hasattr(out, "isatty") and out.isatty()
+
+    def _values(self, logs, digits):
+        values = _floats(logs)
+        shown = []
+        for key, label in self.keys:
+            if key in values:
+                value = values[key]
+                if key == "lr":  # 3.5e-4: two digits are all a schedule needs to be read
+                    mantissa, exponent = f"{value:.1e}".split("e")
+                    text = f"{mantissa}e{int(exponent)}"
+                else:
+                    text = f"{value:.{digits}g}"
+                shown.append(f"{label} {text}")
+        return " ".join(shown)
+
+    def line(self, seen, logs, final=False):
+        """The progress line after `seen` steps with these logs (at most the terminal's width - 1).
+
+        Everything fits when it can: 4 significant digits, a bar and the time; else, in this order, no bar, 3
+        digits, no time, and at last the line is cut.
+        """
+        width = self._width()
+        target = self.target
+        counter = f"{seen}/{target}" if target else f"{seen}"
+        if target:
+            counter = counter.rjust(2 * len(str(target)) + 1)
+        elapsed = time.monotonic() - self._start
+        if final:
+            per_step = elapsed / max(seen, 1)
+            rate = f"{per_step * 1000:.0f}ms/step" if per_step < 1 else f"{per_step:.1f}s/step"
+            clock = f"{_format_duration(elapsed)} {rate}"
+        elif target and seen:
+            clock = f"eta {_format_duration(elapsed / seen * (target - seen))}"
+        else:
+            clock = _format_duration(elapsed)
+        tails = {}
+        for digits in (4, 3):
+            values = self._values(logs, digits)
+            tails[digits] = f" - {values}" if values else ""
+        if target:
+            room = width - len(f"{counter}  {clock}{tails[4]}")  # what a bar between two spaces may take
+            if room >= 10:
+                cells = min(20, room)
+                done = int(cells * min(seen, target) / target)
+                bar = "\u2501" * done + "\u2500" * (cells - done)
+                return f"{counter} {bar} {clock}{tails[4]}"
+        for text in (f"{counter} {clock}{tails[4]}", f"{counter} {clock}{tails[3]}", f"{counter}{tails[4]}",
+                     f"{counter}{tails[3]}"):
+            if len(text) <= width:
+                return text
+        return text[: width - 1] + "\u2026"
+
+    def _write(self, text, newline):
+        out = self._out()
+        if self._dynamic():
+            out.write("\r" + text.ljust(self._drawn) + ("\n" if newline else ""))
+            self._drawn = 0 if newline else len(text)
+        elif newline:
+            out.write(text + "\n")
+        out.flush()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._reset_progbar()
+        self._start = time.monotonic()
+        self._last_draw = 0.0
+        self._step_logs = {}
+        if self.verbose and self.epochs > 1:
+            self._write(f"Epoch {epoch + 1}/{self.epochs}", newline=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen = batch + 1
+        self._step_logs = dict(logs or {})
+        now = time.monotonic()
+        if self._dynamic() and (now - self._last_draw >= self._REFRESH_SECONDS or self.seen == self.target):
+            self._last_draw = now
+            self._write(self.line(self.seen, self._step_logs), newline=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.verbose:
+            return
+        shown = dict(self._step_logs)
+        shown.update(logs or {})
+        if self.target is None:
+            self.target = self.seen
+        self._write(self.line(self.seen, shown, final=True), newline=True)
 
 
 class TrainingMonitor(keras.callbacks.Callback):

@@ -1,6 +1,7 @@
 """The `keras-dinov2` command line: pretrain, evaluate, export, convert, visualize."""
 
 import argparse
+import math
 import os
 import sys
 
@@ -9,13 +10,62 @@ DINOv2 self-supervised pretraining of Vision Transformers on Keras 3.
 
 The Keras backend comes from KERAS_BACKEND (jax, tensorflow or torch), else from Keras' own
 configuration (~/.keras/keras.json, TensorFlow by default). The README's quick start sets jax.
+TensorFlow's start-up log lines are hidden; set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
 
 NOT_YET = {}
 
+# Exit statuses: 2 for anything the user can fix in the command (a flag, a path, the data), 3 when an
+# export was written but its upload failed, 130 on Ctrl-C.
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short error: the problem and where to read more, not the whole usage text."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for the options.\n")
+
+
+def _integer(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, received {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, received {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
+    return value
+
+
+def _max_image_pixels(text):
+    if text.lower() == "none":
+        return None
+    return _integer(1)(text)
+
+
+MAX_IMAGE_PIXELS_HELP = (
+    "largest width x height of an image file that is decoded; larger files are skipped and named "
+    "(decompression bombs: a 1.6 MB PNG can declare 23000 x 23000 pixels); 'none' for no limit "
+    "(default 89478485, PIL's limit)"
+)
+
 
 def _parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keras-dinov2", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -44,14 +94,14 @@ def _parser():
                           choices=["digits", "reference_default", "vitl14", "vitg14"],
                           help="named SSLConfig recipe (default: digits for --data digits, "
                                "reference_default otherwise)")
-    pretrain.add_argument("--epochs", type=int, default=None, help="epochs (recipe default)")
-    pretrain.add_argument("--steps-per-epoch", type=int, default=None,
+    pretrain.add_argument("--epochs", type=_integer(1), default=None, help="epochs (recipe default)")
+    pretrain.add_argument("--steps-per-epoch", type=_integer(1), default=None,
                           help="optimizer steps per epoch (default: one pass over the data)")
-    pretrain.add_argument("--batch-size", type=int, default=None,
+    pretrain.add_argument("--batch-size", type=_integer(1), default=None,
                           help="source images per step and replica (recipe default)")
-    pretrain.add_argument("--accumulation", type=int, default=None,
+    pretrain.add_argument("--accumulation", type=_integer(1), default=None,
                           help="micro-batches per optimizer update (gradient accumulation)")
-    pretrain.add_argument("--lr", type=float, default=None, help="base learning rate")
+    pretrain.add_argument("--lr", type=_positive_float, default=None, help="base learning rate")
     pretrain.add_argument("--drop-path", type=float, default=None, dest="drop_path_rate",
                           help="student stochastic-depth rate (recipe default: 0.3, 0.4 for "
                                "vitl14 / vitg14, 0.1 for digits)")
@@ -61,8 +111,10 @@ def _parser():
                                "DINOv2 configs (default for the DINOv2 recipes); "
                                "--no-drop-path-uniform ramps it linearly from 0 in the first "
                                "block (the digits recipe's rule)")
-    pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    pretrain.add_argument("--knn-every", type=int, default=1,
+    pretrain.add_argument("--seed", type=_integer(0), default=0, help="random seed (default 0)")
+    pretrain.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485,
+                          help=MAX_IMAGE_PIXELS_HELP)
+    pretrain.add_argument("--knn-every", type=_integer(0), default=1,
                           help="k-NN of the teacher on held-out digits every N epochs (digits "
                                "only; 0 disables; default 1)")
     pretrain.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
@@ -74,7 +126,7 @@ def _parser():
                                "torch under torchrun), or 'model' (jax) to also shard the large "
                                "kernels over a model axis; auto: data when several devices or "
                                "torchrun processes are visible (default auto)")
-    pretrain.add_argument("--model-axis-size", type=int, default=None,
+    pretrain.add_argument("--model-axis-size", type=_integer(1), default=None,
                           help="devices per model-axis group for --distribution model "
                                "(default: the devices of one host)")
     pretrain.add_argument("--multi-host", action="store_true",
@@ -100,19 +152,22 @@ def _parser():
                                "25%% hold-out); default digits")
     evaluate.add_argument("--train-split", default=None, help="reference split (TFDS split or subfolder)")
     evaluate.add_argument("--test-split", default=None, help="query split (TFDS split or subfolder)")
-    evaluate.add_argument("--image-size", type=int, default=None,
+    evaluate.add_argument("--image-size", type=_integer(1), default=None,
                           help="evaluation crop side (default: the backbone's image_size)")
     evaluate.add_argument("--features", choices=["cls", "patch_mean"], default="cls",
                           help="k-NN features (default cls, the reference's)")
-    evaluate.add_argument("--n-last-blocks", type=int, default=1,
+    evaluate.add_argument("--n-last-blocks", type=_integer(1), default=1,
                           help="concatenate the features of the last N blocks (default 1)")
     evaluate.add_argument("--avgpool", action="store_true",
                           help="append the mean patch token to the k-NN features")
     evaluate.add_argument("--linear", action="store_true", help="also train a linear probe")
-    evaluate.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs (default 100)")
+    evaluate.add_argument("--linear-epochs", type=_integer(1), default=100,
+                          help="linear probe epochs (default 100)")
     evaluate.add_argument("--no-random-init", action="store_true",
                           help="skip the randomly initialized comparison backbone")
-    evaluate.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    evaluate.add_argument("--batch-size", type=_integer(1), default=256, help="images per batch (default 256)")
+    evaluate.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485,
+                          help=MAX_IMAGE_PIXELS_HELP)
     evaluate.add_argument("--output", default=None, help="also write the results as JSON to this file")
 
     export = commands.add_parser(
@@ -141,7 +196,7 @@ def _parser():
     export.add_argument("--commit-message", default=None, help="commit message of the upload")
     export.add_argument("--license", default="apache-2.0",
                         help="license in the model card metadata (default apache-2.0)")
-    export.add_argument("--tolerance", type=float, default=1e-4,
+    export.add_argument("--tolerance", type=_positive_float, default=1e-4,
                         help="largest allowed feature difference (default 1e-4)")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 
@@ -188,6 +243,8 @@ def _parser():
                                 "draw it black")
     visualize.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest",
                            help="how PCA colours fill each patch (default nearest)")
+    visualize.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485,
+                           help=MAX_IMAGE_PIXELS_HELP)
     visualize.add_argument("--random-weights", action="store_true",
                            help="with a built-in preset name: random weights instead of the "
                                 "official download (to try the command offline)")
@@ -200,14 +257,21 @@ def _convert(args):
     kind, path = args.source
     if kind == "torch-hub":
         if not os.path.isfile(path):
-            raise SystemExit(f"error: --from torch-hub expects a .pth file; {path!r} is not one.")
-        backbone = convert.load_torch_hub_checkpoint(path)
+            raise ValueError(f"--from torch-hub expects a .pth file; {path!r} is not one.")
+        load = convert.load_torch_hub_checkpoint
     elif kind == "transformers":
         if not os.path.isdir(path):
-            raise SystemExit(f"error: --from transformers expects a folder; {path!r} is not one.")
-        backbone = convert.load_transformers_checkpoint(path)
+            raise ValueError(f"--from transformers expects a folder; {path!r} is not one.")
+        load = convert.load_transformers_checkpoint
     else:
-        raise SystemExit(f"error: --from KIND must be torch-hub or transformers, not {kind!r}.")
+        raise ValueError(f"--from KIND must be torch-hub or transformers, not {kind!r}.")
+    try:
+        backbone = load(path)
+    except Exception as error:
+        # Name the input when the reader's message does not (a JSON or zip error says where, not what).
+        if not _is_user_error(error) or os.path.basename(os.path.normpath(path)) in str(error):
+            raise
+        raise ValueError(f"{path!r} could not be converted ({kind}): {_one_line(error)}") from error
     backbone.save_to_preset(args.out)
     print(
         f"Wrote {args.out}: {backbone.num_layers} blocks, width {backbone.hidden_dim}, "
@@ -217,15 +281,33 @@ def _convert(args):
     return 0
 
 
-def load_backbone(spec):
+def check_preset_spec(flag, spec):
+    """Refuses, in one line, a preset spec that is no architecture name, folder or URI (keras-hub's own
+    message for an unknown name is a page long)."""
+    from keras_dinov2.backbone import ARCHITECTURES
+
+    if spec in ARCHITECTURES or "://" in spec or os.path.isdir(spec):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(spec, list(ARCHITECTURES), n=2)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ValueError(
+        f"{flag} {spec!r} is not an architecture, a folder or an hf:// URI; {hint}architectures: "
+        f"{', '.join(ARCHITECTURES)}."
+    )
+
+
+def load_backbone(spec, flag="--preset"):
     """A backbone from a run directory (its teacher_preset/), a preset folder, an hf:// URI or a preset name."""
     from keras_dinov2.backbone import DINOv2Backbone
 
+    check_preset_spec(flag, spec)
     if os.path.isdir(os.path.join(spec, "teacher_preset")):
         spec = os.path.join(spec, "teacher_preset")
     elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        raise SystemExit(
-            f"error: {spec!r} is neither a preset folder (no config.json) nor a finished run directory "
+        raise ValueError(
+            f"{spec!r} is neither a preset folder (no config.json) nor a finished run directory "
             "(no teacher_preset/)."
         )
     return DINOv2Backbone.from_preset(spec)
@@ -237,15 +319,13 @@ def _evaluate(args):
     from keras_dinov2.evaluation import evaluate_backbone
 
     backbone = load_backbone(args.preset)
-    try:
-        result = evaluate_backbone(
-            backbone, data=args.data, image_size=args.image_size, features=args.features,
-            n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, linear=args.linear,
-            linear_epochs=args.linear_epochs, compare_random_init=not args.no_random_init,
-            batch_size=args.batch_size, train_split=args.train_split, test_split=args.test_split,
-        )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    result = evaluate_backbone(
+        backbone, data=args.data, image_size=args.image_size, features=args.features,
+        n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, linear=args.linear,
+        linear_epochs=args.linear_epochs, compare_random_init=not args.no_random_init,
+        batch_size=args.batch_size, train_split=args.train_split, test_split=args.test_split,
+        max_image_pixels=args.max_image_pixels,
+    )
     random_init = result.get("random_init", {})
     print(f"{args.preset} on {result['data']} ({result['num_train']} references, {result['num_test']} "
           f"queries, {result['image_size']} px):")
@@ -265,14 +345,10 @@ def _evaluate(args):
 def _export(args):
     import warnings
 
-    from keras_dinov2.export import (
-        ExportVerificationError,
-        ExportWarning,
-        UploadError,
-        export,
-        load_run,
-    )
+    from keras_dinov2.export import ExportWarning, UploadError, export, load_run
 
+    if args.preset is not None:
+        check_preset_spec("--preset", args.preset)
     try:
         source = load_run(args.run) if args.run else args.preset
         with warnings.catch_warnings():
@@ -282,10 +358,9 @@ def _export(args):
                    private=args.private, revision=args.revision,
                    commit_message=args.commit_message, overwrite=args.overwrite)
     except UploadError as error:
+        # The export is on disk; only the upload failed (its message is already free of credentials).
         print(f"error: {error}", file=sys.stderr)
         return 3
-    except (ValueError, ExportVerificationError) as error:
-        raise SystemExit(f"error: {error}") from None
     return 0
 
 
@@ -297,7 +372,7 @@ def _parse_size(text):
     except ValueError:
         sides = []
     if len(sides) not in (1, 2) or min(sides) < 1:
-        raise SystemExit(f"error: --size must be N or HxW in pixels, received {text!r}.")
+        raise ValueError(f"--size must be N or HxW in pixels, received {text!r}.")
     return sides[0] if len(sides) == 1 else tuple(sides)
 
 
@@ -307,29 +382,26 @@ def _visualize(args):
 
     spec = args.preset or args.run
     if spec is None:
-        raise SystemExit("error: visualize needs --preset (or --run RUN_DIR).")
+        raise ValueError("visualize needs --preset (or --run RUN_DIR).")
     run = args.run
     if run is None and os.path.isdir(os.path.join(spec, "teacher_preset")):
         run = spec
     if run is not None and not os.path.isfile(os.path.join(run, "metrics.csv")):
         if args.run is not None:
-            raise SystemExit(f"error: --run {run!r} has no metrics.csv to plot.")
+            raise ValueError(f"--run {run!r} has no metrics.csv to plot.")
         run = None
     size = _parse_size(args.size)
     try:
         if spec in ARCHITECTURES and args.random_weights:
             backbone = DINOv2Backbone.from_preset(spec, load_weights=False)
         else:
-            backbone = load_backbone(spec)
+            backbone = load_backbone(spec, "--preset" if args.preset else "--run")
     except ValueError as error:
         hint = " Pass --random-weights for random weights." if spec in ARCHITECTURES else ""
-        raise SystemExit(f"error: {error}{hint}") from None
-    try:
-        picture = save_figure(backbone, args.image, args.out, size=size,
-                              background_threshold=args.background_threshold,
-                              upsample=args.upsample)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise ValueError(f"{error}{hint}") from None
+    picture = save_figure(backbone, args.image, args.out, size=size,
+                          background_threshold=args.background_threshold,
+                          upsample=args.upsample, max_image_pixels=args.max_image_pixels)
     side = size or backbone.image_size
     side = f"{side[0]} x {side[1]}" if isinstance(side, tuple) else side
     print(f"Wrote {args.out} ({picture.shape[1]} x {picture.shape[0]} px): {len(args.image)} "
@@ -341,6 +413,27 @@ def _visualize(args):
         plot_metrics(os.path.join(run, "metrics.csv"), png)
         print(f"Wrote {png} (training curves of {run}).")
     return 0
+
+
+def _pretrain(args):
+    from keras_dinov2.run import pretrain
+
+    if args.model is not None and not args.resume:
+        check_preset_spec("--model", args.model)
+    return pretrain(args)
+
+
+def _is_user_error(error):
+    """Errors that describe a bad input (a flag, a path, a file, the data), as the library raises them on
+    purpose; anything else is a bug and keeps its traceback."""
+    return isinstance(error, (ValueError, OSError)) or type(error).__module__.startswith("keras_dinov2")
+
+
+def _one_line(error, limit=600):
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and not isinstance(error, ConnectionError) and error.filename:
+        text = f"{error.strerror or text}: {error.filename!r}"
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def main(argv=None):
@@ -356,18 +449,24 @@ def main(argv=None):
             "work today.",
             file=sys.stderr,
         )
-        return 2
-    if args.command == "evaluate":
-        return _evaluate(args)
-    if args.command == "export":
-        return _export(args)
-    if args.command == "visualize":
-        return _visualize(args)
-    if args.command == "pretrain":
-        from keras_dinov2.run import pretrain
+        return USAGE_ERROR
+    command = {"evaluate": _evaluate, "export": _export, "visualize": _visualize,
+               "pretrain": _pretrain, "convert": _convert}[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
+        message = _one_line(error)
+        if args.command == "export":
+            from keras_dinov2.export.hub import redact_secrets
 
-        return pretrain(args)
-    return _convert(args)
+            message = redact_secrets(message, secrets=[os.environ.get("HF_TOKEN", "")])
+        print(f"keras-dinov2 {args.command}: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -20,12 +20,15 @@ Example:
     >>> evaluation.evaluate_digits(backbone)          # {10: ..., 20: ..., 100: ..., 200: ...} in %
 """
 
+import functools
 import math
 import numbers
 
 import keras
 import numpy as np
 from keras import ops
+
+from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = [
     "KNNMonitor",
@@ -36,6 +39,7 @@ __all__ = [
     "knn_classify",
     "knn_predict",
     "linear_probe",
+    "random_init_backbone",
 ]
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -481,6 +485,33 @@ def knn_accuracy(backbone, train_dataset, test_dataset, ks=DEFAULT_KS, temperatu
                         dtype=dtype)
 
 
+def random_init_backbone(backbone, seed=0):
+    """A randomly initialized backbone of `backbone`'s architecture: the same weights for the same seed.
+
+    The "random init" baseline of a k-NN: built from `backbone.get_config()` with Keras' initializer seeds drawn
+    from a Python generator seeded with `seed`, so the baseline printed at the start of a run, at its end, after a
+    resume and by `keras-dinov2 evaluate` is one network and one number. Python's global random state is left
+    as it was, so building the baseline changes nothing else in a run.
+
+    Args:
+        backbone: a Keras model with `get_config()` / `from_config()` (a `DINOv2Backbone`).
+        seed: int, default 0.
+
+    Example:
+    >>> fresh = random_init_backbone(trained_backbone)
+    >>> evaluate_digits(fresh, ks=(20,))
+    """
+    import random
+
+    # Keras draws the seed of every initializer without one from Python's `random` module.
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        return type(backbone).from_config(backbone.get_config())
+    finally:
+        random.setstate(state)
+
+
 def _digits_datasets(image_size, batch_size):
     from keras_dinov2.data import eval_dataset
 
@@ -528,9 +559,11 @@ class KNNMonitor(keras.callbacks.Callback):
     `test_data` (the queries) go through `knn_classify` (reference protocol, final-norm CLS), and the top-1
     accuracy for `k` is written into the epoch's `logs` as `knn_top1`, so `History`, the progress bar and
     `CSVLogger` record it (place this callback before a `CSVLogger` in the list; Keras runs callbacks in order).
-    With `compare_random_init=True` a freshly initialized backbone of the same architecture is evaluated once at
-    train begin and logged as `knn_top1_random_init` next to every `knn_top1`: pretraining helped where the first
-    is higher. On JAX the training state is synced into the variables before they are read.
+    With `compare_random_init=True` a randomly initialized backbone of the same architecture
+    (`random_init_backbone`, seeded) is evaluated once at train begin and logged as `knn_top1_random_init` next
+    to every `knn_top1`: pretraining helped where the first is higher. `random_init_accuracy` passes that
+    baseline in instead, computed elsewhere (once per run, so every place that prints it prints one number). On
+    JAX the training state is synced into the variables before they are read.
 
     Args:
         train_data: labelled reference data: a finite tf.data dataset of (images, labels) batches or NumPy
@@ -542,6 +575,8 @@ class KNNMonitor(keras.callbacks.Callback):
         temperature: float, default 0.07.
         every_n_epochs: int, default 1.
         compare_random_init: bool, default False.
+        random_init_accuracy: float or None, default None. The baseline's top-1 (%) at `k`, already computed;
+            logged like a computed one (and nothing is computed).
         batch_size: int or None, default None. For NumPy data (None means 256).
         verbose: int, default 1. 1 prints each result; 0 is silent.
         dtype: str, default "float32". Precision of the k-NN (see `knn_classify`). A fresh backbone with
@@ -557,7 +592,8 @@ class KNNMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, train_data, test_data, backbone_fn=None, k=20, temperature=0.07, every_n_epochs=1,
-                 compare_random_init=False, batch_size=None, verbose=1, dtype="float32"):
+                 compare_random_init=False, batch_size=None, verbose=1, dtype="float32",
+                 random_init_accuracy=None):
         super().__init__()
         self.train_data = train_data
         self.test_data = test_data
@@ -573,7 +609,8 @@ class KNNMonitor(keras.callbacks.Callback):
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise ValueError(f"`dtype` must be 'float32' or 'float64', received {dtype!r}.")
         self.dtype = str(np.dtype(dtype))
-        self.random_init_accuracy = None
+        self.random_init_accuracy = None if random_init_accuracy is None else float(random_init_accuracy)
+        self._given_baseline = self.random_init_accuracy is not None
         self.history = []  # (epoch, accuracy) pairs, kept also when the model has no History.
         self._feature_model = None
 
@@ -611,12 +648,11 @@ class KNNMonitor(keras.callbacks.Callback):
             model.jax_state_sync()
 
     def on_train_begin(self, logs=None):
-        if not self.compare_random_init:
-            return
-        self._sync()
-        backbone = self._backbone()
-        fresh = type(backbone).from_config(backbone.get_config())
-        self.random_init_accuracy = self._evaluate(feature_model(fresh))
+        if not self._given_baseline:
+            if not self.compare_random_init:
+                return
+            self._sync()
+            self.random_init_accuracy = self._evaluate(feature_model(random_init_backbone(self._backbone())))
         if self.verbose:
             print(f"k-NN top-1 (k={self.k}) of a randomly initialized backbone: {self.random_init_accuracy:.2f}%")
 
@@ -742,7 +778,8 @@ def linear_probe(train_features, train_labels, test_features, test_labels,
 # One call for the command line: load, extract, k-NN, linear probe, random-init comparison
 
 
-def labelled_splits(data="digits", train_split=None, test_split=None, test_fraction=0.25, seed=0):
+def labelled_splits(data="digits", train_split=None, test_split=None, test_fraction=0.25, seed=0,
+                    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """Resolve a labelled data spec into (train, test) `ImageSource`s for evaluation.
 
     - "digits": the bundled train split and its held-out 25% (1,347 / 450 images).
@@ -750,6 +787,8 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
     - a folder: `train/` with `val/` or `test/` subfolders (class subfolders inside each) when present;
       otherwise one folder of class subfolders, split stratified by class (`test_fraction` held out).
     `train_split` / `test_split` name the splits (TFDS splits, digits splits or subfolders) explicitly.
+    `max_image_pixels` (default 89,478,485, PIL's limit; None for none) is the largest image of a folder or TFDS
+    dataset that is decoded; larger ones are left out and named (see `keras_dinov2.data.get_source`).
 
     Example:
         >>> train, test = labelled_splits("digits")
@@ -760,22 +799,21 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
 
     from keras_dinov2.data import sources
 
+    get_source = functools.partial(sources.get_source, max_image_pixels=max_image_pixels)
     text = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
     if text is None:
         raise ValueError(f"`data` must be 'digits', 'tfds:NAME' or a folder path; received {type(data).__name__}.")
     if text == "digits" or text.startswith("digits:"):
-        return (sources.get_source("digits", split=train_split or "train"),
-                sources.get_source("digits", split=test_split or "test"))
+        return (get_source("digits", split=train_split or "train"),
+                get_source("digits", split=test_split or "test"))
     if text.startswith("tfds:"):
         if test_split is None:
-            import tensorflow_datasets as tfds
-
             name = text[len("tfds:"):].split(":")[0]
-            splits = tfds.builder(name).info.splits
+            splits = sources._tfds_builder(name, None, download=False).info.splits
             test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
             if test_split is None:
                 raise ValueError(f"{text} has no 'test' or 'validation' split; pass --test-split.")
-        return (sources.get_source(text, split=train_split or "train"), sources.get_source(text, split=test_split))
+        return (get_source(text, split=train_split or "train"), get_source(text, split=test_split))
     if not os.path.isdir(text):
         raise ValueError(f"data folder {text!r} does not exist; expected 'digits', 'tfds:NAME' or a folder.")
     if train_split is None and test_split is None:
@@ -785,10 +823,10 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
     if train_split is not None or test_split is not None:
         if train_split is None or test_split is None:
             raise ValueError("pass both a train split and a test split for a folder, or neither.")
-        train = sources.get_source(text, split=train_split)
-        test = sources.get_source(text, split=test_split)
+        train = get_source(text, split=train_split)
+        test = get_source(text, split=test_split)
     else:
-        train, test = sources.split_source(sources.get_source(text), test_fraction=test_fraction, seed=seed)
+        train, test = sources.split_source(get_source(text), test_fraction=test_fraction, seed=seed)
     for what, source in (("train", train), ("test", test)):
         if source.labels is None:
             raise ValueError(
@@ -799,7 +837,8 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
 
 def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, temperature=0.07, features="cls",
                       n_last_blocks=1, avgpool=False, linear=False, linear_epochs=100, compare_random_init=True,
-                      batch_size=256, train_split=None, test_split=None, dtype="float32", verbose=True):
+                      batch_size=256, train_split=None, test_split=None, dtype="float32", verbose=True,
+                      max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """k-NN (and optionally a linear probe) of a frozen backbone on labelled data, next to a random init.
 
     Args:
@@ -811,11 +850,13 @@ def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, t
             the reference's linear features (CLS of the last 4 blocks, or all blocks if fewer, plus the mean patch).
         linear: bool, default False. Also run `linear_probe`.
         linear_epochs: int, default 100.
-        compare_random_init: bool, default True. Evaluate a fresh backbone of the same architecture too.
+        compare_random_init: bool, default True. Evaluate `random_init_backbone(backbone)` (seed 0) too.
         batch_size: int, default 256.
         train_split, test_split: optional split names, see `labelled_splits`.
         dtype: str, default "float32". Precision of the k-NN.
         verbose: bool, default True. Progress bars.
+        max_image_pixels: int or None, default 89,478,485 (PIL's limit). Largest image decoded, see
+            `labelled_splits`; None for no limit.
 
     Returns:
         dict: {"knn": {k: %}, "linear": {...} (if asked), "random_init": {"knn": ..., "linear": ...} (if asked),
@@ -823,7 +864,7 @@ def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, t
     """
     from keras_dinov2.data import eval_dataset
 
-    train_source, test_source = labelled_splits(data, train_split, test_split)
+    train_source, test_source = labelled_splits(data, train_split, test_split, max_image_pixels=max_image_pixels)
     size = int(image_size or backbone.image_size)
     patch = backbone.patch_size
     if size % patch:
@@ -847,7 +888,7 @@ def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, t
 
     result = run(backbone)
     if compare_random_init:
-        result["random_init"] = run(type(backbone).from_config(backbone.get_config()))
+        result["random_init"] = run(random_init_backbone(backbone))
     result.update(data=str(data), image_size=size, num_train=train_source.num_examples,
                   num_test=test_source.num_examples)
     return result

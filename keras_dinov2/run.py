@@ -8,6 +8,8 @@ import time
 
 import keras
 
+from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS
+
 # With LayerScale at 1e-5 a randomly initialized backbone gives nearly identical CLS tokens for
 # every image, so float32 cosine similarities all round to 1 and its k-NN is at chance; the
 # small digits evaluation is cheap in float64, which keeps the random-init baseline meaningful.
@@ -23,7 +25,8 @@ def _resolve_config(args, run_dir):
             stored = json.load(f)
         return SSLConfig.from_dict(stored["ssl"]), stored["model"], stored["data"]
     if args.resume:
-        raise SystemExit(f"error: --resume given but {saved} does not exist: nothing to resume.")
+        raise ValueError(f"--resume given but {saved} does not exist: nothing to resume; drop --resume "
+                         "to start a new run there.")
     recipe = args.recipe or ("digits" if args.data == "digits" else "reference_default")
     config = SSLConfig.recipe(recipe)
     optim = {}
@@ -42,7 +45,7 @@ def _resolve_config(args, run_dir):
     config = dataclasses.replace(
         config,
         optim=dataclasses.replace(config.optim, **optim),
-        batch_size=args.batch_size or config.batch_size,
+        batch_size=config.batch_size if args.batch_size is None else args.batch_size,
         seed=args.seed,
     )
     model = args.model or ("dinov2_vit_tiny4" if args.data == "digits" else "dinov2_vit_small14")
@@ -63,13 +66,22 @@ def _build_backbone(model_name, config):
         # at every input size. The released weights keep the rule they were trained with.
         overrides["interpolation"] = "registers"
         if config.data.masking.patch_size != patch:
-            raise SystemExit(
-                f"error: the recipe's patch size {config.data.masking.patch_size} does not "
+            raise ValueError(
+                f"the recipe's patch size {config.data.masking.patch_size} does not "
                 f"match {model_name}'s {patch}; choose a matching --recipe or --model."
             )
         return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
     # A preset folder or URI: continue pretraining from its weights.
     return DINOv2Backbone.from_preset(model_name, **overrides)
+
+
+def _random_init_knn(backbone, image_size, seed):
+    """{k: top-1 %} on the held-out digits of the run's random-init baseline (seeded: the same network, and
+    number, at the start, at the end and after a resume), with the protocol of the teacher's k-NN."""
+    from keras_dinov2.evaluation import evaluate_digits, random_init_backbone
+
+    return evaluate_digits(random_init_backbone(backbone, seed=seed), image_size=image_size,
+                           dtype=KNN_DTYPE)
 
 
 def pretrain(args):
@@ -90,11 +102,12 @@ def pretrain(args):
     keras.utils.set_random_seed(config.seed)
 
     # Every replica reads its own shard: one pass is one shard's batches.
+    max_image_pixels = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     batches_per_pass = dist.batches_per_pass(data_spec, config.batch_size, config.data,
-                                             seed=config.seed)
+                                             seed=config.seed, max_image_pixels=max_image_pixels)
     if batches_per_pass <= 0:
-        raise SystemExit(
-            f"error: {data_spec!r} gives no full batch of {config.batch_size} images per pass "
+        raise ValueError(
+            f"{data_spec!r} gives no full batch of {config.batch_size} images per pass "
             "(or its size is unknown); lower --batch-size or pass --steps-per-epoch."
         )
     if args.steps_per_epoch is None and not args.resume and args.recipe is None:
@@ -134,7 +147,8 @@ def pretrain(args):
     checkpoint = cb.latest_checkpoint(run_dir) if args.resume else None
     if args.resume:
         if checkpoint is None:
-            raise SystemExit(f"error: --resume given but {run_dir} holds no checkpoint.")
+            raise ValueError(f"--resume given but {run_dir} holds no checkpoint; drop --resume to "
+                             "start the run again.")
         with dist.scope():
             initial_epoch = int(cb.load_checkpoint(model, checkpoint)["epoch"])
         print(f"Resuming {run_dir} from {os.path.basename(checkpoint)} (epoch {initial_epoch}).")
@@ -156,7 +170,7 @@ def pretrain(args):
     dataset = dist.dataset(
         data_spec, config.batch_size, config.data, seed=config.seed, repeat=True,
         start_epoch=consumed // batches_per_pass, skip=consumed % batches_per_pass,
-        micro_batches=accumulation,
+        micro_batches=accumulation, max_image_pixels=max_image_pixels,
     )
 
     monitor = cb.TrainingMonitor()
@@ -170,16 +184,20 @@ def pretrain(args):
                                           initial_step=initial_epoch * optim.steps_per_epoch))
     # The k-NN monitor runs outside the train step on one process: not across hosts.
     knn = data_spec == "digits" and args.knn_every > 0 and dist.num_processes == 1
+    random_init = None  # {k: top-1 %} of the one random-init baseline of this run
     if knn:
         from keras_dinov2.data import eval_dataset
         from keras_dinov2.evaluation import KNNMonitor
 
         size = config.data.crops.global_crops_size
+        random_init = _random_init_knn(model.teacher, size, config.seed)
         callbacks.insert(0, KNNMonitor(
             eval_dataset("digits", size, 256, split="train"),
             eval_dataset("digits", size, 256, split="test"),
-            backbone_fn=lambda: model.teacher, every_n_epochs=args.knn_every,
-            compare_random_init=not args.resume, dtype=KNN_DTYPE))
+            backbone_fn=lambda: model.teacher, every_n_epochs=args.knn_every, k=20,
+            random_init_accuracy=random_init[20], dtype=KNN_DTYPE))
+    # First: it ends its line before other callbacks print at the end of an epoch.
+    callbacks.insert(0, cb.ProgressBar())
     if chief:
         print(
             f"Pretraining {model_name} ({backbone.count_params():,} parameters) on {data_spec} with "
@@ -192,7 +210,8 @@ def pretrain(args):
         )
     start = time.time()
     try:
-        model.fit(dataset, epochs=optim.epochs, initial_epoch=initial_epoch,
+        # shuffle=False: the dataset shuffles itself (fit would only warn that it ignores shuffle=True).
+        model.fit(dataset, epochs=optim.epochs, initial_epoch=initial_epoch, shuffle=False,
                   steps_per_epoch=optim.steps_per_epoch, callbacks=callbacks,
                   verbose=args.verbose)
     except KeyboardInterrupt:
@@ -217,13 +236,11 @@ def pretrain(args):
     print(f"Trained in {minutes:.1f} min. Teacher backbone saved to {preset} "
           "(DINOv2Backbone.from_preset).")
     if data_spec == "digits":
-        from keras_dinov2.backbone import DINOv2Backbone
         from keras_dinov2.evaluation import evaluate_digits
 
         size = config.data.crops.global_crops_size
         trained = evaluate_digits(model.teacher, image_size=size, dtype=KNN_DTYPE)
-        random_init = evaluate_digits(DINOv2Backbone.from_config(model.teacher.get_config()),
-                                      image_size=size, dtype=KNN_DTYPE)
+        random_init = random_init or _random_init_knn(model.teacher, size, config.seed)
         print("k-NN top-1 on the held-out digits (450 images):")
         for k in sorted(trained):
             print(f"  k={k:<4d} teacher {trained[k]:5.1f}%   random init {random_init[k]:5.1f}%")

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
+from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
 
 __all__ = [
     "attention_maps",
@@ -72,21 +73,27 @@ def _skimage_picture(name):
         ) from error
 
 
-def load_image(image):
+def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """An image as float32 RGB (H, W, 3) in [0, 1], from a file, an array or a scikit-image picture name.
+
+    A file's size is read from its header first: one declaring more than `max_image_pixels` pixels is refused
+    before it is decoded (a decompression bomb: kilobytes on disk, gigabytes in memory).
 
     Args:
         image: str or path-like: a file PIL reads (PNG, JPEG, BMP, GIF, WebP...), or "skimage:NAME" for one of
             scikit-image's bundled pictures (astronaut, coffee, chelsea, rocket, coins, camera...). Or a NumPy
             array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4): uint8 (0-255), bool, or float (taken as [0, 1]
             when its maximum is at most 1, else as 0-255). Alpha is dropped; gray is repeated to RGB.
+        max_image_pixels: int or None, default 89,478,485 (PIL's limit). Largest width * height of a file;
+            None for no limit.
 
     Returns:
         float32 array (H, W, 3) in [0, 1].
 
     Raises:
         FileNotFoundError: naming the path, when a file does not exist.
-        ValueError: for arrays of another shape, or an unknown scikit-image name.
+        ValueError: for arrays of another shape, an unknown scikit-image name, a file that is not an image or
+            one over `max_image_pixels`.
 
     Example:
     >>> load_image("skimage:coffee").shape
@@ -99,13 +106,7 @@ def load_image(image):
         else:
             if not os.path.isfile(text):
                 raise FileNotFoundError(f"image file {text!r} does not exist.")
-            from PIL import Image
-
-            try:
-                with Image.open(text) as picture:
-                    array = np.asarray(picture.convert("RGB"))
-            except OSError as error:
-                raise ValueError(f"image file {text!r} could not be read as an image ({error}).") from error
+            array = _read_image_file(text, max_image_pixels)
     else:
         if hasattr(image, "detach") and hasattr(image, "cpu"):  # a torch tensor
             image = image.detach().cpu()
@@ -128,6 +129,42 @@ def load_image(image):
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     return np.ascontiguousarray(array[..., :3])
+
+
+def _read_image_file(path, max_image_pixels):
+    """uint8 RGB pixels of an image file, refused when its header declares more than `max_image_pixels`."""
+    from PIL import Image
+
+    if max_image_pixels is not None and (
+        isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1
+    ):
+        raise ValueError(
+            f"max_image_pixels must be a positive integer or None (no limit); received {max_image_pixels!r}."
+        )
+    size = image_header_size(path)
+    too_large = (f"image file {path!r} declares {{}} x {{}} = {{:,}} pixels, more than max_image_pixels="
+                 f"{max_image_pixels:,}" if max_image_pixels else "")
+    hint = " (raise it, --max-image-pixels on the command line, if the image is trusted)."
+    if size is not None and max_image_pixels is not None and size[0] * size[1] > max_image_pixels:
+        raise ValueError(too_large.format(size[0], size[1], size[0] * size[1]) + hint)
+    # PIL applies its own, global limit at open(); the check above and below replaces it, so that
+    # max_image_pixels alone decides (restored at once: open() reads only the header).
+    default_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            picture = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = default_limit
+        with picture:
+            width, height = picture.size
+            if max_image_pixels is not None and width * height > max_image_pixels:
+                raise ValueError(too_large.format(width, height, width * height) + hint)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return np.asarray(picture.convert("RGB"))
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"image file {path!r} could not be read as an image ({error}).") from error
 
 
 def _resolve_size(backbone, size):
@@ -165,7 +202,8 @@ def _as_list(images):
     return [images], True
 
 
-def prepare_images(images, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def prepare_images(images, size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """Load, resize (bicubic, aspect ratio not kept) and normalize images for the backbone.
 
     The evaluation transform without its center crop: a picture is resized to `size` as a whole, so nothing is
@@ -176,6 +214,7 @@ def prepare_images(images, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         size: (height, width) in pixels.
         mean: 3 floats, default the ImageNet mean.
         std: 3 floats, default the ImageNet standard deviation.
+        max_image_pixels: int or None, default 89,478,485. See `load_image`.
 
     Returns:
         (normalized float32 (B, height, width, 3), display uint8 (B, height, width, 3)).
@@ -185,7 +224,7 @@ def prepare_images(images, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     height, width = size
     display = []
     for image in images:
-        rgb = np.round(load_image(image) * 255.0).astype(np.uint8)
+        rgb = np.round(load_image(image, max_image_pixels) * 255.0).astype(np.uint8)
         if rgb.shape[:2] != (height, width):
             rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BICUBIC))
         display.append(rgb)
@@ -484,7 +523,7 @@ def _draw_titles(canvas, titles, starts, panel_width, title_height):
 
 def save_figure(backbone, images, path, size=None, background_threshold=None, upsample="nearest",
                 colormap="inferno", alpha=0.6, min_panel=128, padding=4, title_height=16,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """Writes a PNG grid, one row per image: input | PCA | attention of each head | mean of heads.
 
     The PCA is joint over the images (colours correspond across rows). Panels are the input size times an integer
@@ -504,6 +543,7 @@ def save_figure(backbone, images, path, size=None, background_threshold=None, up
         padding: int, default 4. White space between panels.
         title_height: int, default 16. Height of the column titles strip (0 for none).
         mean, std: normalization, default ImageNet's.
+        max_image_pixels: int or None, default 89,478,485. Largest image file read (see `load_image`).
 
     Returns:
         The written picture, uint8 (height, width, 3).
@@ -515,7 +555,7 @@ def save_figure(backbone, images, path, size=None, background_threshold=None, up
 
     images, _ = _as_list(images)
     size = _resolve_size(backbone, size)
-    normalized, display = prepare_images(images, size, mean, std)
+    normalized, display = prepare_images(images, size, mean, std, max_image_pixels)
     tokens, weights = _forward(backbone, normalized)
     pca = _pca_pictures(tokens, size, background_threshold, upsample)
     maps = _attention_pictures(weights, display, size, colormap, alpha, "bilinear")

@@ -571,6 +571,139 @@ def test_undecodable_files_are_skipped_counted_and_named(tmp_path, capfd):
     assert "left out" in err and all(path in err for path in bad)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Decompression bombs: sizes come from the header, before decoding
+
+
+def _png_bomb(width, height):
+    """A valid 1-bit gray PNG of all-zero pixels: kilobytes on disk, width * height * 3 bytes once decoded to RGB."""
+    import zlib
+
+    def chunk(kind, data):
+        return (len(data).to_bytes(4, "big") + kind + data
+                + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed pixels
+    packer = zlib.compressobj(9)
+    rows_per_block = 1000
+    body = []
+    for start in range(0, height, rows_per_block):
+        body.append(packer.compress(row * min(rows_per_block, height - start)))
+    body.append(packer.flush())
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(body))
+            + chunk(b"IEND", b""))
+
+
+def _encoded_samples():
+    """{name: (bytes, (width, height))} in every format the folders read, written by Pillow and TensorFlow."""
+    from PIL import Image as image_module
+
+    rng = np.random.default_rng(3)
+    samples = {}
+
+    def pillow(name, size, mode="RGB", **options):
+        array = rng.integers(0, 255, (size[1], size[0], 4 if mode == "RGBA" else 3), dtype=np.uint8)
+        image = image_module.fromarray(array, "RGBA" if mode == "RGBA" else "RGB").convert(mode)
+        buffer = io.BytesIO()
+        image.save(buffer, **options)
+        samples[name] = (buffer.getvalue(), size)
+
+    pillow("rgb.png", (301, 7), format="PNG")
+    pillow("gray.png", (9, 260), mode="L", format="PNG")
+    pillow("bits.png", (33, 5), mode="1", format="PNG")
+    # An APP1 segment of 3 kB before the frame header: the marker walk must step over it.
+    pillow("exif.jpg", (270, 19), format="JPEG", exif=b"Exif\x00\x00" + bytes(3000))
+    pillow("progressive.jpg", (17, 300), format="JPEG", progressive=True)
+    pillow("a.gif", (300, 11), format="GIF")
+    pillow("a.bmp", (13, 258), format="BMP")
+    pillow("p.bmp", (14, 3), mode="P", format="BMP")
+    pillow("lossless.webp", (1000, 3), format="WEBP", lossless=True)  # VP8L
+    pillow("lossy.webp", (3, 1000), format="WEBP", quality=50)  # VP8
+    pillow("alpha.webp", (300, 200), mode="RGBA", format="WEBP", quality=50)  # VP8X
+    samples["top_down.bmp"] = (_bmp_4bit_top_down(np.zeros((5, 7), np.uint8), np.zeros((2, 3), np.uint8)),
+                               (7, 5))
+    samples["bomb.png"] = (_png_bomb(23000, 23000)[:200], (23000, 23000))
+    return samples
+
+
+def test_image_header_size_in_python_and_in_the_graph():
+    pytest.importorskip("PIL")
+    from keras_dinov2.data.sources import _header_pixels, image_header_size
+
+    samples = _encoded_samples()
+    assert samples["alpha.webp"][0][12:16] == b"VP8X" and samples["lossy.webp"][0][12:16] == b"VP8 "
+    for name, (data, size) in samples.items():
+        assert image_header_size(data) == size, name
+        assert int(_header_pixels(tf.constant(data))) == size[0] * size[1], name
+    for data in (b"", b"not an image", b"\x89PNG", b"GIF89a"):
+        assert int(_header_pixels(tf.constant(data))) == 0 or data.startswith((b"\x89PNG", b"GIF"))
+    assert image_header_size(b"") is None and image_header_size(b"not an image at all") is None
+    assert image_header_size(b"\xff\xd8\xff\xe0\x00") is None  # cut before any frame header
+
+
+def _hwm_bytes():
+    """Peak resident memory of this process (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def _reset_hwm():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (Linux >= 4.0)
+
+
+def test_decompression_bomb_is_skipped_and_named_without_decoding(tmp_path, capfd):
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak memory is measured through /proc/self (Linux)")
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        write_image(tmp_path / "ok" / f"{i}.png", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    bomb = tmp_path / "zzz" / "bomb.png"
+    bomb.parent.mkdir()
+    bomb.write_bytes(_png_bomb(23000, 23000))  # 1.6 GB as uint8 RGB, 6.3 GB as float32
+    assert bomb.stat().st_size < 200_000
+    source = get_source(tmp_path)
+
+    _reset_hwm()
+    before = _hwm_bytes()
+    images, labels = next(iter(eval_dataset(source, 16, 8)))
+    batches = list(multicrop_dataset(source, 2, TINY, seed=0))
+    grown = _hwm_bytes() - before
+    assert images.shape[0] == 3 and set(labels.numpy()) == {0}
+    assert len(batches) == 2  # the pass kept its length: another image took the bomb's place
+    assert grown < 300 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    err = capfd.readouterr().err
+    assert err.count(str(bomb)) == 2  # once per pipeline
+    assert "23000 x 23000 = 529,000,000 pixels, over the limit of 89,478,485" in err
+    assert "--max-image-pixels" in err
+
+    # Decoding the record directly refuses too (the check runs before the decoder).
+    record = source.read(tf.constant(3, tf.int64))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_image_pixels"):
+        source.decode(record)
+
+
+def test_max_image_pixels_limit_can_be_raised(tmp_path, capfd):
+    rng = np.random.default_rng(5)
+    write_image(tmp_path / "a" / "small.png", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    write_image(tmp_path / "a" / "large.jpg", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    images, _ = next(iter(eval_dataset(get_source(tmp_path, max_image_pixels=1000), 16, 8)))
+    assert images.shape[0] == 1
+    err = capfd.readouterr().err
+    assert "large.jpg (40 x 40 = 1,600 pixels, over the limit of 1,000)" in err and "small.png" not in err
+    for limit in (1600, None):
+        images, _ = next(iter(eval_dataset(get_source(tmp_path, max_image_pixels=limit), 16, 8)))
+        assert images.shape[0] == 2
+    assert "skipped" not in capfd.readouterr().err
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_image_pixels"):
+            get_source(tmp_path, max_image_pixels=bad)
+
+
 def test_image_folder_without_classes(tmp_path):
     image = np.zeros((12, 12, 3), np.uint8)
     write_image(tmp_path / "top.png", image)
@@ -658,21 +791,42 @@ def test_pipeline_argument_errors_and_run_config():
 
 def test_tfds_source_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
+    # The mocked dataset counts as not prepared: download=True lets it through (the mock downloads nothing).
     with tfds.testing.mock_data(num_examples=12):
-        source = get_source("tfds:mnist")
+        source = get_source("tfds:mnist", download=True)
         assert source.num_examples == 12 and source.num_classes == 10 and not source.random_access
-        ds = multicrop_dataset("tfds:mnist", 4, TINY, seed=0)
+        ds = multicrop_dataset(source, 4, TINY, seed=0)
         assert int(ds.cardinality()) == 3
         batches = as_list(ds)
         assert len(batches) == 3 and batches[0]["global_crops"].shape == (8, 16, 16, 3)
-        again = as_list(multicrop_dataset("tfds:mnist", 4, TINY, seed=0))
+        again = as_list(multicrop_dataset(get_source("tfds:mnist", download=True), 4, TINY, seed=0))
         np.testing.assert_array_equal(batches[0]["global_crops"], again[0]["global_crops"])
-        shard = multicrop_dataset("tfds:mnist", 2, TINY, seed=0, num_shards=2, shard_index=1)
+        shard = multicrop_dataset(source, 2, TINY, seed=0, num_shards=2, shard_index=1)
         assert len(as_list(shard)) == 3
-        images, labels = next(iter(eval_dataset("tfds:mnist:test", 16, 5)))
+        test = get_source("tfds:mnist:test", download=True)
+        images, labels = next(iter(eval_dataset(test, 16, 5)))
         assert images.shape == (5, 16, 16, 3) and labels.dtype == tf.int32
         with pytest.raises(ValueError, match="image_key"):
-            get_source("tfds:mnist", image_key="picture")
+            get_source("tfds:mnist", image_key="picture", download=True)
+
+
+def test_tfds_errors_are_short_and_never_reach_the_network(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("download_and_prepare was called")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+    with pytest.raises(ValueError) as caught:
+        get_source("tfds:mnist", data_dir=str(tmp_path))
+    message = str(caught.value)
+    assert "'mnist' is not prepared in" in message and str(tmp_path) in message
+    assert "tfds build mnist" in message and "TFDS_DATA_DIR" in message and "\n" not in message
+    with pytest.raises(ValueError) as caught:
+        get_source("tfds:nonexistent")
+    assert "not in TensorFlow Datasets' catalog" in str(caught.value) and len(str(caught.value)) < 300
+    with pytest.raises(ValueError, match="did you mean mnist"):
+        get_source("tfds:mnsit")
 
 
 def test_digits_source_and_split():

@@ -176,11 +176,33 @@ def test_knn_monitor_logs_to_history(tiny, digits):
     assert [epoch for epoch, _ in monitor.history] == [1]
     assert 0.0 <= history.history["knn_top1"][0] <= 100.0
     assert history.history["knn_top1_random_init"][0] == monitor.random_init_accuracy
+    # The baseline is random_init_backbone's (seeded), through the same protocol.
+    fresh = ev.knn_accuracy(ev.random_init_backbone(tiny), (images[:10], labels[:10]),
+                            (images[10:], labels[10:]), ks=(3,))
+    assert monitor.random_init_accuracy == fresh[3]
+    # A baseline computed elsewhere is logged as given, and nothing is recomputed.
+    given = ev.KNNMonitor((images[:10], labels[:10]), (images[10:], labels[10:]), k=3, verbose=0,
+                          random_init_accuracy=12.5)
+    history = model.fit(images[:4], np.zeros((4, 1), np.float32), batch_size=4, epochs=1, callbacks=[given],
+                        verbose=0)
+    assert history.history["knn_top1_random_init"] == [12.5]
     assert monitor._feature_model.backbone is tiny
     with pytest.raises(ValueError, match="every_n_epochs"):
         ev.KNNMonitor((images, labels), (images, labels), every_n_epochs=0)
     with pytest.raises(ValueError, match="`k`"):
         ev.KNNMonitor((images, labels), (images, labels), k=0)
+
+
+def test_random_init_backbone_is_one_network_per_seed(tiny):
+    import random
+
+    state = random.getstate()
+    first, again, other = (ev.random_init_backbone(tiny, seed=s) for s in (0, 0, 1))
+    assert random.getstate() == state  # a run's other random draws are untouched
+    values = [[keras.ops.convert_to_numpy(w) for w in b.weights] for b in (first, again, other)]
+    assert all(np.array_equal(a, b) for a, b in zip(values[0], values[1]))
+    assert any(not np.array_equal(a, b) for a, b in zip(values[0], values[2]))
+    assert first.get_config() == tiny.get_config()
 
 
 def test_linear_probe_separable_features():

@@ -50,6 +50,38 @@ def test_load_image_accepts_files_arrays_and_bundled_pictures(tmp_path):
         visualize.load_image("skimage:not_a_picture")
 
 
+def _png_claiming(width, height):
+    """A PNG signature and IHDR declaring width x height, with no pixel data: what a bomb's header says."""
+    import zlib
+
+    header = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + header
+            + zlib.crc32(header).to_bytes(4, "big"))
+
+
+def test_load_image_refuses_files_over_the_pixel_limit_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(23000, 23000))
+    with pytest.raises(ValueError, match=r"23000 x 23000 = 529,000,000 pixels.*max_image_pixels=89,478,485"):
+        visualize.load_image(str(bomb))
+    picture = np.zeros((40, 40, 3), np.uint8)
+    for name in ("p.png", "p.tiff"):  # TIFF: a format only PIL's own header reading knows here
+        Image.fromarray(picture).save(tmp_path / name)
+        with pytest.raises(ValueError, match="40 x 40 = 1,600 pixels"):
+            visualize.load_image(str(tmp_path / name), max_image_pixels=1000)
+        assert visualize.load_image(str(tmp_path / name), max_image_pixels=1600).shape == (40, 40, 3)
+    # A raised limit also lifts PIL's own (global) one, and leaves it as it was.
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 100
+    try:
+        assert visualize.load_image(str(tmp_path / "p.png"), max_image_pixels=None).shape == (40, 40, 3)
+        assert Image.MAX_IMAGE_PIXELS == 100
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    with pytest.raises(ValueError, match="max_image_pixels must be"):
+        visualize.load_image(str(tmp_path / "p.png"), max_image_pixels=0)
+
+
 def test_pca_image_is_rgb_uint8_at_the_input_size(backbone):
     rgb = visualize.pca_image(backbone, "skimage:chelsea", size=32)
     assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
@@ -145,14 +177,21 @@ def test_cli_visualize_writes_the_pictures_and_the_run_plot(backbone, tmp_path, 
     printed = capsys.readouterr().out
     assert "pictures.png" in printed and "metrics.png" in printed
 
-    with pytest.raises(SystemExit, match="missing.png"):
-        main(["visualize", "--preset", str(run), "--image", str(tmp_path / "missing.png"),
-              "--out", str(out)])
-    with pytest.raises(SystemExit, match="30 is not a multiple of the backbone's patch size 4"):
-        main(args[:-1] + ["30"])
-    with pytest.raises(SystemExit, match="--random-weights"):
-        main(["visualize", "--preset", "dinov2_vit_tiny4", "--image", "skimage:coffee",
-              "--out", str(out)])
+    # Bad input: exit status 2 and one line naming the problem.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(23000, 23000))
+    for argv, words in [
+        (["visualize", "--preset", str(run), "--image", str(tmp_path / "missing.png"), "--out", str(out)],
+         ["missing.png"]),
+        (args[:-1] + ["30"], ["30 is not a multiple of the backbone's patch size 4"]),
+        (["visualize", "--preset", "dinov2_vit_tiny4", "--image", "skimage:coffee", "--out", str(out)],
+         ["--random-weights"]),
+        (["visualize", "--preset", str(run), "--image", str(bomb), "--out", str(out)],
+         ["bomb.png", "529,000,000 pixels", "--max-image-pixels"]),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(word in err[0] for word in words), err
 
 
 def test_pictures_read_the_backbones_own_outputs(backbone):

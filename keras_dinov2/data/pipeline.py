@@ -17,7 +17,7 @@ import tensorflow as tf
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from keras_dinov2.data.augment import MultiCropAugmentation, normalize
 from keras_dinov2.data.masking import sample_masks
-from keras_dinov2.data.sources import _check_shards, get_source
+from keras_dinov2.data.sources import DEFAULT_MAX_IMAGE_PIXELS, _check_shards, get_source
 
 __all__ = ["multicrop_dataset", "eval_dataset", "BATCH_KEYS"]
 
@@ -62,14 +62,16 @@ class _SkipLog:
     tf.data cannot catch a decoding error inside a map function; `_decode_skipping` decodes each record in a
     one-element dataset with `ignore_errors`, so a failure becomes a missing element, and calls back into Python
     only for those failures. At the end of each pass the pipeline prints one message with the count and the
-    names (paths); files already named in an earlier pass are only counted.
+    names (paths), each with the source's note on it when it has one (a header declaring too many pixels);
+    files already named in an earlier pass are only counted.
     """
 
     max_listed = 20
 
-    def __init__(self, source_name, refilled):
+    def __init__(self, source_name, refilled, explain=None):
         self.source_name = source_name
         self.refilled = refilled
+        self.explain = explain or (lambda name: "")
         self.skipped = {}  # pass id -> {name: None}, in order of appearance
         self.reported = set()
 
@@ -89,12 +91,17 @@ class _SkipLog:
         )
         new = [name for name in names if name not in self.reported]
         if new:
-            listed = "\n  ".join(new[: self.max_listed])
+            notes = {name: self.explain(name) for name in new[: self.max_listed]}
+            listed = "\n  ".join(f"{name} ({note})" if note else name for name, note in notes.items())
             more = len(new) - self.max_listed
             tail = f"\n  ... and {more} more" if more > 0 else ""
+            large = (
+                " Images that are only too large can be read with a higher max_image_pixels "
+                "(--max-image-pixels)." if any(notes.values()) else ""
+            )
             message = (
-                f"skipped {what} (corrupt, truncated or not an image) in this pass over the data:\n  {listed}"
-                f"{tail}\n{after} Remove or repair these files."
+                f"skipped {what} (corrupt, truncated, not an image, or more pixels than max_image_pixels) "
+                f"in this pass over the data:\n  {listed}{tail}\n{after} Remove or repair these files.{large}"
             )
         else:
             message = f"skipped the same {what} again in this pass."
@@ -198,6 +205,7 @@ def multicrop_dataset(
     deterministic: bool = True,
     prefetch: int | None = tf.data.AUTOTUNE,
     jit_compile: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tf.data.Dataset:
     """Build the DINOv2 multi-crop dataset that `model.fit` consumes on every backend.
 
@@ -223,8 +231,9 @@ def multicrop_dataset(
     steps_per_epoch=...)`, and `start_epoch` to resume an exact epoch. Batches then run across epoch boundaries
     (like the reference's infinite sampler).
 
-    Undecodable files (corrupt, truncated, empty, not an image) are skipped: another image of the shard takes
-    the place of each, so a pass keeps its length, and one warning at the end of the pass names them.
+    Undecodable files (corrupt, truncated, empty, not an image, or a header declaring more pixels than the
+    source's `max_image_pixels`) are skipped: another image of the shard takes the place of each, so a pass
+    keeps its length, and one warning at the end of the pass names them.
 
     Sharding: every shard sees the same permutation and takes every num_shards-th image (the reference's sharded
     sampler); all shards get the same number of batches. `batch_size` is per shard (per replica), like the
@@ -249,6 +258,8 @@ def multicrop_dataset(
         deterministic: bool, default True. Keep the order under parallel map (False trades it for speed).
         prefetch: int or None, default tf.data.AUTOTUNE. Batches prefetched; None disables it.
         jit_compile: bool, default True. XLA-compile the crop stage after the resize (see `MultiCropAugmentation`).
+        max_image_pixels: int or None, default 89,478,485. For a folder or "tfds:" spec: images whose header
+            declares more pixels are skipped, never decoded (see `get_source`); None for no limit.
 
     Example:
         >>> ds = multicrop_dataset("digits", batch_size=8, config=DataConfig.recipe("digits"))
@@ -278,7 +289,7 @@ def multicrop_dataset(
             f"start_epoch={start_epoch} needs repeat=True (finite datasets draw a new key per pass)."
         )
     num_shards, shard_index = _resolve_shards(num_shards, shard_index, input_context)
-    src = get_source(source)
+    src = get_source(source, max_image_pixels=max_image_pixels)
 
     per_shard = None if src.num_examples is None else src.num_examples // num_shards
     if per_shard is not None and per_shard < batch_size:
@@ -288,7 +299,7 @@ def multicrop_dataset(
         )
 
     augmentation = _augmentation(config, jit_compile)
-    log = _SkipLog(src.name, refilled=per_shard is not None)
+    log = _SkipLog(src.name, refilled=per_shard is not None, explain=src.explain)
 
     def read_and_decode(records, key):
         """(record, seed) -> (image, seed) for one pass; a pass never ends early on an undecodable file."""
@@ -476,6 +487,7 @@ def eval_dataset(
     shard_index: int = 0,
     drop_remainder: bool = False,
     num_parallel_calls: int = tf.data.AUTOTUNE,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tf.data.Dataset:
     """Build a labelled evaluation dataset of (images, labels): resize, center crop, normalize; stored order.
 
@@ -496,6 +508,8 @@ def eval_dataset(
         shard_index: int, default 0.
         drop_remainder: bool, default False. Drop the last partial batch.
         num_parallel_calls: int, default tf.data.AUTOTUNE.
+        max_image_pixels: int or None, default 89,478,485. For a folder or "tfds:" spec: images whose header
+            declares more pixels are left out (and named), never decoded; None for no limit.
 
     Returns:
         `tf.data.Dataset` of (float32 (B, S, S, 3), int32 (B,)).
@@ -515,7 +529,7 @@ def eval_dataset(
         raise ValueError(
             f"resize_size must be >= image_size ({image_size}); received {resize_size}."
         )
-    src = get_source(source, split=split)
+    src = get_source(source, split=split, max_image_pixels=max_image_pixels)
     if not src.has_labels:
         raise ValueError(
             f"eval_dataset needs labelled images; {src.name} has no labels (use class subfolders)."
@@ -529,7 +543,7 @@ def eval_dataset(
     ds = src.stream(num_shards, shard_index)
     if src.can_fail:
         # Undecodable files are left out (and named at the end of each pass); the rest keep their order.
-        log = _SkipLog(src.name, refilled=False)
+        log = _SkipLog(src.name, refilled=False, explain=src.explain)
         pass_id = tf.constant(0, tf.int64)
         ds = ds.map(_plain(lambda record: (record, tf.constant(0, tf.int32))))
         ds = _decode_skipping(src, ds, log, pass_id, num_parallel_calls, True)

@@ -15,6 +15,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageSource",
@@ -24,6 +26,8 @@ __all__ = [
     "tfds_source",
     "split_source",
     "get_source",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "image_header_size",
 ]
 
 _INPUT_ONLY_CHECKED = False
@@ -71,6 +75,8 @@ class ImageSource:
         describe: callable or None, default None. record -> string tensor naming the record in messages (its
             path). Set it when decoding can fail on bad data (files, encoded bytes): the pipelines then skip a
             record whose image cannot be decoded, and report it by this name. None: decoding cannot fail.
+        explain: callable or None, default None. name (str, from `describe`) -> a short note on why that record
+            was skipped ("" when unknown), added to the pipelines' report; Python, called only for failures.
 
     Example:
         >>> src = array_source(np.zeros([4, 8, 8], np.uint8))
@@ -89,6 +95,7 @@ class ImageSource:
         labels=None,
         class_names=None,
         describe=None,
+        explain=None,
     ):
         if (read is None) == (stream is None):
             raise ValueError("ImageSource needs exactly one of `read` (random access) or `stream`.")
@@ -100,6 +107,7 @@ class ImageSource:
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.class_names = None if class_names is None else tuple(class_names)
         self._describe = describe
+        self._explain = explain
 
     def __repr__(self):
         return f"ImageSource({self.name!r}, num_examples={self.num_examples}, num_classes={self.num_classes})"
@@ -164,6 +172,15 @@ class ImageSource:
         if self._describe is None:
             return tf.constant(self.name)
         return self._describe(record)
+
+    def explain(self, name: str) -> str:
+        """A short note on why the record named `name` could not be decoded, or "" when there is none to give."""
+        if self._explain is None:
+            return ""
+        try:
+            return self._explain(name)
+        except OSError:  # the file went away since: nothing more to say
+            return ""
 
 
 def _check_shards(num_shards, shard_index):
@@ -252,8 +269,88 @@ def _decode_indexed_bmp(data):
     return tf.gather(palette, tf.cast(indices, tf.int32))
 
 
-def _decode_file(path):
-    data = tf.io.read_file(path)
+# ----------------------------------------------------------------------------------------------------------------------
+# Image sizes from headers: a decompression bomb is refused before any pixel buffer is allocated.
+
+def _unsigned(head, offset, size, big_endian=False):
+    """int64 value of the `size` bytes of `head` at `offset` (a string tensor long enough)."""
+    values = tf.cast(tf.io.decode_raw(tf.strings.substr(head, offset, size), tf.uint8), tf.int64)
+    weights = 256 ** np.arange(size, dtype=np.int64)
+    return tf.reduce_sum(values * (weights[::-1] if big_endian else weights))
+
+
+def _header_pixels(data):
+    """int64: width * height declared by the header of encoded image bytes (see `image_header_size`); 0 when
+    the format is not recognized (decoding then fails or succeeds on its own)."""
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, 32), b"\0" * 32]), 0, 32)
+
+    def starts(prefix, offset=0):
+        return tf.equal(tf.strings.substr(head, offset, len(prefix)), prefix)
+
+    def signed32(value):
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+
+    u = lambda offset, size, big=False: _unsigned(head, offset, size, big)  # noqa: E731
+    b = [u(21 + i, 1) for i in range(4)]  # the VP8L size bits
+    candidates = [
+        (starts(b"\x89PNG\r\n\x1a\n"), u(16, 4, True) * u(20, 4, True)),
+        (starts(b"GIF8"), u(6, 2) * u(8, 2)),
+        (starts(b"BM") & tf.equal(u(14, 4), 12), u(18, 2) * u(20, 2)),
+        (starts(b"BM"), signed32(u(18, 4)) * signed32(u(22, 4))),
+        (starts(b"RIFF") & starts(b"WEBPVP8X", 8), (1 + u(24, 3)) * (1 + u(27, 3))),
+        (starts(b"RIFF") & starts(b"WEBPVP8L", 8),
+         (1 + (b[0] + b[1] % 64 * 256)) * (1 + (b[1] // 64 + b[2] * 4 + b[3] % 16 * 1024))),
+        (starts(b"RIFF") & starts(b"WEBPVP8 ", 8), (u(26, 2) % 16384) * (u(28, 2) % 16384)),
+    ]
+    pixels = tf.constant(0, tf.int64)
+    for matches, count in reversed(candidates):  # the first match wins
+        pixels = tf.where(matches, count, pixels)
+
+    def jpeg_pixels():
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return shape[0] * shape[1]
+
+    return tf.cond(starts(b"\xff\xd8"), jpeg_pixels, lambda: pixels)
+
+
+def _check_pixels(data, max_image_pixels):
+    """`data`, once its header is known to declare at most `max_image_pixels` pixels (else an error is raised
+    before anything decodes it, which the pipelines turn into a skipped, named file). None: no limit."""
+    if max_image_pixels is None:
+        return data
+    check = tf.debugging.assert_less_equal(
+        _header_pixels(data), tf.constant(max_image_pixels, tf.int64),
+        message=f"the image header declares more pixels than max_image_pixels={max_image_pixels}",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(data)
+
+
+def _check_max_image_pixels(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"max_image_pixels must be a positive integer or None (no limit); received {value!r}."
+        )
+    return int(value)
+
+
+def _explain_size(max_image_pixels):
+    """name (a file path) -> a note when its header declares more than `max_image_pixels` pixels."""
+
+    def explain(name):
+        size = image_header_size(name) if max_image_pixels is not None and os.path.isfile(name) else None
+        if size is None or size[0] * size[1] <= max_image_pixels:
+            return ""
+        return (f"{size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, over the limit of "
+                f"{max_image_pixels:,}")
+
+    return explain
+
+
+def _decode_file(path, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    data = _check_pixels(tf.io.read_file(path), max_image_pixels)
     image = tf.cond(
         _is_indexed_bmp(data),
         lambda: _decode_indexed_bmp(data),
@@ -279,22 +376,28 @@ def _scan_folder(root):
     return sorted(paths)
 
 
-def image_folder_source(path, split: str | None = None) -> ImageSource:
+def image_folder_source(
+    path, split: str | None = None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> ImageSource:
     """Read every image under a folder, recursively; labels come from first-level subfolders when all images lie in one.
 
     Files ending in .jpg, .jpeg, .png, .bmp, .gif (first frame) or .webp (any case) are read; names starting with
     a dot are skipped. When every image sits inside a first-level subfolder, that subfolder is its class (sorted
     names -> 0, 1, ...), as in an ImageNet-style layout; when some sit directly in the folder, the source is
-    unlabelled.
+    unlabelled. A file whose header declares more than `max_image_pixels` pixels is never decoded: the pipelines
+    skip it and name it, like a corrupt file.
 
     Args:
         path: str or path-like. The folder.
         split: str or None, default None. A subfolder to use instead (e.g. "train" or "val").
+        max_image_pixels: int or None, default 89,478,485 (PIL's limit). Largest width * height read; None for no
+            limit.
 
     Example:
         >>> src = image_folder_source("/data/my_photos")  # doctest: +SKIP
     """
     _tensorflow_for_input_only()
+    max_image_pixels = _check_max_image_pixels(max_image_pixels)
     root = os.fspath(path)
     if split is not None:
         root = os.path.join(root, split)
@@ -321,7 +424,7 @@ def image_folder_source(path, split: str | None = None) -> ImageSource:
         return {"path": tf.gather(path_table, index), "label": tf.gather(label_table, index)}
 
     def decode(record):
-        return _decode_file(record["path"]), record["label"]
+        return _decode_file(record["path"], max_image_pixels), record["label"]
 
     return ImageSource(
         f"image folder {root}",
@@ -331,6 +434,7 @@ def image_folder_source(path, split: str | None = None) -> ImageSource:
         labels=labels,
         class_names=class_names,
         describe=lambda record: record["path"],
+        explain=_explain_size(max_image_pixels),
     )
 
 
@@ -484,6 +588,7 @@ def _subset(source, keep, tag):
         labels=source.labels[keep],
         class_names=source.class_names,
         describe=source.describe if source.can_fail else None,
+        explain=source.explain,
     )
 
 
@@ -521,8 +626,9 @@ def tfds_source(
     image_key: str | None = None,
     label_key: str | None = None,
     data_dir: str | None = None,
-    download: bool = True,
+    download: bool = False,
     shuffle_files_seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ImageSource:
     """A TensorFlow Datasets split as a streaming source; the image feature is found automatically.
 
@@ -531,15 +637,21 @@ def tfds_source(
     pipeline's parallel map, after shuffling, so the shuffle buffer holds compressed bytes. With several shards,
     each reads its own `tfds.even_splits` part of the split.
 
+    Nothing is downloaded unless `download=True`: a dataset that is not prepared in the data directory fails at
+    once with how to prepare it (`tfds build NAME` where there is network access, then copy the folder, or point
+    TFDS_DATA_DIR / `data_dir` at it), instead of waiting on a network that may not be there.
+
     Args:
         name: str. Dataset name, optionally with config and version ("imagenet2012", "mnist:3.*.*").
         split: str, default "train". Any TFDS split expression ("train", "train[:10%]").
         image_key: str or None, default None. Name of the image feature, when automatic detection is ambiguous.
         label_key: str or None, default None. Name of the label feature.
-        data_dir: str or None, default None. TFDS data directory.
-        download: bool, default True. Let TFDS download and prepare the dataset if needed.
+        data_dir: str or None, default None. TFDS data directory (None: TFDS_DATA_DIR, else ~/tensorflow_datasets).
+        download: bool, default False. Let TFDS download and prepare the dataset if it is not prepared yet.
         shuffle_files_seed: int, default 0. Seed of the file order when the pretraining pipeline shuffles
             (reshuffled at each pass); evaluation reads files in order.
+        max_image_pixels: int or None, default 89,478,485. Encoded images whose header declares more pixels are
+            skipped (and reported) instead of decoded; None for no limit.
 
     Example:
         >>> src = tfds_source("cifar10", "test")  # doctest: +SKIP
@@ -547,10 +659,8 @@ def tfds_source(
     _tensorflow_for_input_only()
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as error:  # tfds raises its own DatasetNotFoundError and friends
-        raise ValueError(f"tfds dataset {name!r} could not be opened: {error}") from error
+    max_image_pixels = _check_max_image_pixels(max_image_pixels)
+    builder = _tfds_builder(name, data_dir, download)
     features = builder.info.features
     image_key = _find_feature(features, "image", image_key, "image_key", "image")
     label_key = _find_feature(features, "label", label_key, "label_key", "label")
@@ -589,6 +699,7 @@ def tfds_source(
     def decode(record):
         image = record[image_key]
         if skip:
+            image = _check_pixels(image, max_image_pixels)
             image = tf.io.decode_image(image, channels=3, expand_animations=False)
             image.set_shape([None, None, 3])
         image = _to_rgb_float(image)
@@ -607,6 +718,37 @@ def tfds_source(
         class_names=class_names,
         describe=(lambda record: tf.constant(tag)) if skip else None,
     )
+
+
+def _tfds_builder(name, data_dir, download):
+    """The TFDS builder of `name`, checked to be known and (unless `download`) prepared; no network access."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        # TFDS' own message lists every dataset it knows (hundreds of lines): suggest the close ones.
+        import difflib
+
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(
+            f"tfds dataset {name!r} is not in TensorFlow Datasets' catalog; {hint}"
+            "see https://www.tensorflow.org/datasets/catalog or tfds.list_builders()."
+        ) from None
+    except Exception as error:  # a bad version or config, an unreadable data directory...
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"tfds dataset {name!r} could not be opened: {first}") from error
+    if not download and not builder.is_prepared():
+        base = name.split(":")[0]
+        raise ValueError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir} and nothing is downloaded here: run "
+            f"`tfds build {base}` on a machine with network access and copy its ~/tensorflow_datasets folder "
+            "here, or set TFDS_DATA_DIR to a folder where it is prepared (in Python: tfds_source(..., "
+            "download=True) downloads it)."
+        )
+    return builder
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -631,7 +773,9 @@ def _parse_tfds(spec):
     return name, split or None
 
 
-def get_source(spec, split: str | None = None, **kwargs) -> ImageSource:
+def get_source(
+    spec, split: str | None = None, *, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs
+) -> ImageSource:
     """Turn a data spec into an `ImageSource`: "digits", a folder path, "tfds:NAME[:SPLIT]", arrays or a source.
 
     Accepted specs:
@@ -645,7 +789,10 @@ def get_source(spec, split: str | None = None, **kwargs) -> ImageSource:
         spec: str, path-like, NumPy array, (images, labels) tuple or ImageSource.
         split: str or None, default None. Overrides the split of "digits" / "tfds:" specs; for a folder, a
             subfolder name ("train", "val").
-        **kwargs: passed to the source builder (e.g. `image_key`, `data_dir` for TFDS).
+        max_image_pixels: int or None, default 89,478,485 (PIL's limit). Folders and TFDS datasets skip (and
+            name) encoded images whose header declares more pixels, before decoding them; None for no limit.
+            Digits and arrays are not encoded: it does not apply to them.
+        **kwargs: passed to the source builder (e.g. `image_key`, `data_dir`, `download` for TFDS).
 
     Example:
         >>> get_source("digits").num_examples
@@ -675,7 +822,9 @@ def get_source(spec, split: str | None = None, **kwargs) -> ImageSource:
         return digits_source(split or spec_split or "train", **kwargs)
     if text.startswith("tfds:"):
         name, spec_split = _parse_tfds(text)
-        return tfds_source(name, split or spec_split or "train", **kwargs)
+        return tfds_source(
+            name, split or spec_split or "train", max_image_pixels=max_image_pixels, **kwargs
+        )
     if (
         ":" in text.split(os.sep)[0]
         and not os.path.exists(text)
@@ -684,4 +833,4 @@ def get_source(spec, split: str | None = None, **kwargs) -> ImageSource:
         raise ValueError(
             f"data spec {text!r} is not understood: expected 'digits', a folder path or 'tfds:NAME[:SPLIT]'."
         )
-    return image_folder_source(text, split=split, **kwargs)
+    return image_folder_source(text, split=split, max_image_pixels=max_image_pixels, **kwargs)

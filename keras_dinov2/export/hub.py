@@ -11,6 +11,48 @@ class UploadError(RuntimeError):
 
 _REPO = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
+REDACTED = "[redacted]"
+# What a server error may echo back of a credential: Hugging Face tokens, Authorization headers and
+# key=value pairs, and long hex or base64 strings (keys, signatures, JWTs).
+_SECRETS = [
+    re.compile(r"\bhf_[A-Za-z0-9]{8,}"),
+    re.compile(r"(?i)(\bBearer\s+)[^\s'\",;]+"),
+    re.compile(r"(?i)(\b(?:authorization|token|api[_-]?key|password|secret)['\"]?\s*[:=]\s*['\"]?)"
+               r"(?:Bearer\s+)?[^\s'\",;&]+"),
+    re.compile(r"\b[0-9a-fA-F]{32,}\b"),
+]
+_BASE64 = re.compile(r"[A-Za-z0-9+/_=.-]{32,}")
+
+
+def _looks_random(text):
+    # Long runs of letters and digits with both cases and digits read as keys; paths and words do not.
+    return (any(c.isupper() for c in text) and any(c.islower() for c in text)
+            and any(c.isdigit() for c in text) and "/" not in text.strip("/"))
+
+
+def redact_secrets(text, secrets=()):
+    """`text` with anything that looks like a credential replaced by "[redacted]".
+
+    Server errors can echo a request back, headers included. Replaced: the given `secrets` (the token in use),
+    Hugging Face tokens (hf_...), "Bearer ..." and "token=..." / "Authorization: ..." values, hex strings of 32+
+    characters and base64-like runs of 32+ characters mixing upper case, lower case and digits.
+
+    Args:
+        text: str.
+        secrets: iterable of str, default (). Exact values to remove wherever they appear.
+
+    Example:
+    >>> redact_secrets("401: bad token hf_abcdefghijklmnop for Bearer xyz")
+    '401: bad token [redacted] for Bearer [redacted]'
+    """
+    text = str(text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    for pattern in _SECRETS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, text)
+    return _BASE64.sub(lambda m: REDACTED if _looks_random(m.group(0)) else m.group(0), text)
+
 
 def parse_repo(uri):
     """"hf://user/name", "user/name" or "name" -> the repo id huggingface_hub takes.
@@ -82,9 +124,11 @@ def push_to_hub(folder, repo, private=False, revision=None, commit_message=None,
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
                                  revision=revision, commit_message=message)
     except Exception as error:  # any failure of the network boundary becomes one clear error
+        # The server's text is shown, never a credential it may echo back.
+        reason = redact_secrets(error, secrets=[token])
         raise UploadError(
             f"Could not {step} for {repo_id} on {api.endpoint}: {type(error).__name__}: "
-            f"{error}. The export in {folder} is intact; retry the push when the problem is "
+            f"{reason}. The export in {folder} is intact; retry the push when the problem is "
             "fixed."
-        ) from error
+        ) from None
     return getattr(info, "commit_url", str(info))
