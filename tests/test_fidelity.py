@@ -187,9 +187,12 @@ def test_four_micro_batches_of_two_take_the_step_of_one_batch_of_eight(centering
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
     expected, got = _state(large), _state(accumulated)
     assert int(to_numpy(accumulated.optimizer.iterations)) == 2
+    # Relative L2 difference per array: AdamW divides each element's update by that element's
+    # own gradient size, so an element whose gradient is tiny carries the summation order's
+    # float32 rounding into its update; the array as a whole agrees to 1e-5.
     for path, value in expected.items():
-        scale = max(float(np.abs(value).max()), 1e-3)
-        assert np.abs(got[path] - value).max() <= 1e-5 * scale, path
+        norm = max(float(np.linalg.norm(value)), 1e-6)
+        assert np.linalg.norm(got[path] - value) <= 1e-5 * norm, path
 
 
 def test_accumulation_needs_stacked_micro_batches():
