@@ -1083,6 +1083,15 @@ def parse_args(argv):
         parser.error(f"--steps must be >= 1; received {args.steps}.")
     if args.write_fixtures and not args.reference_src:
         parser.error("--write-fixtures needs --reference-src.")
+    if args.reference_src:
+        args.reference_src = os.path.abspath(os.path.expanduser(args.reference_src))
+        if not os.path.isfile(os.path.join(args.reference_src, "dinov2", "train",
+                                           "ssl_meta_arch.py")):
+            parser.error(f"--reference-src: {args.reference_src} holds no "
+                         "dinov2/train/ssl_meta_arch.py (expected a checkout of "
+                         "facebookresearch/dinov2).")
+    if args.replay and not os.path.isfile(args.replay):
+        parser.error(f"--replay: no file {args.replay}.")
     return args
 
 
