@@ -10,8 +10,10 @@ teacher after the last step and each student parameter's change over the run.
 Relative difference of an array: ||ours - ref|| / max(||ref||, 1e-12) (L2 norms; |a - b| / |b|
 for a scalar). Bound: 1e-4, or 4 x the reference's own float32 error (its float32 run against its
 float64 run, stored in the fixture) where that is larger: float32 rounding alone takes a few
-updates past 1e-4 (parameters near 1 move by a few hundred float32 steps in three steps), and no
-float32 implementation can do better than the reference's own rounding there.
+updates past 1e-4 (a parameter near 1 moves by a few thousand float32 steps of 1.0 in these
+steps, so rounding each update is ~1e-4 of the move), and no float32 implementation can do better
+than the reference's own rounding there. The attention key biases are left out of the parameter
+comparisons and bounded instead (their exact gradient is 0: see `key_bias_drift`).
 """
 
 import os
@@ -27,14 +29,11 @@ sys.path.insert(0, TOOLS)
 import reference_step  # noqa: E402
 
 
-def _replayed(config):
-    record, ours, diffs = reference_step.replay(os.path.join(FIXTURES, f"{config}.npz"))
-    return record, ours, diffs
-
-
 @pytest.fixture(scope="module", params=sorted(reference_step.CONFIGS))
 def replayed(request):
-    return (request.param, *_replayed(request.param))
+    """(config, the reference's record, ours, {key: relative difference}), one replay per config."""
+    path = os.path.join(FIXTURES, f"{request.param}.npz")
+    return (request.param, *reference_step.replay(path))
 
 
 def test_replay_does_not_import_the_official_code(replayed):
