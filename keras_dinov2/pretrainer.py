@@ -230,10 +230,11 @@ class DINOv2Pretrainer(keras.Model):
         teacher = self.teacher({"images": global_crops}, training=False)
         teacher_cls = ops.stop_gradient(_view_major(teacher["cls_token"], shards, 2))
         teacher_patches = ops.stop_gradient(_gather_rows(teacher["patch_tokens"], mask_indices))
-        teacher_logits = self.teacher_dino_head(teacher_cls)
+        teacher_logits = self.teacher_dino_head(teacher_cls, reduction=reduction)
         valid = masks_weight > 0
         # Padding rows of the masked-patch buffer stay out of the heads' batch statistics.
-        teacher_patch_logits = self.teacher_ibot_head(teacher_patches, row_weights=valid)
+        teacher_patch_logits = self.teacher_ibot_head(teacher_patches, row_weights=valid,
+                                                      reduction=reduction)
         if config.loss.centering == "sinkhorn_knopp":
             teacher_probs = losses.sinkhorn_knopp(teacher_logits, temperature,
                                                   reduction=reduction)
@@ -249,30 +250,25 @@ class DINOv2Pretrainer(keras.Model):
                 self.dino_center.assign(losses.update_center(
                     self.dino_center, teacher_logits, momentum=momentum,
                     reduction=reduction))
-                if shards > 1:
-                    # The reference's iBOT mean: each replica's mean over its masked
-                    # patches, averaged over replicas.
-                    self.ibot_center.assign(losses.update_center(
-                        self.ibot_center, _replica_means(teacher_patch_logits, valid, shards),
-                        momentum=momentum, reduction=reduction))
-                else:
-                    self.ibot_center.assign(losses.update_center(
-                        self.ibot_center, teacher_patch_logits, momentum=momentum,
-                        valid=valid, reduction=reduction))
+                # The mean over every masked patch of the global batch (see update_center).
+                self.ibot_center.assign(losses.update_center(
+                    self.ibot_center, teacher_patch_logits, momentum=momentum,
+                    valid=valid, reduction=reduction))
 
         # Student: masked global crops and the local crops.
         student = self.student({"images": global_crops, "masks": masks}, training=training)
         student_cls = _view_major(student["cls_token"], shards, 2)
-        student_logits = self.student_dino_head(student_cls)
+        student_logits = self.student_dino_head(student_cls, reduction=reduction)
         student_local_logits = None
         n_local = 0
         if local_crops is not None and local_crops.shape[0]:
             n_local = local_crops.shape[0] // (two_b // 2)
             local = self.student({"images": local_crops}, training=training)
             student_local_logits = self.student_dino_head(
-                _view_major(local["cls_token"], shards, n_local))
+                _view_major(local["cls_token"], shards, n_local), reduction=reduction)
         student_patches = _gather_rows(student["patch_tokens"], mask_indices)
-        student_patch_logits = self.student_ibot_head(student_patches, row_weights=valid)
+        student_patch_logits = self.student_ibot_head(student_patches, row_weights=valid,
+                                                      reduction=reduction)
 
         parts = losses.dinov2_loss(
             student_logits, teacher_probs,
@@ -403,16 +399,6 @@ def _stacked_patch_indices(mask_indices, shards, crops_per_shard, num_patches):
     per_shard = mask_indices.shape[0] // shards
     offsets = ops.arange(shards, dtype="int32")[:, None] * (crops_per_shard * num_patches)
     return ops.reshape(ops.reshape(mask_indices, (shards, per_shard)) + offsets, (-1,))
-
-
-def _replica_means(logits, valid, shards):
-    """(shards, K): each replica's mean of its valid rows of (shards * M, K) logits (0 if none)."""
-    logits = ops.cast(ops.stop_gradient(logits), "float32")
-    k = logits.shape[-1]
-    logits = ops.reshape(logits, (shards, -1, k))
-    weight = ops.reshape(ops.cast(valid, "float32"), (shards, -1, 1))
-    count = ops.maximum(ops.sum(weight, axis=1), 1.0)
-    return ops.sum(ops.where(weight > 0, logits, 0.0), axis=1) / count
 
 
 def _gather_rows(tokens, flat_indices):
