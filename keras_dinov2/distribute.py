@@ -208,16 +208,17 @@ class DistributedSetup:
         return int(ds.cardinality())
 
     def prepare(self, model):
-        """torch: every rank starts from rank 0's state, with its own random streams; returns `model`.
+        """torch: every rank starts from rank 0's state; returns `model`.
 
-        Call it after building (and after restoring a checkpoint). The weights, optimizer state and
-        centers come from rank 0; each rank's stochastic-depth generators are then moved to a
-        stream of their own (rank 0's unchanged, so its checkpoints resume every rank exactly),
-        as the reference seeds each rank differently.
+        Call it after building (and after restoring a checkpoint). The weights, optimizer state,
+        centers and seed-generator states come from rank 0. Every rank (and every TensorFlow
+        replica) still draws its own stochastic depth, as the reference seeds each rank
+        differently: the library's generators move each draw to the replica's stream
+        (`keras_dinov2.layers.block.ReplicaSeedGenerator`), so rank 0's checkpoints resume
+        every rank exactly.
         """
         if self.backend == "torch" and self.num_processes > 1:
             broadcast_variables(model)
-            offset_seed_generators(model, self.process_index, self.num_processes)
         return model
 
 
@@ -611,7 +612,12 @@ def broadcast_variables(model, source=0):
 
 
 def offset_seed_generators(model, index, count):
-    """Moves every `keras.random.SeedGenerator` state of `model` to replica `index`'s own stream."""
+    """Moves every `keras.random.SeedGenerator` state of `model` to replica `index`'s own stream.
+
+    For plain Keras generators of one's own layers (torch ranks); the library's stochastic depth
+    needs no call (its draws already differ per replica) and must not get one: its offset would
+    be applied twice.
+    """
     if index == 0:
         return
     step = 2**32 // max(int(count), 1)
