@@ -6,16 +6,19 @@ One call, `setup()`, picks the engine for the active Keras backend:
   `model` mesh axis over which the large kernels of the backbones and heads (attention, MLP, head layers,
   prototypes, patch embedding), their optimizer moments and the teacher's copies are sharded (FSDP-like memory
   savings, for ViT-g with 131072-prototype heads). The train step is one SPMD program over the global batch:
-  every global statistic (Sinkhorn-Knopp's sums, the centers, the masked-patch count, KoLeo's neighbours) is
-  computed over the global batch by XLA, with no collective written here. Several hosts:
+  every global statistic (Sinkhorn-Knopp's sums, the centers, the masked-patch count, KoLeo's neighbours, the
+  heads' batch norm) is computed over the global batch by XLA, with no collective written here, and
+  stochastic depth draws once over the global batch, so every replica drops its own samples. Several hosts:
   `keras.distribution.initialize` (`jax.distributed`); every host reads its own shards of the data.
 - TensorFlow: `tf.distribute.MirroredStrategy` (several GPUs, or logical CPU devices), `TPUStrategy` (a TPU VM)
   or `MultiWorkerMirroredStrategy` (several hosts, `TF_CONFIG`). Each replica runs the step on its own batch; the
-  step binds a `CrossReplica` to the replica context's `all_reduce` / `all_gather`, so the losses' statistics
-  are global, and averages the gradients over replicas before clipping.
+  step binds a `CrossReplica` to the replica context's `all_reduce` / `all_gather`, so the losses' and the
+  heads' batch-norm statistics are global, and averages the gradients over replicas before clipping. The
+  seed generators are mirrored; each replica moves its draws to its own stream (its replica id).
 - PyTorch: `torch.distributed` (launched with `torchrun`; gloo on CPU, nccl on GPU), one process per device.
   The step binds a `CrossReplica` to `torch.distributed` and all-reduces the gradients (their mean: every
-  rank's loss is the mean over its own batch) before clipping; checkpoints are written by rank 0 only.
+  rank's loss is the mean over its own batch) before clipping; checkpoints are written by rank 0 only. Every
+  rank starts from rank 0's state (`prepare`) and moves its random draws to its own stream (its rank).
 
 The data: every replica reads its own shard of the source (`multicrop_dataset(num_shards=..., shard_index=...)`),
 with its own batch of `batch_size` images and its own masks, as the reference's per-rank collation. On JAX the
@@ -211,16 +214,17 @@ class DistributedSetup:
         return int(ds.cardinality())
 
     def prepare(self, model):
-        """torch: every rank starts from rank 0's state, with its own random streams; returns `model`.
+        """torch: every rank starts from rank 0's state; returns `model`.
 
-        Call it after building (and after restoring a checkpoint). The weights, optimizer state and
-        centers come from rank 0; each rank's stochastic-depth generators are then moved to a
-        stream of their own (rank 0's unchanged, so its checkpoints resume every rank exactly),
-        as the reference seeds each rank differently.
+        Call it after building (and after restoring a checkpoint). The weights, optimizer state,
+        centers and seed-generator states come from rank 0. Every rank (and every TensorFlow
+        replica) still draws its own stochastic depth, as the reference seeds each rank
+        differently: the library's generators move each draw to the replica's stream
+        (`keras_dinov2.layers.block.ReplicaSeedGenerator`), so rank 0's checkpoints resume
+        every rank exactly.
         """
         if self.backend == "torch" and self.num_processes > 1:
             broadcast_variables(model)
-            offset_seed_generators(model, self.process_index, self.num_processes)
         return model
 
 
@@ -614,7 +618,12 @@ def broadcast_variables(model, source=0):
 
 
 def offset_seed_generators(model, index, count):
-    """Moves every `keras.random.SeedGenerator` state of `model` to replica `index`'s own stream."""
+    """Moves every `keras.random.SeedGenerator` state of `model` to replica `index`'s own stream.
+
+    For plain Keras generators of one's own layers (torch ranks); the library's stochastic depth
+    needs no call (its draws already differ per replica) and must not get one: its offset would
+    be applied twice.
+    """
     if index == 0:
         return
     step = 2**32 // max(int(count), 1)

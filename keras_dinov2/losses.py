@@ -254,10 +254,13 @@ def update_center(center, teacher_logits, momentum=0.9, valid=None, reduction=No
 
         probs = softmax_center(t, center.value, T); center.assign(update_center(center.value, t))
 
-    The batch mean is each replica's mean over its (valid) rows, averaged over replicas, as the reference does
-    (sum over ranks / (rows * world size) for DINO; the mean over masked patches, averaged over ranks, for
-    iBOT). With equal row counts per replica this is the global-batch mean. A replica without valid rows
-    contributes zeros (the reference would produce NaN).
+    The batch mean is the mean over the (valid) rows of the global batch: the sum over replicas of each
+    replica's sum over its rows, divided by the global row count, so N replicas update the center as one
+    device with the global batch. For DINO (equal rows per replica) this is the reference's rule. For iBOT
+    it differs on purpose from the reference on several GPUs, which averages each rank's mean over its
+    masked patches: that weighs a patch by how many others were masked on its rank, so the center would
+    depend on how the global batch is split. Without any valid row the batch mean is 0 (the reference
+    would produce NaN).
 
     Args:
         center: tensor holding K values, (1, K) for DINO or (1, 1, K) for iBOT. The result has its shape.
@@ -283,10 +286,13 @@ def update_center(center, teacher_logits, momentum=0.9, valid=None, reduction=No
     mask = _rows_mask("teacher_logits", valid, None, None, rows_shape)
     if mask is None:
         local_mean = sum_over_rows(logits) / ops.cast(ops.shape(logits)[0], "float32")
+        batch_mean = reduction.mean(local_mean)
     else:
-        count = ops.maximum(ops.sum(ops.cast(mask, "float32")), 1.0)
-        local_mean = sum_over_rows(ops.where(ops.expand_dims(mask, -1), logits, 0.0)) / count
-    batch_mean = reduction.mean(local_mean)
+        # The row count travels with the sums: one collective for both.
+        count = ops.reshape(ops.sum(ops.cast(mask, "float32")), (1,))
+        total = reduction.sum(ops.concatenate(
+            [sum_over_rows(ops.where(ops.expand_dims(mask, -1), logits, 0.0)), count], axis=0))
+        batch_mean = total[:-1] / ops.maximum(total[-1], 1.0)
     return momentum * center + (1.0 - momentum) * ops.reshape(batch_mean, ops.shape(center))
 
 

@@ -278,7 +278,7 @@ class DINOv2Pretrainer(keras.Model):
         global_crops = data["global_crops"]
         masks_weight = ops.cast(data["masks_weight"], "float32")
         shards = _replica_count(data)
-        replicas, _ = self._layout(data)
+        self._layout(data)  # checks the stacked micro-batches
         temperature = self.schedules.teacher_temperature(self.step)
         teacher = self.teacher({"images": global_crops}, training=False)
         targets = {"dino": None, "ibot": None}
@@ -287,7 +287,7 @@ class DINOv2Pretrainer(keras.Model):
         centering = config.loss.centering == "sinkhorn_knopp"
         if self.do_dino:
             teacher_cls = ops.stop_gradient(_view_major(teacher["cls_token"], shards, 2))
-            logits = self.teacher_dino_head(teacher_cls)
+            logits = self.teacher_dino_head(teacher_cls, reduction=reduction)
             if centering:
                 probs = losses.sinkhorn_knopp(logits, temperature, reduction=reduction)
             else:
@@ -307,23 +307,17 @@ class DINOv2Pretrainer(keras.Model):
             patches = ops.stop_gradient(_gather_rows(teacher["patch_tokens"], indices))
             valid = masks_weight > 0
             # Padding rows of the masked-patch buffer stay out of the heads' batch statistics.
-            logits = self.teacher_ibot_head(patches, row_weights=valid)
+            logits = self.teacher_ibot_head(patches, row_weights=valid, reduction=reduction)
             if centering:
                 probs = losses.sinkhorn_knopp(logits, temperature, valid=valid, reduction=reduction)
             else:
                 probs = losses.softmax_center(logits, ops.reshape(self.ibot_center, (1, -1)),
                                               temperature)
                 if update_centers:
-                    if replicas > 1:
-                        # The reference's iBOT mean: each replica's mean over its masked
-                        # patches (all its micro-batches), averaged over replicas.
-                        rows = _replica_means(logits, valid, replicas)
-                        self.ibot_center.assign(losses.update_center(
-                            self.ibot_center, rows, momentum=momentum, reduction=reduction))
-                    else:
-                        self.ibot_center.assign(losses.update_center(
-                            self.ibot_center, logits, momentum=momentum, valid=valid,
-                            reduction=reduction))
+                    # The mean over every masked patch of the update (see update_center).
+                    self.ibot_center.assign(losses.update_center(
+                        self.ibot_center, logits, momentum=momentum, valid=valid,
+                        reduction=reduction))
             targets["ibot"] = ops.stop_gradient(probs)
         return targets, logs
 
@@ -362,9 +356,10 @@ class DINOv2Pretrainer(keras.Model):
                 n_local = local_crops.shape[0] // (two_b // 2)
                 local = self.student({"images": local_crops}, training=training)
                 dino["student_local_logits"] = self.student_dino_head(
-                    _view_major(local["cls_token"], shards, n_local))
+                    _view_major(local["cls_token"], shards, n_local), reduction=reduction)
                 dino["n_local_crops"] = n_local
-            dino["student_global_logits"] = self.student_dino_head(student_cls)
+            dino["student_global_logits"] = self.student_dino_head(student_cls,
+                                                                   reduction=reduction)
             dino["teacher_global_probs"] = teacher_probs
             if self.do_koleo:
                 dino["student_global_cls"] = student_cls
@@ -376,8 +371,8 @@ class DINOv2Pretrainer(keras.Model):
                                                       masks.shape[1])
             masks_weight = ops.cast(data["masks_weight"], "float32")
             patches = _gather_rows(student["patch_tokens"], mask_indices)
-            ibot["student_patch_logits"] = self.student_ibot_head(patches,
-                                                                  row_weights=masks_weight > 0)
+            ibot["student_patch_logits"] = self.student_ibot_head(
+                patches, row_weights=masks_weight > 0, reduction=reduction)
             ibot["teacher_patch_probs"] = _micro_rows(targets["ibot"], index, k, shards)
             ibot["masks_weight"] = masks_weight
         parts = losses.dinov2_loss(
@@ -555,16 +550,6 @@ def _stacked_patch_indices(mask_indices, shards, crops_per_shard, num_patches):
     per_shard = mask_indices.shape[0] // shards
     offsets = ops.arange(shards, dtype="int32")[:, None] * (crops_per_shard * num_patches)
     return ops.reshape(ops.reshape(mask_indices, (shards, per_shard)) + offsets, (-1,))
-
-
-def _replica_means(logits, valid, shards):
-    """(shards, K): each replica's mean of its valid rows of (shards * M, K) logits (0 if none)."""
-    logits = ops.cast(ops.stop_gradient(logits), "float32")
-    k = logits.shape[-1]
-    logits = ops.reshape(logits, (shards, -1, k))
-    weight = ops.reshape(ops.cast(valid, "float32"), (shards, -1, 1))
-    count = ops.maximum(ops.sum(weight, axis=1), 1.0)
-    return ops.sum(ops.where(weight > 0, logits, 0.0), axis=1) / count
 
 
 def _gather_rows(tokens, flat_indices):

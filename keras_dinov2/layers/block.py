@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_dinov2.layers.attention import Attention
 from keras_dinov2.layers.feedforward import MLP, SwiGLU, swiglu_hidden_dim
-from keras_dinov2.trainers import gradient_boundary
+from keras_dinov2.trainers import gradient_boundary, replica_seed
 
 FFN_TYPES = ("mlp", "swiglu")
 
@@ -47,12 +47,31 @@ class LayerScale(keras.layers.Layer):
         return config
 
 
+class ReplicaSeedGenerator(keras.random.SeedGenerator):
+    """A `keras.random.SeedGenerator` whose draws differ on every replica of a distributed step.
+
+    Its state is the same on every replica (TensorFlow mirrors it, torch ranks start from rank
+    0's); each draw is moved to the replica's own stream (`trainers.replica_seed`), so
+    replicas drop different samples, as the reference's differently seeded ranks do. On one
+    device, and in a JAX program over the global batch, it is a plain SeedGenerator.
+    """
+
+    def __init__(self, seed=None, name=None, **kwargs):
+        # The plain generator's name: checkpoints keep their variable paths.
+        name = name or f"seed_generator_{keras.backend.get_uid('seed_generator')}"
+        super().__init__(seed=seed, name=name, **kwargs)
+
+    def next(self, ordered=True):
+        return replica_seed(super().next(ordered=ordered))
+
+
 @keras.saving.register_keras_serializable(package="keras_dinov2")
 class DropPath(keras.layers.Layer):
     """Stochastic depth: drops the whole residual branch of random samples in training.
 
     Each sample keeps its branch with probability 1 - rate (a Bernoulli draw per sample) and a
     kept branch is divided by 1 - rate, so the expectation is unchanged. Identity in inference.
+    Every replica of a distributed step draws its own samples (`ReplicaSeedGenerator`).
 
     Args:
         rate: float, default 0. Probability of dropping a sample's branch.
@@ -68,7 +87,7 @@ class DropPath(keras.layers.Layer):
             raise ValueError(f"`rate` must be in [0, 1), received {rate}.")
         self.rate = float(rate)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = ReplicaSeedGenerator(seed)
 
     def call(self, x, training=None):
         if not training or self.rate == 0.0:

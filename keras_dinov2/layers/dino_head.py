@@ -66,6 +66,13 @@ class WeightNormPrototypes(keras.layers.Layer):
 _BN_EPSILON = 1e-5
 
 
+def _global_sum(x, reduction):
+    """`x` (1, ...) summed over replicas, differentiably (the gather's gradient reaches every replica)."""
+    if reduction is None:
+        return x
+    return ops.sum(reduction.all_gather(x), axis=0, keepdims=True)
+
+
 @keras.saving.register_keras_serializable(package="keras_dinov2")
 class DINOHead(keras.layers.Layer):
     """DINO head: MLP -> L2 normalization -> weight-normalized linear layer onto the prototypes.
@@ -96,12 +103,18 @@ class DINOHead(keras.layers.Layer):
             rows of the call (in float32; rows of weight 0 in `row_weights`, such as padding, are
             left out) and no running averages are kept. Scale and shift are learned, without
             weight decay. Statistics are per call (the reference normalizes its concatenated crops
-            together) and per replica where each replica runs its own program.
+            together) and over the global batch: with a `reduction` (each replica running its
+            own program) the sums behind the mean and the variance cover every replica's rows,
+            as DINO's SyncBatchNorm, so N replicas normalize as one device with the global batch.
 
     Call arguments:
         x: (N, in_dim) tensor.
         row_weights: optional (N,) tensor; with `use_bn`, rows of weight 0 do not enter the
             statistics.
+        reduction: optional `keras_dinov2.losses.CrossReplica`, default None. With `use_bn` and
+            several replicas, the batch statistics are summed over replicas through its
+            `all_gather` (which passes gradients back to each replica, so the statistics'
+            gradients are those of the global batch too).
 
     Example:
     >>> head = DINOHead(num_prototypes=4096)
@@ -174,16 +187,18 @@ class DINOHead(keras.layers.Layer):
                     name=f"bn_{i}_norm_offset"))
         self.built = True
 
-    def _batch_norm(self, i, x, row_weights):
+    def _batch_norm(self, i, x, row_weights, reduction=None):
         x32 = ops.cast(x, "float32")
         if row_weights is None:
-            mean = ops.mean(x32, axis=0, keepdims=True)
-            var = ops.mean(ops.square(x32 - mean), axis=0, keepdims=True)
+            w = ops.ones((ops.shape(x32)[0], 1), "float32")
         else:
             w = ops.reshape(ops.cast(row_weights, "float32"), (-1, 1))
-            count = ops.maximum(ops.sum(w), 1.0)
-            mean = ops.sum(w * x32, axis=0, keepdims=True) / count
-            var = ops.sum(w * ops.square(x32 - mean), axis=0, keepdims=True) / count
+        count = _global_sum(ops.sum(w, axis=0, keepdims=True), reduction)
+        mean = _global_sum(ops.sum(w * x32, axis=0, keepdims=True), reduction)
+        mean = mean / ops.maximum(count, 1.0)
+        # Two passes, as one device computes it: the variance around the global mean.
+        var = _global_sum(ops.sum(w * ops.square(x32 - mean), axis=0, keepdims=True), reduction)
+        var = var / ops.maximum(count, 1.0)
         y = (x32 - mean) / ops.sqrt(var + _BN_EPSILON)
         y = y * self.bn_scales[i] + self.bn_offsets[i]
         return ops.cast(y, x.dtype)
@@ -193,12 +208,14 @@ class DINOHead(keras.layers.Layer):
         """The prototype layer's variables, [weight_v, weight_g]."""
         return list(self.last_layer.weights)
 
-    def call(self, x, row_weights=None):
+    def call(self, x, row_weights=None, reduction=None):
+        if reduction is not None and getattr(reduction, "num_replicas", 1) < 2:
+            reduction = None
         for i, layer in enumerate(self.mlp_layers):
             x = gradient_boundary(layer(x))
             if i < len(self.mlp_layers) - 1:
                 if self.use_bn:
-                    x = self._batch_norm(i, x, row_weights)
+                    x = self._batch_norm(i, x, row_weights, reduction)
                 x = ops.gelu(x, approximate=False)
         x = ops.cast(x, self.last_layer.compute_dtype)
         squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
@@ -209,7 +226,7 @@ class DINOHead(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.num_prototypes)
 
-    def compute_output_spec(self, x, row_weights=None):
+    def compute_output_spec(self, x, row_weights=None, reduction=None):
         return keras.KerasTensor(
             self.compute_output_shape(x.shape), dtype=self.last_layer.compute_dtype
         )

@@ -105,6 +105,25 @@ def weight_normalized_kernel(v, g, floor):
     return v * (g / ops.sqrt(ops.maximum(ops.sum(ops.square(v), axis=0), floor)))
 
 
+def replica_seed(seed):
+    """A drawn (2,) seed moved to this replica's own stream, where each replica runs its own program.
+
+    A `tf.distribute` replica context (its `replica_id_in_sync_group`) and `torch.distributed`
+    ranks hold identical seed-generator states (mirrored, or broadcast from rank 0), so without
+    this every replica would draw the same stochastic-depth pattern. Elsewhere (one device, a
+    JAX program over the global batch, whose draws already cover every replica's rows) the
+    seed is returned unchanged. Replica 0 keeps the plain seed.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras_dinov2.trainers import tensorflow as module
+    elif backend == "torch":
+        from keras_dinov2.trainers import torch as module
+    else:
+        return seed
+    return module.replica_seed(seed)
+
+
 def step_functions():
     """The (train_step, test_step) implementations for the active Keras backend."""
     backend = keras.backend.backend()

@@ -25,6 +25,24 @@ def cpu_function(name):
     return {"dot_product_attention": cpu_dot_product_attention}.get(name)
 
 
+# Keras folds TensorFlow's int64 seeds into [0, 2**31 - 2) (`floormod`) before the stateless ops.
+_TF_SEED_MODULUS = 2**31 - 2
+
+
+def replica_seed(seed):
+    """`trainers.replica_seed` on TensorFlow: offsets the seed by the replica's id in its sync group."""
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return seed
+    context = tf.distribute.get_replica_context()
+    count = context.num_replicas_in_sync
+    if count < 2:
+        return seed
+    # Offsets spread over the seed range stay distinct after Keras' fold into int32.
+    index = tf.cast(context.replica_id_in_sync_group, seed.dtype)
+    offset = index * tf.cast(_TF_SEED_MODULUS // count, seed.dtype)
+    return seed + tf.stack([offset, tf.zeros_like(offset)])
+
+
 def _grads_already_reduced(grads_and_vars):
     return list(grads_and_vars)
 
