@@ -650,3 +650,47 @@ def test_variable_shape_formulas_match_the_built_models():
             PATCH, 2, 24, 3, config["intermediate_dim"], registers, True, ffn == "swiglu",
             (OTHER // PATCH, OTHER // PATCH), grid)
         assert expected == collections.Counter(tuple(v.shape) for v in hub.weights)
+
+
+def test_hostile_heads_files_are_refused(tmp_path):
+    import time
+
+    from keras_dinov2.export import save_heads
+    from keras_dinov2.layers.dino_head import DINOHead
+
+    head = DINOHead(num_prototypes=8, hidden_dim=12, bottleneck_dim=6, num_layers=2,
+                    name="teacher_dino_head")
+    head.build((None, 16))
+    save_heads(str(tmp_path), head, dino_center=np.ones((1, 8), "float32"))
+    cls = np.random.default_rng(0).standard_normal((2, 16)).astype("float32")
+    np.testing.assert_allclose(to_numpy(load_heads(str(tmp_path))["dino_head"](cls)),
+                               to_numpy(head(cls)), atol=1e-6)
+    good = json.loads((tmp_path / "heads.json").read_text())
+    npz = (tmp_path / "heads.weights.npz").read_bytes()
+
+    def edited(**changes):
+        config = json.loads(json.dumps(good))
+        config["heads"]["dino_head"]["config"].update(changes)
+        return config
+
+    cases = [
+        (edited(num_prototypes=10 ** 9), r"num_prototypes must be an integer in \[1, 1048576\]"),
+        # In bounds, but 2^20 x 6 weights would be built from a file holding a few hundred.
+        (edited(num_prototypes=1 << 20), r"dino_head needs 6291\d+ weights"),
+        (edited(num_layers="2"), r"num_layers must be an integer"),
+        (edited(extra=1), r"config must hold exactly"),
+        ({**good, "input_dim": -1}, r"input_dim must be an integer"),
+        ({**good, "heads": []}, r"`heads` must hold exactly \['dino_head'\]"),
+        ([1, 2], r"holds a list, not a JSON object"),
+    ]
+    for config, words in cases:
+        (tmp_path / "heads.json").write_text(json.dumps(config))
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=words):
+            load_heads(str(tmp_path))
+        assert time.perf_counter() - start < 5
+    (tmp_path / "heads.json").write_text(json.dumps(good))
+    for data in (npz[: len(npz) // 2], b"", npz[:-30]):
+        (tmp_path / "heads.weights.npz").write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"heads\.weights\.npz is not a readable"):
+            load_heads(str(tmp_path))

@@ -3,8 +3,8 @@
 Seeds, built here: a torch-hub state dict written with `torch.save`; a transformers
 Dinov2Model from a tiny random config saved with `save_pretrained` (single and sharded
 safetensors) and as `pytorch_model.bin` (the `torch.save` of its state dict, what
-`save_pretrained` wrote before transformers 5); our preset (`save_to_preset`) and a keras-hub
-preset. Each of the five formats (.pth, .bin, safetensors, preset folders, config.json) gets
+`save_pretrained` wrote before transformers 5); our preset (`save_to_preset`, with DINO head
+files from `save_heads`) and a keras-hub preset. Each of the five formats (.pth, .bin, safetensors, preset folders, config.json) gets
 seeded mutations: byte flips, truncations and splices; zip header fields and the safetensors
 header length set to edge values; integers inside data.pkl (offsets, shapes, strides,
 element counts) and its strings (storage classes, keys) replaced; zip entries dropped,
@@ -30,7 +30,8 @@ build are checked there too. An input that passes every check finishes as `load_
 but one backbone is kept per distinct config, and a copy is skipped when the same names,
 shapes and dtypes were copied before, so that thousands of loads stay fast. Preset
 folders go through `check_preset_folder`, the checks that run before keras-hub builds
-anything; the first 15 that pass are also loaded completely through `load_backbone`.
+anything; the first 15 that pass are also loaded completely through `load_backbone`, and
+those with mutated head files through `load_heads`.
 """
 
 import io
@@ -44,6 +45,7 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 import pytest
 
 FORMATS = ("pth", "bin", "safetensors", "preset", "config")
@@ -430,15 +432,17 @@ class Child:
         return lambda: self.finish(self.convert.transformers_parts(folder)), op
 
     def make_preset(self, rng):
-        from keras_dinov2.export import check_preset_folder, load_backbone
+        from keras_dinov2.export import check_preset_folder, load_backbone, load_heads
 
         kind = rng.choice(["ours", "hub"])
         folder = self.fresh("preset", kind)
         roll = rng.random()
-        if roll < 0.6:
+        if roll < 0.5:
             name, prefer = "config.json", ("config",)
-        elif roll < 0.68:
+        elif roll < 0.56:
             name, prefer = "metadata.json", None
+        elif roll < 0.7 and kind == "ours":
+            name, prefer = rng.choice([("heads.json", ("heads",)), ("heads.weights.npz", None)])
         else:
             name, prefer = "model.weights.h5", None
         path = os.path.join(folder, name)
@@ -448,6 +452,8 @@ class Child:
         elif rng.random() < 0.15:
             os.remove(path)
             data, op = None, "deleted"
+        elif name.endswith(".npz"):
+            data, op = rng.choice([bytes_op, zip_header_op])(rng, data), "npz"
         else:
             head = rng.random() < 0.5   # object headers and the superblock live up front
             op = "h5-head" if head else "h5-bytes"
@@ -458,7 +464,9 @@ class Child:
 
         def run():
             check_preset_folder(folder)
-            if self.full_loads < FULL_PRESET_LOADS:
+            if name.startswith("heads"):
+                load_heads(folder)
+            elif self.full_loads < FULL_PRESET_LOADS:
                 self.full_loads += 1
                 load_backbone(folder)
 
@@ -466,13 +474,14 @@ class Child:
 
     def warm_up(self):
         """Loads every seed once, untimed: the first builds and compilations happen here."""
-        from keras_dinov2.export import load_backbone
+        from keras_dinov2.export import load_backbone, load_heads
 
         self.finish(self.convert.torch_hub_parts(os.path.join(self.seeds, "pth", "model.pth")))
         for name in ("bin", "hf", "sharded"):
             self.finish(self.convert.transformers_parts(os.path.join(self.seeds, name)))
         for name in ("ours", "hub"):
             load_backbone(os.path.join(self.seeds, name))
+        load_heads(os.path.join(self.seeds, "ours"))
 
     def run(self, count, seed):
         import faulthandler
@@ -523,8 +532,10 @@ def seeds(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     from keras_dinov2.backbone import DINOv2Backbone
     from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
+    from keras_dinov2.export import save_heads
     from keras_dinov2.export.keras_hub_format import save_keras_hub_preset
     from keras_dinov2.export.layout import torch_hub_tensors
+    from keras_dinov2.layers.dino_head import DINOHead
 
     root = tmp_path_factory.mktemp("fuzz_seeds")
     backbone = DINOv2Backbone(patch_size=4, hidden_dim=16, num_layers=2, num_heads=2,
@@ -534,6 +545,10 @@ def seeds(tmp_path_factory):
     torch.save({k: torch.from_numpy(v) for k, v in torch_hub_tensors(backbone).items()},
                root / "pth" / "model.pth")
     backbone.save_to_preset(str(root / "ours"))
+    head = DINOHead(num_prototypes=8, hidden_dim=12, bottleneck_dim=6, num_layers=2,
+                    name="teacher_dino_head")
+    head.build((None, 16))
+    save_heads(str(root / "ours"), head, dino_center=np.ones((1, 8), "float32"))
     save_keras_hub_preset(backbone, str(root / "hub"), IMAGENET_MEAN, IMAGENET_STD)
 
     torch.manual_seed(0)

@@ -254,6 +254,63 @@ def save_heads(folder, dino_head, ibot_head=None, dino_center=None, ibot_center=
         np.savez(f, **arrays)
 
 
+_HEAD_BOUNDS = {"num_prototypes": (1, 1 << 20), "hidden_dim": (1, 1 << 14),
+                "bottleneck_dim": (1, 1 << 14), "num_layers": (1, 16)}
+
+
+def read_heads_config(path):
+    """Reads and checks heads.json: its structure, every head's arguments and their bounds.
+
+    Raises:
+        CheckpointError: naming the file and the first entry that is missing or out of bounds.
+
+    Example:
+    >>> read_heads_config("export/keras_dinov2/heads.json")["heads"]["dino_head"]["config"]
+    """
+    config = read_json(path)
+
+    def fail(what):
+        raise CheckpointError(f"{path}: {what}")
+
+    if not isinstance(config, dict):
+        fail(f"holds a {type(config).__name__}, not a JSON object.")
+    if config.get("format") != HEADS_FORMAT:
+        fail(f"has format {config.get('format')!r:.60}, expected {HEADS_FORMAT!r}.")
+    input_dim = config.get("input_dim")
+    if not isinstance(input_dim, int) or isinstance(input_dim, bool) or not 1 <= input_dim <= 1 << 14:
+        fail("input_dim must be an integer in [1, 16384].")
+    if not isinstance(config.get("ibot_separate_head"), bool):
+        fail("ibot_separate_head must be true or false.")
+    heads = config.get("heads")
+    wanted = ["dino_head"] + (["ibot_head"] if config["ibot_separate_head"] else [])
+    if not isinstance(heads, dict) or sorted(heads) != sorted(wanted):
+        fail(f"`heads` must hold exactly {wanted}.")
+    for name, entry in heads.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            fail(f"{name} has no `config` object.")
+        if not isinstance(entry.get("variables"), list) or not all(
+                isinstance(v, dict) and isinstance(v.get("name"), str)
+                and isinstance(v.get("shape"), list) for v in entry["variables"]):
+            fail(f"{name}'s `variables` must list objects with a name and a shape.")
+        arguments = entry["config"]
+        if sorted(arguments) != sorted(_HEAD_ARGS):
+            fail(f"{name}'s config must hold exactly {list(_HEAD_ARGS)}.")
+        for field, (low, high) in _HEAD_BOUNDS.items():
+            value = arguments[field]
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                fail(f"{name} {field} must be an integer in [{low}, {high}].")
+        for field in ("use_bias", "use_bn"):
+            if not isinstance(arguments[field], bool):
+                fail(f"{name} {field} must be true or false.")
+        epsilon = arguments["epsilon"]
+        if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0 < epsilon < 1:
+            fail(f"{name} epsilon must be a number in (0, 1).")
+    centers = config.get("centers", [])
+    if not isinstance(centers, list) or not set(centers) <= {"dino_center", "ibot_center"}:
+        fail("`centers` must list dino_center and/or ibot_center.")
+    return config
+
+
 def exported_head_config(folder):
     """The `HeadConfig` fields of the heads exported in `folder`, or None when it has no heads.
 
@@ -267,26 +324,52 @@ def exported_head_config(folder):
     path = os.path.join(os.fspath(folder), HEADS_CONFIG_FILE)
     if not os.path.isfile(path):
         return None
-    config = read_json(path)
+    config = read_heads_config(path)
     dino = config["heads"]["dino_head"]["config"]
     out = {
-        "num_prototypes": int(dino["num_prototypes"]),
-        "hidden_dim": int(dino["hidden_dim"]),
-        "bottleneck_dim": int(dino["bottleneck_dim"]),
-        "num_layers": int(dino["num_layers"]),
-        "ibot_separate_head": bool(config["ibot_separate_head"]),
-        "use_bn": bool(dino.get("use_bn", False)),
+        "num_prototypes": dino["num_prototypes"],
+        "hidden_dim": dino["hidden_dim"],
+        "bottleneck_dim": dino["bottleneck_dim"],
+        "num_layers": dino["num_layers"],
+        "ibot_separate_head": config["ibot_separate_head"],
+        "use_bn": dino["use_bn"],
     }
     if out["ibot_separate_head"]:
         ibot = config["heads"]["ibot_head"]["config"]
         if (ibot["hidden_dim"], ibot["num_layers"]) != (dino["hidden_dim"], dino["num_layers"]):
-            raise ValueError(
-                f"{path}: the iBOT head's MLP ({ibot['hidden_dim']} wide, {ibot['num_layers']} layers) "
-                f"differs from the DINO head's; HeadConfig gives both the same MLP."
+            raise CheckpointError(
+                f"{path}: the iBOT head's MLP ({ibot['hidden_dim']} wide, {ibot['num_layers']} "
+                "layers) differs from the DINO head's; HeadConfig gives both the same MLP."
             )
-        out["ibot_num_prototypes"] = int(ibot["num_prototypes"])
-        out["ibot_bottleneck_dim"] = int(ibot["bottleneck_dim"])
+        out["ibot_num_prototypes"] = ibot["num_prototypes"]
+        out["ibot_bottleneck_dim"] = ibot["bottleneck_dim"]
     return out
+
+
+def _head_size(arguments, input_dim):
+    """The number of weights a DINOHead of these arguments holds, at least (its Dense kernels)."""
+    hidden, bottleneck = arguments["hidden_dim"], arguments["bottleneck_dim"]
+    widths = [input_dim] + [hidden] * (arguments["num_layers"] - 1) + [bottleneck]
+    mlp = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    return mlp + bottleneck * arguments["num_prototypes"]
+
+
+def _read_npz(path):
+    """The arrays of a .npz file, refusing entries that would inflate far beyond their size."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.file_size > 64 * info.compress_size + (1 << 20):
+                    raise CheckpointError(f"{path}: the entry {info.filename} would inflate "
+                                          f"{info.compress_size} bytes to {info.file_size}.")
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except CheckpointError:
+        raise
+    except Exception as error:   # BadZipFile, a bad .npy header, a truncated array
+        raise CheckpointError(f"{path} is not a readable .npz file ({error}).") from error
 
 
 def load_heads(folder):
@@ -298,7 +381,8 @@ def load_heads(folder):
         when saved.
 
     Raises:
-        ValueError: naming the missing or broken file, or the first variable that does not fit.
+        CheckpointError (a ValueError): naming the missing or broken file, or the first
+            variable that does not fit.
 
     Example:
     >>> heads = load_heads("export/keras_dinov2")
@@ -309,42 +393,45 @@ def load_heads(folder):
     config_path = os.path.join(folder, HEADS_CONFIG_FILE)
     weights_path = os.path.join(folder, HEADS_WEIGHTS_FILE)
     if not os.path.exists(config_path):
-        raise ValueError(f"{config_path} is missing: this preset was exported without heads "
-                         "(export with heads=True / --heads).")
-    config = read_json(config_path)
-    if config.get("format") != HEADS_FORMAT:
-        raise ValueError(f"{config_path} has format {config.get('format')!r}, expected "
-                         f"{HEADS_FORMAT!r}.")
+        raise CheckpointError(f"{config_path} is missing: this preset was exported without "
+                              "heads (export with heads=True / --heads).")
+    config = read_heads_config(config_path)
     if not os.path.exists(weights_path):
-        raise ValueError(f"{weights_path} is missing: {config_path} has no weights beside it.")
-    try:
-        data = np.load(weights_path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{weights_path} is not a readable .npz file ({error}).") from error
-    out = {"ibot_separate_head": bool(config["ibot_separate_head"])}
-    with data:
-        for name, entry in config["heads"].items():
-            head = DINOHead(**entry["config"], name=name)
-            head.build((None, int(config["input_dim"])))
-            if len(head.weights) != len(entry["variables"]):
-                raise ValueError(f"{config_path}: {name} lists {len(entry['variables'])} "
-                                 f"variables, the head has {len(head.weights)}.")
-            for i, (variable, stored) in enumerate(zip(head.weights, entry["variables"])):
-                key = f"{name}/{i:04d}"
-                if key not in data:
-                    raise ValueError(f"{weights_path} lacks {key} ({stored['name']}).")
-                value = data[key]
-                if (_suffix(variable.path) != stored["name"]
-                        or tuple(value.shape) != tuple(variable.shape)):
-                    raise ValueError(
-                        f"{weights_path}: {name} variable {i} is {stored['name']!r} "
-                        f"{tuple(value.shape)}, the head expects {_suffix(variable.path)!r} "
-                        f"{tuple(variable.shape)}."
-                    )
-                variable.assign(value)
-            out[name] = head
-        for name in config.get("centers", []):
-            out[name] = np.asarray(data[name])
+        raise CheckpointError(f"{weights_path} is missing: {config_path} has no weights "
+                              "beside it.")
+    data = _read_npz(weights_path)
+    stored = sum(int(v.size) for v in data.values())
+    out = {"ibot_separate_head": config["ibot_separate_head"]}
+    for name, entry in config["heads"].items():
+        # The file must hold the weights the config describes before a head is built from it.
+        needed = _head_size(entry["config"], config["input_dim"])
+        if needed > stored:
+            raise CheckpointError(f"{config_path}: {name} needs {needed} weights, "
+                                  f"{weights_path} holds {stored} in all.")
+        head = DINOHead(**entry["config"], name=name)
+        head.build((None, config["input_dim"]))
+        if len(head.weights) != len(entry["variables"]):
+            raise CheckpointError(f"{config_path}: {name} lists {len(entry['variables'])} "
+                                  f"variables, the head has {len(head.weights)}.")
+        for i, (variable, listed) in enumerate(zip(head.weights, entry["variables"])):
+            key = f"{name}/{i:04d}"
+            if key not in data:
+                raise CheckpointError(f"{weights_path} lacks {key} ({listed['name']!r:.60}).")
+            value = data[key]
+            if (_suffix(variable.path) != listed["name"]
+                    or tuple(value.shape) != tuple(variable.shape)
+                    or value.dtype.kind not in "fiub"):
+                raise CheckpointError(
+                    f"{weights_path}: {name} variable {i} is {listed['name']!r:.60} "
+                    f"{tuple(value.shape)} {value.dtype}, the head expects "
+                    f"{_suffix(variable.path)!r} {tuple(variable.shape)}."
+                )
+            variable.assign(value.astype("float32"))
+        out[name] = head
+    for name in config.get("centers", []):
+        if name not in data or data[name].dtype.kind not in "fiub":
+            raise CheckpointError(f"{weights_path} lacks the {name} that {config_path} lists.")
+        out[name] = np.asarray(data[name], dtype="float32")
     out.setdefault("ibot_head", out["dino_head"])
     return out
 
