@@ -595,6 +595,11 @@ HUB_PRESET_CONFIGS = [
 ]
 
 
+def _change_id(changes):
+    key, value = next(iter(changes.items()))
+    return f"{key}={str(value).replace(' ', '')[:12]}"
+
+
 @pytest.fixture(scope="module")
 def tiny_presets(tmp_path_factory):
     root = tmp_path_factory.mktemp("presets")
@@ -607,8 +612,8 @@ def tiny_presets(tmp_path_factory):
 @pytest.mark.parametrize("fmt,changes,words",
                          [("ours", c, w) for c, w in OUR_PRESET_CONFIGS]
                          + [("hub", c, w) for c, w in HUB_PRESET_CONFIGS],
-                         ids=[f"ours-{next(iter(c))}" for c, _ in OUR_PRESET_CONFIGS]
-                         + [f"hub-{next(iter(c))}" for c, _ in HUB_PRESET_CONFIGS])
+                         ids=[f"ours-{_change_id(c)}" for c, _ in OUR_PRESET_CONFIGS]
+                         + [f"hub-{_change_id(c)}" for c, _ in HUB_PRESET_CONFIGS])
 def test_preset_config_is_checked_before_building(tiny_presets, tmp_path, fmt, changes, words):
     import time
 
