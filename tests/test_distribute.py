@@ -100,7 +100,9 @@ def _build(name="digits"):
         image_size=config.data.crops.global_crops_size, drop_path_rate=0.0,
         layer_scale_init=1.0, position_embedding_init_std=0.02)
     model = DINOv2Pretrainer(backbone, config)
-    model.compile()
+    # IMAGES is the global batch, whether one device or the replicas hold it (compile's default
+    # would multiply config.batch_size by the replicas of the active distribution).
+    model.compile(global_batch_size=IMAGES)
     model.optimizer.epsilon = 1.0  # see the module docstring
     return model
 
