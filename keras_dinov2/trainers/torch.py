@@ -12,7 +12,7 @@ def replica_seed(seed):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return seed
     # Keras' torch backend seeds a generator with (seed[0] + seed[1]) mod 2**32, the second
-    # element counting the draws: ranks 2**32 / world apart never meet.
+    # element counting the draws: ranks start 2**32 / world apart, more draws than a run makes.
     offset = dist.get_rank() * (2**32 // dist.get_world_size()) % 2**32
     if seed.dtype == torch.int32 and offset >= 2**31:
         offset -= 2**32  # the same 32 bits in a signed seed
