@@ -315,8 +315,11 @@ def test_same_weights_and_batch_give_the_same_loss_on_every_backend():
         results[backend] = dict(item.split("=") for item in line[0].split()[1:])
     for key in results["jax"]:
         values = [float(results[b][key]) for b in results]
-        # float32 with different kernels per backend: agree to 1e-4 relative.
-        np.testing.assert_allclose(values, values[0], rtol=1e-4, atol=1e-5, err_msg=key)
+        # float32 with different kernels per backend: agree to 1e-4 relative. KoLeo to 1e-3: at
+        # these random weights the CLS tokens are nearly equal, and its nearest-neighbour
+        # distances come out of float32 cancellation (12.120 vs 12.124 seen between backends).
+        rtol = 1e-3 if key in ("koleo", "loss") else 1e-4
+        np.testing.assert_allclose(values, values[0], rtol=rtol, atol=1e-5, err_msg=key)
 
 
 def test_epochs_csv_keeps_columns_that_appear_only_in_some_epochs(tmp_path):
