@@ -190,9 +190,17 @@ def test_four_micro_batches_of_two_take_the_step_of_one_batch_of_eight(centering
     # Relative L2 difference per array: AdamW divides each element's update by that element's
     # own gradient size, so an element whose gradient is tiny carries the summation order's
     # float32 rounding into its update; the array as a whole agrees to 1e-5.
+    # The attention's key bias (middle third of qkv's bias) is left out: its exact gradient is 0
+    # (it shifts every logit of a query's softmax alike), so AdamW moves it by rounding noise of
+    # lr size in any implementation (tools/reference_step.py bounds it the same way).
     for path, value in expected.items():
+        other = got[path]
+        if path.endswith("attn/qkv/bias"):
+            third = value.shape[-1] // 3
+            keep = np.r_[0:third, 2 * third:3 * third]
+            value, other = value[..., keep], other[..., keep]
         norm = max(float(np.linalg.norm(value)), 1e-6)
-        assert np.linalg.norm(got[path] - value) <= 1e-5 * norm, path
+        assert np.linalg.norm(other - value) <= 1e-5 * norm, path
 
 
 def test_accumulation_needs_stacked_micro_batches():
