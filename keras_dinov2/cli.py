@@ -31,7 +31,8 @@ def _parser():
                     "prints the teacher's k-NN accuracy next to a randomly initialized "
                     "backbone's.",
     )
-    pretrain.add_argument("--data", default="digits",
+    # Defaults of None: a resumed run tells a flag given from one left out (see `--resume`).
+    pretrain.add_argument("--data", default=None,
                           help="digits (bundled, no download), an image FOLDER, or "
                                "tfds:NAME[:SPLIT] (default: digits)")
     pretrain.add_argument("--model", default=None,
@@ -51,14 +52,22 @@ def _parser():
                           help="source images per step and replica (recipe default)")
     pretrain.add_argument("--accumulation", type=int, default=None,
                           help="micro-batches per optimizer update (gradient accumulation)")
-    pretrain.add_argument("--lr", type=float, default=None, help="base learning rate")
-    pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pretrain.add_argument("--lr", type=float, default=None,
+                          help="base learning rate, for a global batch of 1024 (recipe default)")
+    pretrain.add_argument("--weight-decay", type=float, default=None,
+                          help="weight decay at the start of its cosine schedule (recipe default)")
+    pretrain.add_argument("--weight-decay-end", type=float, default=None,
+                          help="weight decay at the end of its cosine schedule (recipe default)")
+    pretrain.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     pretrain.add_argument("--knn-every", type=int, default=1,
                           help="k-NN of the teacher on held-out digits every N epochs (digits "
                                "only; 0 disables; default 1)")
     pretrain.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
     pretrain.add_argument("--resume", action="store_true",
-                          help="continue the run in --out from its last checkpoint")
+                          help="continue the run in --out from its last checkpoint, with its "
+                               "config; --lr, --weight-decay, --weight-decay-end, --epochs (to "
+                               "extend a run) and --batch-size may change it (recorded in "
+                               "config.json), other differing flags are refused")
     pretrain.add_argument("--distribution", default="auto",
                           choices=["auto", "none", "data", "model"],
                           help="several devices: data parallel over all of them (jax, tensorflow; "
@@ -355,9 +364,13 @@ def main(argv=None):
     if args.command == "visualize":
         return _visualize(args)
     if args.command == "pretrain":
-        from keras_dinov2.run import pretrain
+        from keras_dinov2.run import ResumeError, pretrain
 
-        return pretrain(args)
+        try:
+            return pretrain(args)
+        except ResumeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return _convert(args)
 
 
