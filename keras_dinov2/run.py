@@ -124,22 +124,24 @@ def _describe_changes(changes):
                      for field, (old, new) in changes.items())
 
 
-def _data_position(metadata, epoch, micro_steps, batch_size, batches_per_pass):
-    """(pass, batches to skip in it) where the run that wrote a checkpoint left the data stream.
+def _data_position(metadata, epoch, micro_steps, batch_size, pass_images):
+    """(pass, images to skip in it) where the run that wrote a checkpoint left the data stream.
 
-    A checkpoint records where its session began in the stream and with which batch size; from
-    there the session read `micro_steps` batches per epoch. With a new batch size the stream
-    continues at the same image of the same pass (rounded down to a whole batch).
+    Batches run across passes, so the position is counted in images (of one shard). A
+    checkpoint records how many images its session had read when it began, and with which
+    batch size; the session then read `micro_steps` batches per epoch. A new batch size
+    continues at the same image.
+
+    Args:
+        metadata: dict. The checkpoint's metadata ("data_start" where recorded).
+        epoch: int. The checkpoint's epoch.
+        micro_steps: int. Batches per epoch (steps per epoch x accumulation).
+        batch_size: int. Images per batch of the checkpoint's session when it recorded none.
+        pass_images: int. Images in one pass over (one shard of) the data.
     """
-    start = metadata.get("data_start")
-    if start is None:  # written before data_start was recorded: one batch size throughout
-        return divmod(epoch * micro_steps, batches_per_pass)
-    read = start["skip"] + (epoch - start["epoch"]) * micro_steps
-    passes, skip = divmod(read, start["batches_per_pass"])
-    if start["batch_size"] != batch_size:
-        more, skip = divmod(skip * start["batch_size"] // batch_size, batches_per_pass)
-        passes += more
-    return start["pass"] + passes, skip
+    start = metadata.get("data_start", {"images": 0, "epoch": 0, "batch_size": batch_size})
+    images = start["images"] + (epoch - start["epoch"]) * micro_steps * start["batch_size"]
+    return divmod(images, pass_images)
 
 
 def _write_json(path, value):
@@ -229,7 +231,7 @@ def pretrain(args):
       the frozen last layer are counted in epochs and, already past, do not repeat.
     - `--batch-size`, with a warning: the learning rate scales with sqrt(batch / 1024), an
       epoch keeps its number of steps (so it sees a different number of images), and the data
-      stream continues at the same image of the same pass.
+      stream continues at the same image.
 
     Any other flag that differs from the run (data, model, recipe, steps per epoch,
     accumulation, seed) raises `ResumeError` listing them. The rows of metrics.csv and
@@ -241,6 +243,7 @@ def pretrain(args):
     """
     from keras_dinov2 import callbacks as cb
     from keras_dinov2 import distribute
+    from keras_dinov2.data import get_source
     from keras_dinov2.pretrainer import DINOv2Pretrainer
 
     # First: JAX places variables on the mesh as they are created, and several hosts must
@@ -350,19 +353,24 @@ def pretrain(args):
 
     # The data stream is keyed by (seed, pass): skip to where the interrupted run stopped.
     consumed = initial_epoch * micro_steps  # metrics.csv's step of the first batch
-    start_pass, skip = _data_position(metadata, initial_epoch, micro_steps, config.batch_size,
-                                      batches_per_pass)
+    # A checkpoint without a recorded start had one batch size throughout: the stored one.
+    old_batch = config.batch_size
+    if resumed is not None and "batch_size" in resumed[1]:
+        old_batch = resumed[1]["batch_size"][0]
+    pass_images = get_source(data_spec).num_examples // dist.num_replicas
+    start_pass, skip = _data_position(metadata, initial_epoch, micro_steps, old_batch,
+                                      pass_images)
     dataset = dist.dataset(
         data_spec, config.batch_size, config.data, seed=config.seed, repeat=True,
-        start_epoch=start_pass, skip=skip,
+        start_epoch=start_pass, skip_images=skip,
     )
 
     monitor = cb.TrainingMonitor(
         initial_step=consumed,
         resume_hint=f"keras-dinov2 pretrain --out {run_dir} --resume --lr {optim.base_lr / 2:g}")
     # Where this session starts in the data stream: a later resume continues from there.
-    data_start = {"pass": start_pass, "skip": skip, "epoch": initial_epoch,
-                  "batch_size": config.batch_size, "batches_per_pass": batches_per_pass}
+    data_start = {"images": start_pass * pass_images + skip, "epoch": initial_epoch,
+                  "batch_size": config.batch_size}
     callbacks = [
         monitor,
         # Every process takes part (JAX gathers sharded variables); the chief writes.
