@@ -12,6 +12,8 @@ import keras
 import numpy as np
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# Written first and then moved into place (besides ".checkpoint-*.npz.tmp"): a kill can leave them.
+TEMPORARY_NAMES = ("metrics.csv.tmp", "epochs.csv.tmp", "config.json.tmp")
 
 
 def _sync(model):
@@ -96,6 +98,70 @@ def load_checkpoint(model, path):
 def _generic(path):
     # Auto-generated names carry a process-wide counter ("seed_generator_12"): ignore it.
     return re.sub(r"_\d+(?=/|$)", "", path)
+
+
+def trim_run_logs(run_dir, step, epoch):
+    """Cuts `metrics.csv` and `epochs.csv` back to a checkpoint: rows of later steps and epochs go.
+
+    A run killed mid-epoch has logged steps that its last checkpoint does not hold; the resumed
+    run logs them again, so without the cut the CSVs would hold those steps twice.
+
+    Args:
+        run_dir: str. Folder of the run.
+        step: int. The checkpoint's global step (metrics.csv's `step` column): rows with a
+            step at or past it are removed.
+        epoch: int. The checkpoint's epoch (epochs completed): epochs.csv rows past it are removed.
+
+    Returns:
+        dict: file name -> number of rows removed (only files that lost rows).
+
+    Example:
+    >>> trim_run_logs("runs/x", step=42, epoch=2)
+    {'metrics.csv': 7}
+    """
+    removed = {}
+    for name, column, limit in (("metrics.csv", "step", int(step)),
+                                ("epochs.csv", "epoch", int(epoch) + 1)):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or column not in rows[0]:
+            continue
+        index = rows[0].index(column)
+        kept = [row for row in rows[1:] if _before(row, index, limit)]
+        if len(kept) == len(rows) - 1:
+            continue
+        temporary = path + ".tmp"
+        with open(temporary, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0]] + kept)
+        os.replace(temporary, path)
+        removed[name] = len(rows) - 1 - len(kept)
+    return removed
+
+
+def _before(row, index, limit):
+    try:
+        return float(row[index]) < limit
+    except (IndexError, ValueError):
+        return False  # a line cut short by the kill
+
+
+def remove_interrupted_files(run_dir):
+    """Deletes what an interrupted save left behind in `run_dir`; returns the names removed.
+
+    `save_checkpoint` and the CSV rewrites write to a temporary file and move it into place, so
+    a kill between the two leaves only the temporary file: it is never read, and removed here.
+    """
+    if not os.path.isdir(run_dir):
+        return []
+    names = sorted(n for n in os.listdir(run_dir)
+                   if n.endswith(".tmp") and (n.startswith("." + CHECKPOINT_PREFIX)
+                                              or n in TEMPORARY_NAMES))
+    for name in names:
+        os.remove(os.path.join(run_dir, name))
+    return names
 
 
 def latest_checkpoint(run_dir):
@@ -364,6 +430,9 @@ class TrainingMonitor(keras.callbacks.Callback):
     same few prototypes (entropy of the batch-mean target near 0). Either one holding for
     `patience` consecutive steps after `warmup_steps` gets one warning with what to try.
 
+    Steps count from the start of the run: a resumed run passes the step it resumes at, so
+    messages name the same step as `metrics.csv`.
+
     Args:
         warmup_steps: int, default 20. Steps before collapse is judged.
         patience: int, default 20.
@@ -371,6 +440,9 @@ class TrainingMonitor(keras.callbacks.Callback):
             as uniform.
         marginal_fraction: float, default 0.05. Batch-mean entropy below this fraction of
             log(K) counts as one-prototype collapse.
+        initial_step: int, default 0. Global step of the first batch (for resumed runs).
+        resume_hint: optional str. A command printed after a NaN loss, to resume with a
+            lower learning rate.
     """
 
     ADVICE = (
@@ -380,13 +452,15 @@ class TrainingMonitor(keras.callbacks.Callback):
         "higher teacher momentum."
     )
 
-    def __init__(self, warmup_steps=20, patience=20, uniform_kl=0.01, marginal_fraction=0.05):
+    def __init__(self, warmup_steps=20, patience=20, uniform_kl=0.01, marginal_fraction=0.05,
+                 initial_step=0, resume_hint=None):
         super().__init__()
         self.warmup_steps = int(warmup_steps)
         self.patience = int(patience)
         self.uniform_kl = float(uniform_kl)
         self.marginal_fraction = float(marginal_fraction)
-        self.seen = 0
+        self.step = int(initial_step)
+        self.resume_hint = resume_hint
         self.uniform_run = 0
         self.single_run = 0
         self.warned = False
@@ -394,20 +468,23 @@ class TrainingMonitor(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         values = _floats(logs)
-        self.seen += 1
+        step = self.step  # metrics.csv's step of this batch
+        self.step += 1
         loss = values.get("loss")
         if loss is not None and not math.isfinite(loss):
             self.stopped_for_nan = True
             self.model.stop_training = True
+            hint = (f" (e.g. {self.resume_hint})" if self.resume_hint else "")
             print(
-                f"\nThe loss became {loss} at step {self.seen}: stopping. The last good "
-                "checkpoint is kept; lower the learning rate or check the data before resuming."
+                f"\nThe loss became {loss} at step {step}: stopping. The last good "
+                "checkpoint is kept; resume with a lower learning rate" + hint
+                + " or check the data."
             )
             return
         kl = values.get("teacher_kl_uniform")
         marginal = values.get("teacher_marginal_entropy")
         entropy = values.get("teacher_entropy")
-        if kl is None or marginal is None or entropy is None or self.seen <= self.warmup_steps:
+        if kl is None or marginal is None or entropy is None or step < self.warmup_steps:
             return
         log_k = kl + entropy
         self.uniform_run = self.uniform_run + 1 if kl < self.uniform_kl else 0

@@ -51,6 +51,16 @@ def _positive_float(text):
     return value
 
 
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}")
+    return value
+
+
 def _max_image_pixels(text):
     if text.lower() == "none":
         return None
@@ -81,7 +91,8 @@ def _parser():
                     "prints the teacher's k-NN accuracy next to a randomly initialized "
                     "backbone's.",
     )
-    pretrain.add_argument("--data", default="digits",
+    # Defaults of None: a resumed run tells a flag given from one left out (see `--resume`).
+    pretrain.add_argument("--data", default=None,
                           help="digits (bundled, no download), an image FOLDER, or "
                                "tfds:NAME[:SPLIT] (default: digits)")
     pretrain.add_argument("--model", default=None,
@@ -101,7 +112,12 @@ def _parser():
                           help="source images per step and replica (recipe default)")
     pretrain.add_argument("--accumulation", type=_integer(1), default=None,
                           help="micro-batches per optimizer update (gradient accumulation)")
-    pretrain.add_argument("--lr", type=_positive_float, default=None, help="base learning rate")
+    pretrain.add_argument("--lr", type=_positive_float, default=None,
+                          help="base learning rate, for a global batch of 1024 (recipe default)")
+    pretrain.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                          help="weight decay at the start of its cosine schedule (recipe default)")
+    pretrain.add_argument("--weight-decay-end", type=_non_negative_float, default=None,
+                          help="weight decay at the end of its cosine schedule (recipe default)")
     pretrain.add_argument("--drop-path", type=float, default=None, dest="drop_path_rate",
                           help="student stochastic-depth rate (recipe default: 0.3, 0.4 for "
                                "vitl14 / vitg14, 0.1 for digits)")
@@ -111,7 +127,7 @@ def _parser():
                                "DINOv2 configs (default for the DINOv2 recipes); "
                                "--no-drop-path-uniform ramps it linearly from 0 in the first "
                                "block (the digits recipe's rule)")
-    pretrain.add_argument("--seed", type=_integer(0), default=0, help="random seed (default 0)")
+    pretrain.add_argument("--seed", type=_integer(0), default=None, help="random seed (default 0)")
     pretrain.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485,
                           help=MAX_IMAGE_PIXELS_HELP)
     pretrain.add_argument("--knn-every", type=_integer(0), default=1,
@@ -119,7 +135,10 @@ def _parser():
                                "only; 0 disables; default 1)")
     pretrain.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
     pretrain.add_argument("--resume", action="store_true",
-                          help="continue the run in --out from its last checkpoint")
+                          help="continue the run in --out from its last checkpoint, with its "
+                               "config; --lr, --weight-decay, --weight-decay-end, --epochs (to "
+                               "extend a run) and --batch-size may change it (recorded in "
+                               "config.json), other differing flags are refused")
     pretrain.add_argument("--distribution", default="auto",
                           choices=["auto", "none", "data", "model"],
                           help="several devices: data parallel over all of them (jax, tensorflow; "

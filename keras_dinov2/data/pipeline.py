@@ -196,6 +196,7 @@ def multicrop_dataset(
     seed: int = 0,
     repeat: bool = False,
     start_epoch: int = 0,
+    skip_images: int = 0,
     shuffle: bool = True,
     shuffle_buffer_size: int = 10_000,
     num_shards: int = 1,
@@ -249,6 +250,8 @@ def multicrop_dataset(
         seed: int, default 0. Non-negative seed.
         repeat: bool, default False. Infinite stream of epochs keyed (seed, epoch).
         start_epoch: int, default 0. First epoch when `repeat=True`.
+        skip_images: int, default 0. Images of `start_epoch` to leave out (this shard's), when `repeat=True`:
+            batches run across passes, so a resumed run continues at an image, not at a batch boundary.
         shuffle: bool, default True. Permute the images each epoch (buffer shuffle for TFDS streams).
         shuffle_buffer_size: int, default 10000. Shuffle buffer of streaming (TFDS) sources.
         num_shards: int, default 1. Number of input pipelines (hosts / replicas).
@@ -288,6 +291,10 @@ def multicrop_dataset(
         raise ValueError(
             f"start_epoch={start_epoch} needs repeat=True (finite datasets draw a new key per pass)."
         )
+    if isinstance(skip_images, bool) or not isinstance(skip_images, (int, np.integer)) or skip_images < 0:
+        raise ValueError(f"skip_images must be an integer >= 0; received {skip_images!r}.")
+    if skip_images and not repeat:
+        raise ValueError(f"skip_images={skip_images} needs repeat=True.")
     num_shards, shard_index = _resolve_shards(num_shards, shard_index, input_context)
     src = get_source(source, max_image_pixels=max_image_pixels)
 
@@ -404,6 +411,8 @@ def multicrop_dataset(
         )
         return {key: out[key] for key in BATCH_KEYS}
 
+    if skip_images:
+        records = records.skip(int(skip_images))  # before the augmentation: skipped images cost a read
     ds = records.map(
         _plain(augment), num_parallel_calls=num_parallel_calls, deterministic=deterministic
     )
