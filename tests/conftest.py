@@ -19,3 +19,26 @@ def _reset_keras():
 
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+# Tests whose behaviour does not depend on the Keras backend of the process (they start their own
+# processes per backend, or test a recipe whose per-backend parity other tests cover) are marked
+# `@pytest.mark.once` and run in one backend's job only: the torch job, the shortest of the three
+# (its steps run eagerly, nothing is compiled), so the CI's longest job (jax) does not carry them.
+ONCE_BACKEND = "torch"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"once: backend-independent; runs only in the KERAS_BACKEND={ONCE_BACKEND} job")
+    config.addinivalue_line(
+        "markers", "every_backend: runs in every backend's job, also in a module marked `once`")
+
+
+def pytest_collection_modifyitems(config, items):
+    if keras.backend.backend() == ONCE_BACKEND:
+        return
+    skip = pytest.mark.skip(reason=f"backend-independent: runs in the KERAS_BACKEND={ONCE_BACKEND} job")
+    for item in items:
+        if item.get_closest_marker("once") and not item.get_closest_marker("every_backend"):
+            item.add_marker(skip)

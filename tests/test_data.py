@@ -37,6 +37,9 @@ from keras_dinov2.data import (
 from keras_dinov2.data.augment import _crop_box, _shifted_slices_blur
 from keras_dinov2.data.sources import _parse_tfds
 
+# The input pipeline is TensorFlow on every backend: one job runs it (see conftest).
+pytestmark = pytest.mark.once
+
 MEAN = np.array(IMAGENET_MEAN, np.float32)
 STD = np.array(IMAGENET_STD, np.float32)
 
@@ -942,6 +945,7 @@ class ReadsTheBatch(keras.Model):
         return keras.ops.mean(keras.ops.square(y_pred - 1.0))
 
 
+@pytest.mark.every_backend
 def test_model_fit_accepts_the_dataset():
     ds = multicrop_dataset("digits", batch_size=4, config=TINY, seed=0).take(2)
     model = ReadsTheBatch()

@@ -109,7 +109,7 @@ def test_compile_scales_the_lr_by_the_global_batch_of_every_replica():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     out = subprocess.run([sys.executable, "-c", LR_SCRIPT.format(tests=tests)], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
     assert line, out.stderr[-3000:]
     replicas, active, peak, loss = line[0].split()[1:]
@@ -158,8 +158,10 @@ def _state(model):
             if "seed_generator" not in v.path}
 
 
-@pytest.mark.parametrize("centering, separate", [("centering", False),
-                                                 ("sinkhorn_knopp", True)])
+# The Sinkhorn-Knopp case differs only in the teacher's targets, which are computed once per
+# update on every backend alike: it runs in one job (see conftest), the centering case in all.
+@pytest.mark.parametrize("centering, separate", [
+    ("centering", False), pytest.param("sinkhorn_knopp", True, marks=pytest.mark.once)])
 def test_four_micro_batches_of_two_take_the_step_of_one_batch_of_eight(centering, separate):
     def config(batch_size, steps):
         base = tiny_config(warmup_epochs=0, freeze_last_layer_epochs=0,

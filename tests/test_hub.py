@@ -7,6 +7,9 @@ from keras_dinov2.cli import main
 from keras_dinov2.export import UploadError, push_to_hub
 from keras_dinov2.export.hub import redact_secrets
 
+# Upload and redaction do not touch the backend: one job runs them (see conftest).
+pytestmark = pytest.mark.once
+
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 TOKEN = "hf_" + "Zq3xLm9TbV2kR8wPn4YcJd7H"  # made up; the shape of a real one

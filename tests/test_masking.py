@@ -9,6 +9,9 @@ import tensorflow as tf
 from keras_dinov2.config import DataConfig, MaskingConfig
 from keras_dinov2.data import block_masks, mask_buffer_size, mask_strata, sample_masks
 
+# Masks are sampled by TensorFlow ops on every backend: one job runs them (see conftest).
+pytestmark = pytest.mark.once
+
 # ----------------------------------------------------------------------------------------------------------------------
 # NumPy rendering of the reference algorithm (dinov2/data/masking.py + collate.py), written from its description:
 # used only as a statistical yardstick for the vectorized TensorFlow version.

@@ -302,6 +302,7 @@ print("RESULT", " ".join(f"{{k}}={{float(logs[k]):.7f}}" for k in sorted(logs)))
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs all three backends once")
+@pytest.mark.once  # runs each backend in a process of its own
 def test_same_weights_and_batch_give_the_same_loss_on_every_backend():
     tests = os.path.dirname(os.path.abspath(__file__))
     script = CROSS_BACKEND_SCRIPT.format(tests=tests)
@@ -309,7 +310,7 @@ def test_same_weights_and_batch_give_the_same_loss_on_every_backend():
     for backend in ("jax", "tensorflow", "torch"):
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=900)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
         assert line, out.stderr[-2000:]
         results[backend] = dict(item.split("=") for item in line[0].split()[1:])

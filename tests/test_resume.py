@@ -15,6 +15,9 @@ from keras_dinov2.config import SSLConfig
 from keras_dinov2.run import _data_position
 from keras_dinov2.schedules import dinov2_schedules
 
+# Resume bookkeeping is backend-independent (tests/test_cli.py resumes exactly on every backend).
+pytestmark = pytest.mark.once
+
 # A folder of 18 random images at the digits recipe's sizes: no k-NN passes, so a run is its compile and
 # a few steps. Batches of 4 run across passes of 18 images: epoch 3 starts at image 16 of pass 0.
 RUN = ["--model", "dinov2_vit_tiny4", "--recipe", "digits", "--steps-per-epoch", "2", "--batch-size", "4",
