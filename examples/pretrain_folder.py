@@ -41,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="dinov2_vit_tiny4",
                         help="architecture preset (default dinov2_vit_tiny4, for 32 px images)")
     parser.add_argument("--recipe", default="digits",
-                        help="SSLConfig recipe: digits (32 px crops, patch 4), reference_default, vitl14 "
+                        help="SSLConfig recipe: digits (24 px crops, patch 4), reference_default, vitl14 "
                              "(default digits)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (recipe default)")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="steps per epoch (recipe default)")

@@ -130,9 +130,9 @@ def _parser():
     pretrain.add_argument("--seed", type=_integer(0), default=None, help="random seed (default 0)")
     pretrain.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485,
                           help=MAX_IMAGE_PIXELS_HELP)
-    pretrain.add_argument("--knn-every", type=_integer(0), default=1,
+    pretrain.add_argument("--knn-every", type=_integer(0), default=2,
                           help="k-NN of the teacher on held-out digits every N epochs (digits "
-                               "only; 0 disables; default 1)")
+                               "only; 0 disables; default 2)")
     pretrain.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
     pretrain.add_argument("--resume", action="store_true",
                           help="continue the run in --out from its last checkpoint, with its "

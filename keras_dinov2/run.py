@@ -412,8 +412,9 @@ def pretrain(args):
         size = config.data.crops.global_crops_size
         random_init = _random_init_knn(model.teacher, size, config.seed)
         callbacks.insert(0, KNNMonitor(
-            eval_dataset("digits", size, 256, split="train"),
-            eval_dataset("digits", size, 256, split="test"),
+            # Cached: the monitor reads the same resized images every time it evaluates.
+            eval_dataset("digits", size, 256, split="train").cache(),
+            eval_dataset("digits", size, 256, split="test").cache(),
             backbone_fn=lambda: model.teacher, every_n_epochs=args.knn_every, k=20,
             random_init_accuracy=random_init[20], dtype=KNN_DTYPE))
     # First: it ends its line before other callbacks print at the end of an epoch.

@@ -230,7 +230,7 @@ def test_pretrain_writes_a_run_directory_and_resumes_exactly(tmp_path, capsys, m
     run = str(tmp_path / "run")
     monkeypatch.setenv("COLUMNS", "80")
     args = ["pretrain", "--out", run, "--epochs", "2", "--steps-per-epoch", "2",
-            "--batch-size", "8", "--verbose", "1"]
+            "--batch-size", "8", "--knn-every", "1", "--verbose", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "k-NN top-1 on the held-out digits" in out and "random init" in out

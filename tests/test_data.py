@@ -874,12 +874,13 @@ def test_eval_dataset_digits_and_center_crop():
 
 def test_config_round_trip_and_recipes():
     digits = DataConfig.recipe("digits")
-    assert digits.grid_size == (8, 8) and digits.num_patches == 64
+    assert digits.grid_size == (6, 6) and digits.num_patches == 36
     assert (
         digits.crops.global_crops_size,
         digits.crops.local_crops_size,
+        digits.crops.local_crops_number,
         digits.masking.patch_size,
-    ) == (32, 16, 4)
+    ) == (24, 12, 4, 4)
     default = DataConfig()
     assert (
         default.crops.global_crops_size,

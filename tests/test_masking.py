@@ -79,7 +79,9 @@ def test_buffer_size_is_reference_upper_bound():
     assert low.tolist() == [25, 76] and high.tolist() == [76, 128]
     # digits recipe, batch 8: 16 images, 8 masked, N = 64; exact ratios such as 0.25 * 64 = 16 are not truncated.
     assert mask_strata(16, 64)[1].tolist() == [9, 12, 16, 19, 22, 25, 28, 32]
-    assert DataConfig.recipe("digits").mask_buffer_size(8) == 163
+    assert mask_buffer_size(16, 64) == 163
+    # The digits recipe (24 px, patch 4: N = 36), batch 8: 5 + 7 + 9 + 10 + 12 + 14 + 16 + 18.
+    assert DataConfig.recipe("digits").mask_buffer_size(8) == 91
     assert mask_buffer_size(4, 256, MaskingConfig(mask_sample_probability=0.0)) == 1
 
 
