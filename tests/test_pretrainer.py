@@ -301,7 +301,6 @@ print("RESULT", " ".join(f"{{k}}={{float(logs[k]):.7f}}" for k in sorted(logs)))
 """
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs all three backends once")
 @pytest.mark.once  # runs each backend in a process of its own
 def test_same_weights_and_batch_give_the_same_loss_on_every_backend():
     tests = os.path.dirname(os.path.abspath(__file__))
