@@ -260,8 +260,8 @@ def test_sinkhorn_marginals():
     error_1 = prototype_error(losses.sinkhorn_knopp(t, temperature, num_iterations=1))
     error_0 = prototype_error(losses.softmax_center(t, np.zeros((1, k)), temperature))
     assert error_3 < error_1 < error_0
-    # ...only in the limit.
-    assert prototype_error(losses.sinkhorn_knopp(t, temperature, num_iterations=200)) < 1e-4
+    # ...only in the limit, which it approaches geometrically (1e-8 after 20 iterations in float64).
+    assert prototype_error(losses.sinkhorn_knopp(t, temperature, num_iterations=20)) < 1e-4
 
 
 def test_sinkhorn_global_shift_invariant_per_row_shift_not():
