@@ -20,6 +20,9 @@ from keras_dinov2.config import SSLConfig
 from keras_dinov2.layers.dino_head import DINOHead
 from keras_dinov2.pretrainer import DINOv2Pretrainer
 
+# Registers the backend train steps with the pretrainer (the modules themselves load on first use).
+from keras_dinov2 import trainers  # noqa: F401, E402, I001
+
 __version__ = "0.1.0.dev0"
 
 

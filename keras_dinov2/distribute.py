@@ -42,6 +42,7 @@ import os
 import keras
 import numpy as np
 
+from keras_dinov2 import ops
 from keras_dinov2.losses import CrossReplica
 
 __all__ = [
@@ -655,33 +656,9 @@ def replica_reduction():
 
 
 def active_replicas():
-    """Data-parallel replicas of the distribution in force now (1 without one).
-
-    JAX: the batch axis of the active `keras.distribution` mesh; TensorFlow: the current
-    tf.distribute strategy's replicas in sync; torch: the torch.distributed world size. Used
-    for the global batch that scales the learning rate, as the reference scales by its
-    per-GPU batch times the world size.
-    """
-    backend = _backend()
-    if backend == "jax":
-        distribution = keras.distribution.distribution()
-        mesh = getattr(distribution, "device_mesh", None)
-        if mesh is None:
-            return 1
-        names = list(mesh.axis_names)
-        axis = getattr(distribution, "batch_dim_name", None) or names[0]
-        return int(mesh.shape[names.index(axis)]) if axis in names else 1
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return int(tf.distribute.get_strategy().num_replicas_in_sync)
-    if backend == "torch":
-        if not _torch_distributed():
-            return 1
-        import torch.distributed
-
-        return int(torch.distributed.get_world_size())
-    return 1
+    """Data-parallel replicas of the distribution in force now (1 without one); see
+    `keras_dinov2.ops.active_replicas`."""
+    return ops.active_replicas()
 
 
 def all_reduce_gradients(grads):

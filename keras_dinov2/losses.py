@@ -19,7 +19,7 @@ import math
 import keras
 from keras import ops
 
-from keras_dinov2.trainers import max_over_rows, sum_over_rows
+from keras_dinov2.ops import max_over_rows, sum_over_rows
 
 __all__ = [
     "CrossReplica",

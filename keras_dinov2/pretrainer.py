@@ -1,5 +1,6 @@
 """DINOv2Pretrainer: self-distillation with an EMA teacher, iBOT and KoLeo, through model.fit."""
 
+import importlib
 import math
 
 import keras
@@ -8,8 +9,29 @@ from keras import ops
 from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.layers.dino_head import DINOHead
+from keras_dinov2.ops import active_replicas
 from keras_dinov2.optim import clip_by_part
-from keras_dinov2.trainers import step_functions
+
+_TRAINERS = {}
+
+
+def register_trainer(backend, module_name):
+    """Names the module that holds `train_step` and `test_step` for a Keras backend.
+
+    `keras_dinov2.trainers` registers its three modules when the package is imported (`import keras_dinov2`
+    does it). The module is imported on first use, so a backend's framework is only imported when it runs.
+    """
+    _TRAINERS[backend] = module_name
+
+
+def trainer_module(backend=None):
+    """The registered trainer module of `backend` (default: the active Keras backend), imported."""
+    backend = backend or keras.backend.backend()
+    if backend not in _TRAINERS:
+        raise ValueError(
+            f"DINOv2Pretrainer supports the {', '.join(sorted(_TRAINERS)) or 'registered'} backends, not {backend!r}."
+        )
+    return importlib.import_module(_TRAINERS[backend])
 
 
 class DINOv2Pretrainer(keras.Model):
@@ -136,7 +158,8 @@ class DINOv2Pretrainer(keras.Model):
         )
         self.steps_per_epoch = int(steps_per_epoch or self.config.optim.steps_per_epoch)
         self.built = True
-        self._train_step, self._test_step = step_functions()
+        trainer = trainer_module()
+        self._train_step, self._test_step = trainer.train_step, trainer.test_step
 
     def _student_teacher_parts(self):
         parts = [(self.student, self.teacher)]
@@ -173,12 +196,11 @@ class DINOv2Pretrainer(keras.Model):
                 (micro-batch x accumulation x replicas); scales the learning rate by
                 sqrt(batch / 1024), as the reference scales by its global batch. Default:
                 `config.batch_size * gradient_accumulation_steps * replicas`, the replicas
-                of the active distribution (`keras_dinov2.distribute.active_replicas`).
+                of the active distribution (`keras_dinov2.ops.active_replicas`).
             total_steps: optional int. Optimizer updates in the whole run. Default:
                 `config.optim.epochs * steps_per_epoch`.
             **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`).
         """
-        from keras_dinov2.distribute import active_replicas
         from keras_dinov2.optim import DINOv2AdamW, param_groups
         from keras_dinov2.schedules import dinov2_schedules
 
@@ -492,10 +514,8 @@ class DINOv2Pretrainer(keras.Model):
         return self._train_step(self, *args)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Called by Keras' TensorFlow trainer only (see trainers/tensorflow.py).
-        from keras_dinov2.trainers.tensorflow import maybe_symbolic_build
-
-        return maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
+        # Called by Keras' TensorFlow trainer only (see keras_dinov2.trainers.tensorflow).
+        return trainer_module().maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
 
     def test_step(self, *args):
         """The loss on a multi-crop validation batch, without any update (`validation_data`).

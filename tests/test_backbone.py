@@ -246,7 +246,7 @@ def test_gradient_boundary_is_the_identity_with_the_same_gradient():
     boundary for the backward pass on JAX's CPU backend): values are exact, gradients what they
     are without it (to float32 rounding: XLA fuses the arithmetic around it differently), NaN
     included."""
-    from keras_dinov2.trainers import gradient_boundary
+    from keras_dinov2.ops import gradient_boundary
 
     x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
     np.testing.assert_array_equal(ops.convert_to_numpy(gradient_boundary(x)), x)
@@ -285,7 +285,7 @@ def test_attention_dispatch_matches_numpy():
     """The attention the blocks call (on JAX's CPU backend a hand-laid-out formulation with its own
     gradient, on TensorFlow's CPU one that scales q, elsewhere keras.ops.dot_product_attention)
     computes softmax attention, and its gradients are those of the Keras op."""
-    from keras_dinov2.trainers import dot_product_attention
+    from keras_dinov2.ops import dot_product_attention
 
     rng = np.random.default_rng(1)
     q, k, v = (rng.normal(size=(2, 7, 3, 4)).astype("float32") * 2 for _ in range(3))
@@ -294,7 +294,7 @@ def test_attention_dispatch_matches_numpy():
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        from keras_dinov2.trainers.tensorflow import cpu_dot_product_attention
+        from keras_dinov2.ops.tensorflow import cpu_dot_product_attention
 
         if not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")):
             np.testing.assert_array_equal(
@@ -315,7 +315,7 @@ def test_attention_dispatch_matches_numpy():
     import jax
     import jax.numpy as jnp
 
-    from keras_dinov2.trainers.jax import cpu_dot_product_attention
+    from keras_dinov2.ops.jax import cpu_dot_product_attention
 
     weights = rng.normal(size=q.shape).astype("float32")
 

@@ -230,7 +230,7 @@ def test_row_reductions_and_weight_normalized_kernel_match_numpy():
     """The reductions over rows and the weight-normalized kernel that the heads and losses call (on
     JAX's CPU backend loops over the rows with hand-written gradients, elsewhere keras.ops) give
     NumPy's values, and on JAX the gradients of the plain formulas."""
-    from keras_dinov2.trainers import max_over_rows, sum_over_rows, weight_normalized_kernel
+    from keras_dinov2.ops import max_over_rows, sum_over_rows, weight_normalized_kernel
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(37, 11)).astype("float32")

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_dinov2.trainers import dot_product_attention, gradient_boundary
+from keras_dinov2.ops import dot_product_attention, gradient_boundary
 
 
 def torch_linear_init():

@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_dinov2.layers.attention import Attention
 from keras_dinov2.layers.feedforward import MLP, SwiGLU, swiglu_hidden_dim
-from keras_dinov2.trainers import gradient_boundary, replica_seed
+from keras_dinov2.ops import gradient_boundary, replica_seed
 
 FFN_TYPES = ("mlp", "swiglu")
 
@@ -51,7 +51,7 @@ class ReplicaSeedGenerator(keras.random.SeedGenerator):
     """A `keras.random.SeedGenerator` whose draws differ on every replica of a distributed step.
 
     Its state is the same on every replica (TensorFlow mirrors it, torch ranks start from rank
-    0's); each draw is moved to the replica's own stream (`trainers.replica_seed`), so
+    0's); each draw is moved to the replica's own stream (`ops.replica_seed`), so
     replicas drop different samples, as the reference's differently seeded ranks do. On one
     device, and in a JAX program over the global batch, it is a plain SeedGenerator.
     """

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
-from keras_dinov2.trainers import gradient_boundary, weight_normalized_kernel
+from keras_dinov2.ops import gradient_boundary, weight_normalized_kernel
 
 _MIXED_COMPUTE_DTYPES = ("float16", "bfloat16")
 

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
-from keras_dinov2.trainers import gradient_boundary
+from keras_dinov2.ops import gradient_boundary
 
 
 def swiglu_hidden_dim(hidden_dim, mlp_ratio):

@@ -5,20 +5,6 @@ import torch
 from keras_dinov2 import distribute
 
 
-def replica_seed(seed):
-    """`trainers.replica_seed` on PyTorch: offsets the seed by the process's rank."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return seed
-    # Keras' torch backend seeds a generator with (seed[0] + seed[1]) mod 2**32, the second
-    # element counting the draws: ranks start 2**32 / world apart, more draws than a run makes.
-    offset = dist.get_rank() * (2**32 // dist.get_world_size()) % 2**32
-    if seed.dtype == torch.int32 and offset >= 2**31:
-        offset -= 2**32  # the same 32 bits in a signed seed
-    return seed + torch.tensor([offset, 0], dtype=seed.dtype, device=seed.device)
-
-
 def train_step(model, data):
     """One DINOv2 update on PyTorch (this rank's share when torch.distributed runs several).
 
