@@ -186,7 +186,7 @@ def test_knn_monitor_logs_to_history(tiny, digits):
     history = model.fit(images[:4], np.zeros((4, 1), np.float32), batch_size=4, epochs=1, callbacks=[given],
                         verbose=0)
     assert history.history["knn_top1_random_init"] == [12.5]
-    assert monitor._feature_model.backbone is tiny
+    assert monitor.feature_extractor.backbone is tiny
     with pytest.raises(ValueError, match="every_n_epochs"):
         ev.KNNMonitor((images, labels), (images, labels), every_n_epochs=0)
     with pytest.raises(ValueError, match="`k`"):
