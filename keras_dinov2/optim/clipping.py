@@ -1,0 +1,77 @@
+"""Gradient clipping by global norm, over all gradients or per part (backbone, each head), as the reference does."""
+
+import math
+import numbers
+
+from keras import ops
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scales gradients so that their joint L2 norm is at most `max_norm`, as torch's `clip_grad_norm_`.
+
+    norm = sqrt(sum over tensors of sum(g^2)), computed in float32; every gradient is multiplied by
+    min(max_norm / (norm + 1e-6), 1). `None` entries are skipped and returned as `None`; an all-zero or empty
+    list has norm 0 and is returned unscaled. A non-finite norm propagates (like torch with its default
+    `error_if_nonfinite=False`).
+
+    Args:
+        grads: list of tensors or None.
+        max_norm: float > 0. The reference clips at 3.0 (`optim.clip_grad`).
+
+    Returns:
+        (list of clipped gradients in their own dtypes, float32 scalar norm before clipping).
+
+    Example:
+    >>> clipped, norm = clip_by_global_norm([ops.ones((4,)) * 3.0], 3.0)   # norm 6.0, clipped to 1.5 each
+    """
+    if (
+        isinstance(max_norm, bool)
+        or not isinstance(max_norm, numbers.Real)
+        or not 0 < max_norm < math.inf
+    ):
+        raise ValueError(f"`max_norm` must be a finite number > 0, received {max_norm!r}.")
+    present = [g for g in grads if g is not None]
+    if not present:
+        return list(grads), ops.zeros((), "float32")
+    squared = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in present]
+    norm = ops.sqrt(ops.sum(ops.stack(squared)))
+    scale = ops.minimum(max_norm / (norm + 1e-6), 1.0)
+    clipped = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
+    return clipped, norm
+
+
+def clip_by_part(grads, variables, param_groups, max_norm=3.0):
+    """Clips the gradients of each part (backbone, each head) by its own global norm, as the reference.
+
+    Args:
+        grads: list of tensors or None, aligned with `variables`.
+        variables: list of variables (the ones `param_groups` was built from).
+        param_groups: `ParamGroups`. Each variable's `part` decides its clipping unit.
+        max_norm: float, default 3.0.
+
+    Returns:
+        (list of clipped gradients aligned with `variables`, dict {part: float32 norm before clipping}).
+
+    Example:
+    >>> grads, norms = clip_by_part(grads, model.trainable_variables, groups, 3.0)
+    >>> norms["backbone"]
+    """
+    grads, variables = list(grads), list(variables)
+    if len(grads) != len(variables):
+        raise ValueError(
+            f"`grads` and `variables` must have the same length, received {len(grads)} and {len(variables)}."
+        )
+    indices = {}
+    for i, variable in enumerate(variables):
+        group = param_groups.get(variable)
+        if group is None:
+            raise ValueError(
+                f"`variables` must all be in `param_groups`, received {getattr(variable, 'path', variable)!r}."
+            )
+        indices.setdefault(group.part, []).append(i)
+    clipped, norms = list(grads), {}
+    for part, part_indices in indices.items():
+        part_grads, norms[part] = clip_by_global_norm([grads[i] for i in part_indices], max_norm)
+        for i, g in zip(part_indices, part_grads):
+            clipped[i] = g
+    return clipped, norms
