@@ -25,6 +25,7 @@ __all__ = [
     "DINOv2Schedules",
     "scaled_learning_rate",
     "dinov2_schedules",
+    "schedules_from_config",
 ]
 
 # The reference counts an "epoch" as a fixed number of iterations, whatever the dataset size.
@@ -343,4 +344,24 @@ def dinov2_schedules(
             warmup_steps=temp_steps,
             start_warmup_value=warmup_teacher_temp,
         ),
+    )
+
+
+def schedules_from_config(optim, total_steps, steps_per_epoch, global_batch_size):
+    """`dinov2_schedules` with every setting taken from an `OptimConfig` (or anything with its fields)."""
+    return dinov2_schedules(
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        global_batch_size=global_batch_size,
+        base_lr=optim.base_lr,
+        min_lr=optim.min_lr,
+        warmup_epochs=optim.warmup_epochs,
+        weight_decay=optim.weight_decay,
+        weight_decay_end=optim.weight_decay_end,
+        momentum_teacher=optim.momentum_teacher,
+        final_momentum_teacher=optim.final_momentum_teacher,
+        teacher_temp=optim.teacher_temp,
+        warmup_teacher_temp=optim.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=optim.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
     )

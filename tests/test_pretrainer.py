@@ -91,7 +91,7 @@ def _values(variables):
 def test_one_step_updates_student_teacher_by_ema_and_keeps_last_layer_frozen():
     # No warmup: the reference's warmup starts at lr 0, which would leave the student still.
     model = tiny_model(tiny_config(warmup_epochs=0))
-    pairs = model._ema_pairs
+    pairs = model.teacher_role.pairs
     student_before = _values([s for s, _ in pairs])
     teacher_before = _values([t for _, t in pairs])
     np.testing.assert_array_equal(student_before[0], teacher_before[0])  # teacher = copy
@@ -188,7 +188,7 @@ def test_mixed_precision_step_is_finite(policy, monkeypatch):
     assert model.student.compute_dtype == policy.split("_")[1]
     history = model.fit(dataset([make_batch(0)]).repeat(2), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-    for _, t in model._ema_pairs:
+    for _, t in model.teacher_role.pairs:
         assert t.dtype == "float32" and np.isfinite(to_numpy(t)).all()
     if policy == "mixed_float16":
         # Dynamic loss scaling on every backend: a step whose scaled gradients overflow
@@ -196,20 +196,20 @@ def test_mixed_precision_step_is_finite(policy, monkeypatch):
         # while the centers and the teacher's EMA are updated, as the reference's GradScaler.
         scale = 2.0**127
         model.optimizer.dynamic_scale.assign(scale)
-        student = [to_numpy(s) for s, _ in model._ema_pairs]
-        teacher = [to_numpy(t) for _, t in model._ema_pairs]
+        student = [to_numpy(s) for s, _ in model.teacher_role.pairs]
+        teacher = [to_numpy(t) for _, t in model.teacher_role.pairs]
         moments = [to_numpy(v) for v in model.optimizer.variables
                    if "dynamic_scale" not in v.path and "step_counter" not in v.path]
         center = to_numpy(model.dino_center)
         step = int(to_numpy(model.optimizer.iterations))
         m = model.schedules.values(step)["teacher_momentum"]
         model.fit(dataset([make_batch(1)]), epochs=1, verbose=0)
-        after = [to_numpy(s) for s, _ in model._ema_pairs]
+        after = [to_numpy(s) for s, _ in model.teacher_role.pairs]
         assert all(np.array_equal(a, b) for a, b in zip(student, after))
         after_moments = [to_numpy(v) for v in model.optimizer.variables
                          if "dynamic_scale" not in v.path and "step_counter" not in v.path]
         assert all(np.array_equal(a, b) for a, b in zip(moments, after_moments))
-        for s, t0, (_, t) in zip(student, teacher, model._ema_pairs):
+        for s, t0, (_, t) in zip(student, teacher, model.teacher_role.pairs):
             np.testing.assert_allclose(to_numpy(t), m * t0 + (1 - m) * s, rtol=1e-5, atol=1e-6)
         assert np.abs(to_numpy(model.dino_center) - center).max() > 0
         assert int(to_numpy(model.optimizer.iterations)) == step

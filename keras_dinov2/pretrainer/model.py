@@ -1,37 +1,25 @@
 """DINOv2Pretrainer: self-distillation with an EMA teacher, iBOT and KoLeo, through model.fit."""
 
-import importlib
-import math
 
 import keras
 from keras import ops
 
 from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
-from keras_dinov2.layers.dino_head import DINOHead
 from keras_dinov2.ops import active_replicas
-from keras_dinov2.optim import clip_by_part
-
-_TRAINERS = {}
-
-
-def register_trainer(backend, module_name):
-    """Names the module that holds `train_step` and `test_step` for a Keras backend.
-
-    `keras_dinov2.trainers` registers its three modules when the package is imported (`import keras_dinov2`
-    does it). The module is imported on first use, so a backend's framework is only imported when it runs.
-    """
-    _TRAINERS[backend] = module_name
-
-
-def trainer_module(backend=None):
-    """The registered trainer module of `backend` (default: the active Keras backend), imported."""
-    backend = backend or keras.backend.backend()
-    if backend not in _TRAINERS:
-        raise ValueError(
-            f"DINOv2Pretrainer supports the {', '.join(sorted(_TRAINERS)) or 'registered'} backends, not {backend!r}."
-        )
-    return importlib.import_module(_TRAINERS[backend])
+from keras_dinov2.optim import DINOv2AdamW, clip_by_part, param_groups
+from keras_dinov2.pretrainer.batches import (
+    gather_rows,
+    micro_rows,
+    replica_count,
+    stacked_patch_indices,
+    unpack,
+    view_major,
+)
+from keras_dinov2.pretrainer.heads import projection_heads
+from keras_dinov2.pretrainer.registry import trainer_module
+from keras_dinov2.pretrainer.teacher import EMATeacher, collapse_signals
+from keras_dinov2.schedules import schedules_from_config
 
 
 class DINOv2Pretrainer(keras.Model):
@@ -97,17 +85,6 @@ class DINOv2Pretrainer(keras.Model):
         teacher_config = {**backbone.get_config(), "drop_path_rate": 0.0,
                           "name": "teacher_backbone"}
         self.teacher = DINOv2Backbone.from_config(teacher_config)
-        dim = backbone.hidden_dim
-
-        def head(name, prototypes, bottleneck):
-            layer = DINOHead(
-                num_prototypes=prototypes, hidden_dim=heads.hidden_dim,
-                bottleneck_dim=bottleneck, num_layers=heads.num_layers,
-                use_bn=heads.use_bn, dtype=backbone.dtype_policy, name=name,
-            )
-            layer.build((None, dim))
-            return layer
-
         # The reference's switches: a term with weight 0 is not computed; KoLeo lives inside the
         # DINO term. The DINO head is built whenever a term is on (as the reference builds it),
         # and is frozen when only a separate iBOT head trains; an iBOT head of its own only
@@ -121,18 +98,8 @@ class DINOv2Pretrainer(keras.Model):
                 "At least one of `config.loss.dino_weight` and `config.loss.ibot_weight` must be "
                 f"> 0, received dino_weight={loss.dino_weight} and ibot_weight={loss.ibot_weight}."
             )
-        self.student_dino_head = head("student_dino_head", heads.num_prototypes,
-                                      heads.bottleneck_dim)
-        self.teacher_dino_head = head("teacher_dino_head", heads.num_prototypes,
-                                      heads.bottleneck_dim)
-        if heads.ibot_separate_head and self.do_ibot:
-            self.student_ibot_head = head("student_ibot_head", heads.ibot_num_prototypes,
-                                          heads.ibot_bottleneck_dim)
-            self.teacher_ibot_head = head("teacher_ibot_head", heads.ibot_num_prototypes,
-                                          heads.ibot_bottleneck_dim)
-        else:
-            self.student_ibot_head = self.student_dino_head
-            self.teacher_ibot_head = self.teacher_dino_head
+        (self.student_dino_head, self.teacher_dino_head, self.student_ibot_head,
+         self.teacher_ibot_head) = projection_heads(heads, self.do_ibot, backbone.hidden_dim, backbone.dtype_policy)
         if not self.do_dino and self.student_ibot_head is not self.student_dino_head:
             self.student_dino_head.trainable = False
         ibot_prototypes = (heads.ibot_num_prototypes
@@ -140,11 +107,7 @@ class DINOv2Pretrainer(keras.Model):
                            else heads.num_prototypes)
 
         # The teacher starts as an exact copy of the student and never trains.
-        self._ema_pairs = []
-        for student_part, teacher_part in self._student_teacher_parts():
-            for s, t in zip(student_part.trainable_weights, teacher_part.trainable_weights):
-                t.assign(ops.copy(s))
-                self._ema_pairs.append((s, t))
+        self.teacher_role = EMATeacher(self._student_teacher_parts())
         for teacher_part in (self.teacher, self.teacher_dino_head, self.teacher_ibot_head):
             teacher_part.trainable = False
 
@@ -201,31 +164,13 @@ class DINOv2Pretrainer(keras.Model):
                 `config.optim.epochs * steps_per_epoch`.
             **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`).
         """
-        from keras_dinov2.optim import DINOv2AdamW, param_groups
-        from keras_dinov2.schedules import dinov2_schedules
-
         optim = self.config.optim
         if global_batch_size is None:
             global_batch_size = (self.config.batch_size * self.accumulation_steps
                                  * active_replicas())
         if total_steps is None:
             total_steps = optim.epochs * self.steps_per_epoch
-        self.schedules = dinov2_schedules(
-            total_steps=total_steps,
-            steps_per_epoch=self.steps_per_epoch,
-            global_batch_size=global_batch_size,
-            base_lr=optim.base_lr,
-            min_lr=optim.min_lr,
-            warmup_epochs=optim.warmup_epochs,
-            weight_decay=optim.weight_decay,
-            weight_decay_end=optim.weight_decay_end,
-            momentum_teacher=optim.momentum_teacher,
-            final_momentum_teacher=optim.final_momentum_teacher,
-            teacher_temp=optim.teacher_temp,
-            warmup_teacher_temp=optim.warmup_teacher_temp,
-            warmup_teacher_temp_epochs=optim.warmup_teacher_temp_epochs,
-            freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
-        )
+        self.schedules = schedules_from_config(optim, total_steps, self.steps_per_epoch, global_batch_size)
         heads = {}
         if self.student_dino_head.trainable:
             heads["dino_head"] = self.student_dino_head
@@ -254,7 +199,7 @@ class DINOv2Pretrainer(keras.Model):
         Stacked batches are replica-major: replica r's k micro-batches follow each other (see
         `keras_dinov2.data.group_micro_batches` and `keras_dinov2.distribute.stack_batches`).
         """
-        shards = _replica_count(data)
+        shards = replica_count(data)
         k = self.accumulation_steps
         if shards % k:
             raise ValueError(
@@ -266,7 +211,7 @@ class DINOv2Pretrainer(keras.Model):
 
     def micro_batch(self, data, index):
         """Micro-batch `index` of an update's batch (all replicas' share of it); the batch if k = 1."""
-        data = _unpack(data)
+        data = unpack(data)
         replicas, k = self._layout(data)
         if k == 1:
             return data
@@ -296,10 +241,10 @@ class DINOv2Pretrainer(keras.Model):
         """
         config = self.config
         reduction = reduction or self.reduction
-        data = _unpack(data)
+        data = unpack(data)
         global_crops = data["global_crops"]
         masks_weight = ops.cast(data["masks_weight"], "float32")
-        shards = _replica_count(data)
+        shards = replica_count(data)
         self._layout(data)  # checks the stacked micro-batches
         temperature = self.schedules.teacher_temperature(self.step)
         teacher = self.teacher({"images": global_crops}, training=False)
@@ -308,7 +253,7 @@ class DINOv2Pretrainer(keras.Model):
         momentum = config.loss.center_momentum
         centering = config.loss.centering == "sinkhorn_knopp"
         if self.do_dino:
-            teacher_cls = ops.stop_gradient(_view_major(teacher["cls_token"], shards, 2))
+            teacher_cls = ops.stop_gradient(view_major(teacher["cls_token"], shards, 2))
             logits = self.teacher_dino_head(teacher_cls, reduction=reduction)
             if centering:
                 probs = losses.sinkhorn_knopp(logits, temperature, reduction=reduction)
@@ -325,8 +270,8 @@ class DINOv2Pretrainer(keras.Model):
             crops = global_crops.shape[0] // shards
             indices = ops.cast(data["mask_indices"], "int32")
             if shards > 1:
-                indices = _stacked_patch_indices(indices, shards, crops, num_patches)
-            patches = ops.stop_gradient(_gather_rows(teacher["patch_tokens"], indices))
+                indices = stacked_patch_indices(indices, shards, crops, num_patches)
+            patches = ops.stop_gradient(gather_rows(teacher["patch_tokens"], indices))
             valid = masks_weight > 0
             # Padding rows of the masked-patch buffer stay out of the heads' batch statistics.
             logits = self.teacher_ibot_head(patches, row_weights=valid, reduction=reduction)
@@ -367,18 +312,18 @@ class DINOv2Pretrainer(keras.Model):
         global_crops = data["global_crops"]
         masks = data["masks"]
         two_b = global_crops.shape[0]
-        shards = _replica_count(data)
+        shards = replica_count(data)
         student = self.student({"images": global_crops, "masks": masks}, training=training)
-        student_cls = _view_major(student["cls_token"], shards, 2)
+        student_cls = view_major(student["cls_token"], shards, 2)
         dino = {}
         if self.do_dino:
-            teacher_probs = _micro_rows(targets["dino"], index, k, shards, views=2)
+            teacher_probs = micro_rows(targets["dino"], index, k, shards, views=2)
             local_crops = data.get("local_crops")
             if local_crops is not None and local_crops.shape[0]:
                 n_local = local_crops.shape[0] // (two_b // 2)
                 local = self.student({"images": local_crops}, training=training)
                 dino["student_local_logits"] = self.student_dino_head(
-                    _view_major(local["cls_token"], shards, n_local), reduction=reduction)
+                    view_major(local["cls_token"], shards, n_local), reduction=reduction)
                 dino["n_local_crops"] = n_local
             dino["student_global_logits"] = self.student_dino_head(student_cls,
                                                                    reduction=reduction)
@@ -389,13 +334,13 @@ class DINOv2Pretrainer(keras.Model):
         if self.do_ibot:
             mask_indices = ops.cast(data["mask_indices"], "int32")
             if shards > 1:
-                mask_indices = _stacked_patch_indices(mask_indices, shards, two_b // shards,
+                mask_indices = stacked_patch_indices(mask_indices, shards, two_b // shards,
                                                       masks.shape[1])
             masks_weight = ops.cast(data["masks_weight"], "float32")
-            patches = _gather_rows(student["patch_tokens"], mask_indices)
+            patches = gather_rows(student["patch_tokens"], mask_indices)
             ibot["student_patch_logits"] = self.student_ibot_head(
                 patches, row_weights=masks_weight > 0, reduction=reduction)
-            ibot["teacher_patch_probs"] = _micro_rows(targets["ibot"], index, k, shards)
+            ibot["teacher_patch_probs"] = micro_rows(targets["ibot"], index, k, shards)
             ibot["masks_weight"] = masks_weight
         parts = losses.dinov2_loss(
             **dino, **ibot,
@@ -436,7 +381,7 @@ class DINOv2Pretrainer(keras.Model):
         Returns:
             (total loss, dict of float32 scalars to log). Updates the centers in place.
         """
-        data = _unpack(data)
+        data = unpack(data)
         targets, teacher_logs = self.teacher_targets(data, update_centers=update_centers,
                                                      reduction=reduction)
         micro_logs = []
@@ -502,13 +447,8 @@ class DINOv2Pretrainer(keras.Model):
         return logs
 
     def update_teacher(self, momentum):
-        """teacher = m * teacher + (1 - m) * student, for every weight pair (after the step).
-
-        On a mixed_float16 step whose gradients overflow, the student does not move but the
-        teacher still takes this step, as the reference's GradScaler step does.
-        """
-        for s, t in self._ema_pairs:
-            t.assign(ops.cast(momentum, t.dtype) * t + ops.cast(1.0 - momentum, t.dtype) * s)
+        """Moves the teacher after the step: its role's update (the EMA of the student, `EMATeacher.update`)."""
+        self.teacher_role.update(momentum)
 
     def train_step(self, *args):
         return self._train_step(self, *args)
@@ -524,82 +464,3 @@ class DINOv2Pretrainer(keras.Model):
         held-out labelled images): the DINOv2 loss itself says little about them.
         """
         return self._test_step(self, *args)
-
-
-def _unpack(data):
-    if isinstance(data, (tuple, list)):
-        # (x,) from a generator or PyDataset; targets are not used.
-        data = keras.utils.unpack_x_y_sample_weight(tuple(data))[0]
-    return data
-
-
-def _micro_rows(rows, index, k, replicas, views=1):
-    """The rows of micro-batch `index` in rows laid out (views, replicas, k, per, ...)."""
-    if k == 1:
-        return rows
-    shape = tuple(rows.shape)
-    x = ops.reshape(rows, (views, replicas, k, -1) + shape[1:])
-    return ops.reshape(x[:, :, index], (-1,) + shape[1:])
-
-
-def _replica_count(data):
-    # A replica-stacked batch carries one masked-patch count per replica.
-    counts = data.get("n_masked_patches")
-    if counts is None or len(counts.shape) != 1:
-        return 1
-    return int(counts.shape[0])
-
-
-def _view_major(rows, shards, views):
-    """Rows of `shards` stacked replica batches (each view-major) in global view-major order.
-
-    (shards * views * b, ...) -> (views * shards * b, ...): view v's rows become those of every
-    replica in turn, as one batch of shards * b images.
-    """
-    if shards == 1:
-        return rows
-    shape = tuple(rows.shape)
-    per_view = shape[0] // (shards * views)
-    x = ops.reshape(rows, (shards, views, per_view) + shape[1:])
-    x = ops.swapaxes(x, 0, 1)
-    return ops.reshape(x, (shape[0],) + shape[1:])
-
-
-def _stacked_patch_indices(mask_indices, shards, crops_per_shard, num_patches):
-    """Replica-local flat patch indices -> indices into the stacked (shards * 2b * N) patch rows."""
-    per_shard = mask_indices.shape[0] // shards
-    offsets = ops.arange(shards, dtype="int32")[:, None] * (crops_per_shard * num_patches)
-    return ops.reshape(ops.reshape(mask_indices, (shards, per_shard)) + offsets, (-1,))
-
-
-def _gather_rows(tokens, flat_indices):
-    """Rows of (B, N, D) tokens at flat indices into the B * N patches."""
-    shape = ops.shape(tokens)
-    return ops.take(ops.reshape(tokens, (-1, shape[-1])), flat_indices, axis=0)
-
-
-def collapse_signals(teacher_probs, reduction=None):
-    """Entropy diagnostics of the teacher targets (B, K), in float32.
-
-    With a `reduction` (several replicas) the batch-mean target is the global batch's.
-
-    Returns:
-        dict with `teacher_entropy` (mean per-sample entropy; at log K the targets are uniform,
-        one failure mode), `teacher_kl_uniform` (mean KL of each target to the uniform
-        distribution, log K - entropy; near 0 means collapse to uniform), and
-        `teacher_marginal_entropy` (entropy of the batch-mean target; near 0 means every image
-        goes to the same prototype, the other failure mode).
-    """
-    p = ops.cast(teacher_probs, "float32")
-    k = p.shape[-1]
-    entropy = -ops.sum(p * ops.log(ops.maximum(p, 1e-12)), axis=-1)
-    mean_entropy = ops.mean(entropy)
-    marginal = ops.mean(p, axis=0)
-    if reduction is not None:
-        marginal = reduction.mean(marginal)
-    marginal_entropy = -ops.sum(marginal * ops.log(ops.maximum(marginal, 1e-12)))
-    return {
-        "teacher_entropy": mean_entropy,
-        "teacher_kl_uniform": math.log(k) - mean_entropy,
-        "teacher_marginal_entropy": marginal_entropy,
-    }

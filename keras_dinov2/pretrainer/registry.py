@@ -1,0 +1,30 @@
+"""Which module holds the train and test steps of each Keras backend.
+
+The pretrainer sits below the trainers in the package's layers, so it does not import them: `keras_dinov2.trainers`
+registers its modules here when it is imported (`import keras_dinov2` does it).
+"""
+
+import importlib
+
+import keras
+
+_TRAINERS = {}
+
+
+def register_trainer(backend, module_name):
+    """Names the module that holds `train_step` and `test_step` for a Keras backend.
+
+    `keras_dinov2.trainers` registers its three modules when the package is imported (`import keras_dinov2`
+    does it). The module is imported on first use, so a backend's framework is only imported when it runs.
+    """
+    _TRAINERS[backend] = module_name
+
+
+def trainer_module(backend=None):
+    """The registered trainer module of `backend` (default: the active Keras backend), imported."""
+    backend = backend or keras.backend.backend()
+    if backend not in _TRAINERS:
+        raise ValueError(
+            f"DINOv2Pretrainer supports the {', '.join(sorted(_TRAINERS)) or 'registered'} backends, not {backend!r}."
+        )
+    return importlib.import_module(_TRAINERS[backend])
