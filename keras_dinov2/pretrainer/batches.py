@@ -59,3 +59,32 @@ def gather_rows(tokens, flat_indices):
     """Rows of (B, N, D) tokens at flat indices into the B * N patches."""
     shape = ops.shape(tokens)
     return ops.take(ops.reshape(tokens, (-1, shape[-1])), flat_indices, axis=0)
+
+
+def batch_layout(data, k):
+    """(replicas R, micro-batches k) of a batch that stacks R * k per-replica micro-batches.
+
+    Stacked batches are replica-major: replica r's k micro-batches follow each other (see
+    `keras_dinov2.data.group_micro_batches` and `keras_dinov2.distribute.stack_batches`).
+    """
+    shards = replica_count(data)
+    if shards % k:
+        raise ValueError(
+            f"gradient_accumulation_steps={k} needs batches that stack k micro-batches per "
+            f"replica, received a batch of {shards} stacked micro-batch(es). Build the data with "
+            f"`multicrop_dataset(..., micro_batches={k})` (or `group_micro_batches(dataset, {k})`)."
+        )
+    return shards // k, k
+
+
+def micro_batch(data, index, k):
+    """Micro-batch `index` (of k) of a stacked batch dict, every replica's share of it; the batch if k = 1."""
+    replicas, k = batch_layout(data, k)
+    if k == 1:
+        return data
+    out = {}
+    for key, value in data.items():
+        shape = tuple(value.shape)
+        x = ops.reshape(value, (replicas, k, shape[0] // (replicas * k)) + shape[1:])
+        out[key] = ops.reshape(x[:, index], (-1,) + shape[1:])
+    return out

@@ -9,7 +9,9 @@ from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.ops import active_replicas
 from keras_dinov2.optim import DINOv2AdamW, clip_by_part, param_groups
 from keras_dinov2.pretrainer.batches import (
+    batch_layout,
     gather_rows,
+    micro_batch,
     micro_rows,
     replica_count,
     stacked_patch_indices,
@@ -193,34 +195,9 @@ class DINOv2Pretrainer(keras.Model):
         """Micro-batches per optimizer update (`config.optim.gradient_accumulation_steps`)."""
         return int(self.config.optim.gradient_accumulation_steps)
 
-    def _layout(self, data):
-        """(replicas R, micro-batches k) of a batch: it stacks R * k per-replica micro-batches.
-
-        Stacked batches are replica-major: replica r's k micro-batches follow each other (see
-        `keras_dinov2.data.group_micro_batches` and `keras_dinov2.distribute.stack_batches`).
-        """
-        shards = replica_count(data)
-        k = self.accumulation_steps
-        if shards % k:
-            raise ValueError(
-                f"gradient_accumulation_steps={k} needs batches that stack k micro-batches per "
-                f"replica, received a batch of {shards} stacked micro-batch(es). Build the data with "
-                f"`multicrop_dataset(..., micro_batches={k})` (or `group_micro_batches(dataset, {k})`)."
-            )
-        return shards // k, k
-
     def micro_batch(self, data, index):
         """Micro-batch `index` of an update's batch (all replicas' share of it); the batch if k = 1."""
-        data = unpack(data)
-        replicas, k = self._layout(data)
-        if k == 1:
-            return data
-        out = {}
-        for key, value in data.items():
-            shape = tuple(value.shape)
-            x = ops.reshape(value, (replicas, k, shape[0] // (replicas * k)) + shape[1:])
-            out[key] = ops.reshape(x[:, index], (-1,) + shape[1:])
-        return out
+        return micro_batch(unpack(data), index, self.accumulation_steps)
 
     def teacher_targets(self, data, update_centers=True, reduction=None):
         """The teacher's pass over a whole update: targets for every micro-batch, centers updated once.
@@ -245,7 +222,7 @@ class DINOv2Pretrainer(keras.Model):
         global_crops = data["global_crops"]
         masks_weight = ops.cast(data["masks_weight"], "float32")
         shards = replica_count(data)
-        self._layout(data)  # checks the stacked micro-batches
+        batch_layout(data, self.accumulation_steps)  # checks the stacked micro-batches
         temperature = self.schedules.teacher_temperature(self.step)
         teacher = self.teacher({"images": global_crops}, training=False)
         targets = {"dino": None, "ibot": None}
@@ -403,9 +380,6 @@ class DINOv2Pretrainer(keras.Model):
     def scale_loss(self, loss):
         """The loss to differentiate: scaled under mixed_float16 (Keras' LossScaleOptimizer)."""
         return self.optimizer.scale_loss(loss)
-
-    def _inner_optimizer(self):
-        return getattr(self.optimizer, "inner_optimizer", self.optimizer)
 
     def apply_dinov2_update(self, grads, logs, optimizer=None):
         """Clipping per part, the optimizer step, then the teacher's EMA (`apply_gradients`,
