@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = [
     "KNNMonitor",

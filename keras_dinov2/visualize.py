@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
 
 __all__ = [
     "attention_maps",

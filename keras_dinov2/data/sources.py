@@ -15,7 +15,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
 
 __all__ = [
     "IMAGE_EXTENSIONS",
