@@ -798,6 +798,7 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
     import os
 
     from keras_dinov2.data import sources
+    from keras_dinov2.data.tfds import tfds_builder
 
     get_source = functools.partial(sources.get_source, max_image_pixels=max_image_pixels)
     text = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
@@ -809,7 +810,7 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
     if text.startswith("tfds:"):
         if test_split is None:
             name = text[len("tfds:"):].split(":")[0]
-            splits = sources._tfds_builder(name, None, download=False).info.splits
+            splits = tfds_builder(name, None, download=False).info.splits
             test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
             if test_split is None:
                 raise ValueError(f"{text} has no 'test' or 'validation' split; pass --test-split.")

@@ -34,8 +34,8 @@ from keras_dinov2.data import (
     solarize,
     split_source,
 )
-from keras_dinov2.data.augment import _crop_box, _shifted_slices_blur
-from keras_dinov2.data.sources import _parse_tfds
+from keras_dinov2.data.augment import crop_box, shifted_slices_blur
+from keras_dinov2.data.sources import parse_tfds_spec
 
 # The input pipeline is TensorFlow on every backend: one job runs it (see conftest).
 pytestmark = pytest.mark.once
@@ -331,7 +331,7 @@ def test_gaussian_blur_matches_numpy():
         ours = gaussian_blur(tf.constant(image), sigma, 9).numpy()
         np.testing.assert_allclose(ours, expected, atol=1e-5)
         # the form the XLA-compiled crop stage uses
-        compiled = tf.function(_shifted_slices_blur, jit_compile=True, autograph=False)
+        compiled = tf.function(shifted_slices_blur, jit_compile=True, autograph=False)
         np.testing.assert_allclose(
             compiled(tf.constant(image), sigma, 9).numpy(), expected, atol=1e-5
         )
@@ -343,7 +343,7 @@ def test_gaussian_blur_matches_numpy():
 def test_random_resized_crop_boxes():
     height, width = 50, 80
     scale, ratio = (0.05, 0.32), (3 / 4, 4 / 3)
-    box = tf.function(lambda u: _crop_box(height, width, u, scale, ratio))
+    box = tf.function(lambda u: crop_box(height, width, u, scale, ratio))
     areas = []
     for i in range(200):
         u = tf.random.stateless_uniform([40], [i, 0])
@@ -632,15 +632,16 @@ def _encoded_samples():
 
 def test_image_header_size_in_python_and_in_the_graph():
     pytest.importorskip("PIL")
-    from keras_dinov2.data.sources import _header_pixels, image_header_size
+    from keras_dinov2.data.decoding import header_pixels
+    from keras_dinov2.data.image_headers import image_header_size
 
     samples = _encoded_samples()
     assert samples["alpha.webp"][0][12:16] == b"VP8X" and samples["lossy.webp"][0][12:16] == b"VP8 "
     for name, (data, size) in samples.items():
         assert image_header_size(data) == size, name
-        assert int(_header_pixels(tf.constant(data))) == size[0] * size[1], name
+        assert int(header_pixels(tf.constant(data))) == size[0] * size[1], name
     for data in (b"", b"not an image", b"\x89PNG", b"GIF89a"):
-        assert int(_header_pixels(tf.constant(data))) == 0 or data.startswith((b"\x89PNG", b"GIF"))
+        assert int(header_pixels(tf.constant(data))) == 0 or data.startswith((b"\x89PNG", b"GIF"))
     assert image_header_size(b"") is None and image_header_size(b"not an image at all") is None
     assert image_header_size(b"\xff\xd8\xff\xe0\x00") is None  # cut before any frame header
 
@@ -735,10 +736,10 @@ def test_bad_specs_and_folders(tmp_path):
         get_source(123)
     with pytest.raises(ValueError, match="digits split"):
         get_source("digits:validation")
-    assert _parse_tfds("tfds:mnist") == ("mnist", None)
-    assert _parse_tfds("tfds:mnist:test") == ("mnist", "test")
-    assert _parse_tfds("tfds:mnist:3.0.1:train[:10%]") == ("mnist:3.0.1", "train[:10%]")
-    assert _parse_tfds("tfds:imagenet2012/subset:validation") == (
+    assert parse_tfds_spec("tfds:mnist") == ("mnist", None)
+    assert parse_tfds_spec("tfds:mnist:test") == ("mnist", "test")
+    assert parse_tfds_spec("tfds:mnist:3.0.1:train[:10%]") == ("mnist:3.0.1", "train[:10%]")
+    assert parse_tfds_spec("tfds:imagenet2012/subset:validation") == (
         "imagenet2012/subset",
         "validation",
     )

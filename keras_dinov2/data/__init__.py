@@ -6,6 +6,7 @@ Example:
     >>> ds = kd.data.multicrop_dataset("digits", batch_size=32, config=DataConfig.recipe("digits"))
 """
 
+from keras_dinov2.data.arrays import array_source, digits_source, split_source
 from keras_dinov2.data.augment import (
     MultiCropAugmentation,
     color_jitter,
@@ -15,6 +16,9 @@ from keras_dinov2.data.augment import (
     solarize,
     to_grayscale,
 )
+from keras_dinov2.data.folder import IMAGE_EXTENSIONS, image_folder_source
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
+from keras_dinov2.data.image_source import ImageSource
 from keras_dinov2.data.masking import block_masks, mask_buffer_size, mask_strata, sample_masks
 from keras_dinov2.data.pipeline import (
     BATCH_KEYS,
@@ -22,19 +26,12 @@ from keras_dinov2.data.pipeline import (
     group_micro_batches,
     multicrop_dataset,
 )
-from keras_dinov2.data.sources import (
-    IMAGE_EXTENSIONS,
-    ImageSource,
-    array_source,
-    digits_source,
-    get_source,
-    image_folder_source,
-    split_source,
-    tfds_source,
-)
+from keras_dinov2.data.sources import get_source
+from keras_dinov2.data.tfds import tfds_source
 
 __all__ = [
     "BATCH_KEYS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageSource",
     "MultiCropAugmentation",
@@ -47,6 +44,7 @@ __all__ = [
     "group_micro_batches",
     "get_source",
     "image_folder_source",
+    "image_header_size",
     "mask_buffer_size",
     "mask_strata",
     "multicrop_dataset",

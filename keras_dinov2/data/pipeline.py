@@ -16,8 +16,10 @@ import tensorflow as tf
 
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from keras_dinov2.data.augment import MultiCropAugmentation, normalize
+from keras_dinov2.data.checks import check_shards
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 from keras_dinov2.data.masking import sample_masks
-from keras_dinov2.data.sources import DEFAULT_MAX_IMAGE_PIXELS, _check_shards, get_source
+from keras_dinov2.data.sources import get_source
 
 __all__ = ["multicrop_dataset", "eval_dataset", "BATCH_KEYS"]
 
@@ -184,7 +186,7 @@ def _resolve_shards(num_shards, shard_index, input_context):
                 f"num_shards={num_shards}, shard_index={shard_index} with an input_context."
             )
         num_shards, shard_index = input_context.num_input_pipelines, input_context.input_pipeline_id
-    _check_shards(num_shards, shard_index)
+    check_shards(num_shards, shard_index)
     return num_shards, shard_index
 
 
@@ -543,7 +545,7 @@ def eval_dataset(
         raise ValueError(
             f"eval_dataset needs labelled images; {src.name} has no labels (use class subfolders)."
         )
-    _check_shards(num_shards, shard_index)
+    check_shards(num_shards, shard_index)
 
     def prepare(image, label):
         image = _resize_center_crop(image, resize_size, image_size, interpolation)
