@@ -24,11 +24,14 @@ from keras_dinov2.data import (
     BATCH_KEYS,
     MultiCropAugmentation,
     array_source,
+    batch_spec,
+    check_batch,
     color_jitter,
     digits_source,
     eval_dataset,
     gaussian_blur,
     get_source,
+    group_micro_batches,
     image_folder_source,
     multicrop_dataset,
     solarize,
@@ -116,6 +119,44 @@ def test_batch_structure_shapes_and_dtypes():
         # normalized crops: pixels in [0, 1] map into [-mean/std, (1-mean)/std]
         low, high = (-MEAN / STD).min() - 1e-4, ((1 - MEAN) / STD).max() + 1e-4
         assert batch["global_crops"].min() >= low and batch["global_crops"].max() <= high
+
+
+def test_batch_contract_describes_and_checks_the_batches():
+    images = np.random.default_rng(0).random((12, 20, 24, 3)).astype(np.float32)
+    ds = multicrop_dataset(images, batch_size=2, config=TINY, seed=0)
+    spec = batch_spec(TINY, 2)
+    assert tuple(spec) == BATCH_KEYS == tuple(ds.element_spec)
+    for key, (shape, dtype) in spec.items():
+        assert ds.element_spec[key].shape == shape and ds.element_spec[key].dtype.name == dtype, key
+    batch = as_numpy(next(iter(ds)))
+    assert check_batch(batch, TINY, 2) is batch
+    grouped = group_micro_batches(ds, 3)
+    stacked = as_numpy(next(iter(grouped)))
+    check_batch(stacked, TINY, 2, stacked=3)
+    check_batch(grouped.element_spec, TINY, 2, stacked=3)
+    assert {key: value.shape for key, value in batch_spec(TINY, 2, stacked=3).items()} == {
+        key: tuple(value.shape) for key, value in stacked.items()}
+    # torch tensors, and a batch without local crops when the config has none
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        check_batch({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}, TINY, 2)
+    no_local = dataclasses.replace(TINY, crops=dataclasses.replace(TINY.crops, local_crops_number=0))
+    check_batch({k: v for k, v in batch.items() if k != "local_crops"}, no_local, 2)
+    for bad, message in [
+        ({k: v for k, v in batch.items() if k != "masks"}, r"no 'masks'; expected bool of shape \(4, 16\)"),
+        ({**batch, "labels": np.zeros(2)}, r"unknown key\(s\) \['labels'\]"),
+        ({**batch, "masks": batch["masks"][:3]},
+         r"batch\['masks'\] must have shape \(4, 16\); received shape \(3, 16\)"),
+        ({**batch, "mask_indices": batch["mask_indices"].astype(np.int64)},
+         r"batch\['mask_indices'\] must have dtype int32; received dtype int64"),
+        ({**batch, "n_masked_patches": np.zeros([1], np.int32)},
+         r"batch\['n_masked_patches'\] must have shape \(\); received shape \(1,\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_batch(bad, TINY, 2)
+    with pytest.raises(ValueError, match=r"no 'local_crops'"):
+        check_batch({k: v for k, v in batch.items() if k != "local_crops"}, TINY, 2)
 
 
 def test_crops_are_view_major():
