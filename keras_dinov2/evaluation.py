@@ -797,7 +797,7 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
     """
     import os
 
-    from keras_dinov2.data import sources
+    from keras_dinov2.data import sources, split_source
     from keras_dinov2.data.tfds import tfds_builder
 
     get_source = functools.partial(sources.get_source, max_image_pixels=max_image_pixels)
@@ -827,7 +827,7 @@ def labelled_splits(data="digits", train_split=None, test_split=None, test_fract
         train = get_source(text, split=train_split)
         test = get_source(text, split=test_split)
     else:
-        train, test = sources.split_source(get_source(text), test_fraction=test_fraction, seed=seed)
+        train, test = split_source(get_source(text), test_fraction=test_fraction, seed=seed)
     for what, source in (("train", train), ("test", test)):
         if source.labels is None:
             raise ValueError(
