@@ -9,7 +9,7 @@ import time
 
 import keras
 
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 
 # With LayerScale at 1e-5 a randomly initialized backbone gives nearly identical CLS tokens for
 # every image, so float32 cosine similarities all round to 1 and its k-NN is at chance; the

@@ -24,18 +24,21 @@ from keras_dinov2.data import (
     BATCH_KEYS,
     MultiCropAugmentation,
     array_source,
+    batch_spec,
+    check_batch,
     color_jitter,
     digits_source,
     eval_dataset,
     gaussian_blur,
     get_source,
+    group_micro_batches,
     image_folder_source,
     multicrop_dataset,
     solarize,
     split_source,
 )
-from keras_dinov2.data.augment import _crop_box, _shifted_slices_blur
-from keras_dinov2.data.sources import _parse_tfds
+from keras_dinov2.data.augment import crop_box, shifted_slices_blur
+from keras_dinov2.data.sources import parse_tfds_spec
 
 # The input pipeline is TensorFlow on every backend: one job runs it (see conftest).
 pytestmark = pytest.mark.once
@@ -116,6 +119,44 @@ def test_batch_structure_shapes_and_dtypes():
         # normalized crops: pixels in [0, 1] map into [-mean/std, (1-mean)/std]
         low, high = (-MEAN / STD).min() - 1e-4, ((1 - MEAN) / STD).max() + 1e-4
         assert batch["global_crops"].min() >= low and batch["global_crops"].max() <= high
+
+
+def test_batch_contract_describes_and_checks_the_batches():
+    images = np.random.default_rng(0).random((12, 20, 24, 3)).astype(np.float32)
+    ds = multicrop_dataset(images, batch_size=2, config=TINY, seed=0)
+    spec = batch_spec(TINY, 2)
+    assert tuple(spec) == BATCH_KEYS == tuple(ds.element_spec)
+    for key, (shape, dtype) in spec.items():
+        assert ds.element_spec[key].shape == shape and ds.element_spec[key].dtype.name == dtype, key
+    batch = as_numpy(next(iter(ds)))
+    assert check_batch(batch, TINY, 2) is batch
+    grouped = group_micro_batches(ds, 3)
+    stacked = as_numpy(next(iter(grouped)))
+    check_batch(stacked, TINY, 2, stacked=3)
+    check_batch(grouped.element_spec, TINY, 2, stacked=3)
+    assert {key: value.shape for key, value in batch_spec(TINY, 2, stacked=3).items()} == {
+        key: tuple(value.shape) for key, value in stacked.items()}
+    # torch tensors, and a batch without local crops when the config has none
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        check_batch({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}, TINY, 2)
+    no_local = dataclasses.replace(TINY, crops=dataclasses.replace(TINY.crops, local_crops_number=0))
+    check_batch({k: v for k, v in batch.items() if k != "local_crops"}, no_local, 2)
+    for bad, message in [
+        ({k: v for k, v in batch.items() if k != "masks"}, r"no 'masks'; expected bool of shape \(4, 16\)"),
+        ({**batch, "labels": np.zeros(2)}, r"unknown key\(s\) \['labels'\]"),
+        ({**batch, "masks": batch["masks"][:3]},
+         r"batch\['masks'\] must have shape \(4, 16\); received shape \(3, 16\)"),
+        ({**batch, "mask_indices": batch["mask_indices"].astype(np.int64)},
+         r"batch\['mask_indices'\] must have dtype int32; received dtype int64"),
+        ({**batch, "n_masked_patches": np.zeros([1], np.int32)},
+         r"batch\['n_masked_patches'\] must have shape \(\); received shape \(1,\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_batch(bad, TINY, 2)
+    with pytest.raises(ValueError, match=r"no 'local_crops'"):
+        check_batch({k: v for k, v in batch.items() if k != "local_crops"}, TINY, 2)
 
 
 def test_crops_are_view_major():
@@ -331,7 +372,7 @@ def test_gaussian_blur_matches_numpy():
         ours = gaussian_blur(tf.constant(image), sigma, 9).numpy()
         np.testing.assert_allclose(ours, expected, atol=1e-5)
         # the form the XLA-compiled crop stage uses
-        compiled = tf.function(_shifted_slices_blur, jit_compile=True, autograph=False)
+        compiled = tf.function(shifted_slices_blur, jit_compile=True, autograph=False)
         np.testing.assert_allclose(
             compiled(tf.constant(image), sigma, 9).numpy(), expected, atol=1e-5
         )
@@ -343,7 +384,7 @@ def test_gaussian_blur_matches_numpy():
 def test_random_resized_crop_boxes():
     height, width = 50, 80
     scale, ratio = (0.05, 0.32), (3 / 4, 4 / 3)
-    box = tf.function(lambda u: _crop_box(height, width, u, scale, ratio))
+    box = tf.function(lambda u: crop_box(height, width, u, scale, ratio))
     areas = []
     for i in range(200):
         u = tf.random.stateless_uniform([40], [i, 0])
@@ -632,15 +673,16 @@ def _encoded_samples():
 
 def test_image_header_size_in_python_and_in_the_graph():
     pytest.importorskip("PIL")
-    from keras_dinov2.data.sources import _header_pixels, image_header_size
+    from keras_dinov2.data.decoding import header_pixels
+    from keras_dinov2.data.image_headers import image_header_size
 
     samples = _encoded_samples()
     assert samples["alpha.webp"][0][12:16] == b"VP8X" and samples["lossy.webp"][0][12:16] == b"VP8 "
     for name, (data, size) in samples.items():
         assert image_header_size(data) == size, name
-        assert int(_header_pixels(tf.constant(data))) == size[0] * size[1], name
+        assert int(header_pixels(tf.constant(data))) == size[0] * size[1], name
     for data in (b"", b"not an image", b"\x89PNG", b"GIF89a"):
-        assert int(_header_pixels(tf.constant(data))) == 0 or data.startswith((b"\x89PNG", b"GIF"))
+        assert int(header_pixels(tf.constant(data))) == 0 or data.startswith((b"\x89PNG", b"GIF"))
     assert image_header_size(b"") is None and image_header_size(b"not an image at all") is None
     assert image_header_size(b"\xff\xd8\xff\xe0\x00") is None  # cut before any frame header
 
@@ -735,10 +777,10 @@ def test_bad_specs_and_folders(tmp_path):
         get_source(123)
     with pytest.raises(ValueError, match="digits split"):
         get_source("digits:validation")
-    assert _parse_tfds("tfds:mnist") == ("mnist", None)
-    assert _parse_tfds("tfds:mnist:test") == ("mnist", "test")
-    assert _parse_tfds("tfds:mnist:3.0.1:train[:10%]") == ("mnist:3.0.1", "train[:10%]")
-    assert _parse_tfds("tfds:imagenet2012/subset:validation") == (
+    assert parse_tfds_spec("tfds:mnist") == ("mnist", None)
+    assert parse_tfds_spec("tfds:mnist:test") == ("mnist", "test")
+    assert parse_tfds_spec("tfds:mnist:3.0.1:train[:10%]") == ("mnist:3.0.1", "train[:10%]")
+    assert parse_tfds_spec("tfds:imagenet2012/subset:validation") == (
         "imagenet2012/subset",
         "validation",
     )

@@ -53,7 +53,7 @@ _SOLARIZE = _BLUR_SIGMA + 1
 _NUM_DRAWS = _SOLARIZE + 1
 
 
-def _crop_box(height, width, u, scale, ratio):
+def crop_box(height, width, u, scale, ratio):
     """torchvision's RandomResizedCrop box: 10 tries at once, the first that fits wins, else a center crop.
 
     `u` holds 40 uniforms per box, shape (..., 40); returns top, left, crop height, crop width, each of shape (...),
@@ -129,7 +129,7 @@ def _resized_crops(image, size, u, scale, ratio, method):
     `u` (n, 40): the uniforms of each crop's box.
     """
     shape = tf.shape(image)
-    top, left, crop_h, crop_w = _crop_box(shape[0], shape[1], u, scale, ratio)
+    top, left, crop_h, crop_w = crop_box(shape[0], shape[1], u, scale, ratio)
     resized = []
     for i in range(u.shape[0]):
         crop = image[top[i] : top[i] + crop_h[i], left[i] : left[i] + crop_w[i]]
@@ -252,7 +252,7 @@ def gaussian_blur(image, sigma, kernel_size=9):
     return out[0]
 
 
-def _shifted_slices_blur(image, sigma, kernel_size=9):
+def shifted_slices_blur(image, sigma, kernel_size=9):
     """`gaussian_blur` as sums of shifted slices: the same values, and the fast form inside XLA on CPU."""
     half = kernel_size // 2
     taps = tf.range(-half, half + 1, dtype=tf.float32)
@@ -359,7 +359,7 @@ class MultiCropAugmentation:
             low, high = aug.blur_sigma
             sigma = low + (high - low) * draws[_BLUR_SIGMA]
             # Shifted slices inside XLA (its convolution is slow on CPU); TensorFlow's depthwise kernel outside.
-            blur = _shifted_slices_blur if self.jit_compile else gaussian_blur
+            blur = shifted_slices_blur if self.jit_compile else gaussian_blur
             x = tf.cond(
                 draws[_BLUR_APPLY] < blur_probability,
                 lambda: blur(x, sigma, aug.blur_kernel_size),

@@ -9,7 +9,7 @@ from keras_dinov2.evaluation.features import extract_features, feature_model
 from keras_dinov2.evaluation.knn import DEFAULT_KS, knn_accuracy
 from keras_dinov2.evaluation.linear import linear_probe
 from keras_dinov2.evaluation.splits import digits_datasets, labelled_splits
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 
 
 def evaluate_digits(backbone, image_size=32, ks=DEFAULT_KS, temperature=0.07, batch_size=256, verbose=False,

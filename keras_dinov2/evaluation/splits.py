@@ -3,7 +3,7 @@
 import functools
 import os
 
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 
 
 def labelled_splits(data="digits", train_split=None, test_split=None, test_fraction=0.25, seed=0,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 from keras_dinov2.visualize.attention import attention_pictures
 from keras_dinov2.visualize.forward import tokens_and_attention
 from keras_dinov2.visualize.images import as_image_list, prepare_images, resolve_size

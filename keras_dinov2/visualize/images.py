@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
-from keras_dinov2.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
 
 SKIMAGE_PREFIX = "skimage:"
 UPSAMPLING = ("nearest", "bilinear")

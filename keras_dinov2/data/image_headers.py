@@ -2,7 +2,7 @@
 
 Decoders allocate what a header declares, so a tiny file can cost gigabytes (a 1.6 MB PNG declaring 23000 x 23000
 pixels is 6 GB as float32). The data sources (in the tf.data graph) and `visualize.load_image` (here, in Python)
-refuse files over a pixel limit before decoding them. No TensorFlow here: the visualizations run without it.
+refuse files over a pixel limit before decoding them. Plain Python on bytes: no TensorFlow in this module.
 """
 
 import io
