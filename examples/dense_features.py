@@ -4,7 +4,8 @@ Everything uses pictures bundled with scikit-image (no download):
 
 1. Segmentation probe on `skimage.data.coins()` (a 303 x 384 gray photo of 24 coins on a dark background). The
    labels are a classical segmentation of that photo, computed here: a watershed of its Sobel gradient from
-   markers (darker than 30: background, brighter than 150: coin), holes filled, specks under 100 pixels removed. A patch is "coin" when at least half of its pixels are.
+   markers (darker than 30: background, brighter than 150: coin), holes filled, specks under 100 pixels removed.
+   A patch is "coin" when at least half of its pixels are.
    The photo is cut into a left and a right half; the backbone sees each half separately; a linear classifier
    (a Keras Dense layer on standardized (N, D) patch tokens) learns coin / background from the left half's patches
    and is scored on the right half's: per-patch accuracy and the intersection-over-union of the coin class. The

@@ -40,7 +40,8 @@ def _is_private(name):
 
 def _own_private_module(importer, module, name):
     """A package importing its own private submodule (`keras_dinov2` importing `_startup`)."""
-    return importer is not None and module == importer and (PACKAGE.parent / module.replace(".", "/") / f"{name}.py").exists()
+    folder = PACKAGE.parent / module.replace(".", "/")
+    return importer is not None and module == importer and (folder / f"{name}.py").exists()
 
 
 def private_uses(path):

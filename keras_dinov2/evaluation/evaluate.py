@@ -4,12 +4,12 @@
 the same for a randomly initialized backbone of the same architecture, so a figure always comes with its baseline.
 """
 
+from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 from keras_dinov2.evaluation.baseline import random_init_backbone
 from keras_dinov2.evaluation.features import extract_features, feature_model
 from keras_dinov2.evaluation.knn import DEFAULT_KS, knn_accuracy
 from keras_dinov2.evaluation.linear import linear_probe
 from keras_dinov2.evaluation.splits import digits_datasets, labelled_splits
-from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 
 
 def evaluate_digits(backbone, image_size=32, ks=DEFAULT_KS, temperature=0.07, batch_size=256, verbose=False,
