@@ -14,11 +14,11 @@ def gradient_boundary(x):
     A ViT's residual stream gets, in the backward pass, a running sum of gradients: block k's
     is block k+1's plus the LayerNorm terms of block k. XLA's CPU fusion duplicates cheap
     elementwise producers into each consumer, so every block's weight-gradient products
-    recompute the whole sum from the top instead of reading it: quadratic in depth (on
-    ViT-S/14, 12 blocks, these fusions took 40% of the training step). Likewise at a linear
+    recompute the whole sum from the top instead of reading it: quadratic in depth (what it cost
+    is in docs/performance.md). Likewise at a linear
     layer's output: XLA computes the weight gradient as dy^T x and fuses dy's producers (the
     LayerNorm or GELU backward) into the copy that transposes dy, evaluating them in transposed
-    order, several times slower than writing dy and transposing it. An optimization barrier
+    order, slower than writing dy and transposing it. An optimization barrier
     does not stop it (XLA:CPU removes barriers before fusion); a while loop that XLA cannot
     prove runs once does: its carried value must be a buffer. The loop runs once and multiplies
     by a carried 1.0 (computed as 1 + 0 * the first element, which XLA cannot fold), so a
@@ -78,9 +78,8 @@ def cpu_dot_product_attention(query, key, value, scale):
     backend: heads are moved ahead of tokens once, so every product is a plain batched matrix
     product; the output is normalized after the product with v (a (tokens, head_dim) division per
     row instead of (tokens, tokens)); and the gradient is written by hand so that each of its
-    four products also reads its operands in the layout XLA's CPU kernels take directly. On
-    ViT-S/14 with 257 tokens and batch 8 the forward takes ~24% less time and forward + backward
-    ~32% less (measured on 2 cores). Not used on GPU or TPU, which have fused attention kernels.
+    four products also reads its operands in the layout XLA's CPU kernels take directly
+    (docs/performance.md has the measured gain). Not used on GPU or TPU, which have fused attention kernels.
     """
     q, k, v, e, inverse_sum = _attention_parts(query, key, value, scale)
     return _tokens_first(jnp.matmul(e, v) * inverse_sum, query.shape[2])
@@ -116,9 +115,9 @@ cpu_dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 def _sum_rows(x):
     """sum(x, axis=0), accumulated one row at a time in a loop.
 
-    XLA:CPU's reduction over the leading axis of a (256, 65536) matrix takes ~85 ms (YNNPACK),
-    a matrix-vector product with ones ~20 ms, this loop ~3.5 ms: each step adds one contiguous
-    row into an accumulator that stays in cache. Sequential float32 summation: the rounding error
+    XLA:CPU's reduction over the leading axis of a wide matrix is slower than this loop (figures in
+    docs/performance.md): each step adds one contiguous row into an accumulator that stays in cache.
+    Sequential float32 summation: the rounding error
     grows with the row count (hundreds here), not with the row length.
     """
     x = jnp.asarray(x)

@@ -8,8 +8,7 @@ def cpu_dot_product_attention(query, key, value, scale):
 
     Keras' TensorFlow op scales the (batch, heads, tokens, tokens) logits; scaling q, a fraction
     of their size, before the product gives the same values (bitwise where the scale is a power
-    of two, as for every 64-wide head) and a ViT-S/14 forward 3-4% faster under XLA on 2 cores
-    (in one process, alternating calls).
+    of two, as for every 64-wide head) and a faster forward under XLA on CPU (docs/performance.md).
     """
     logits = tf.einsum("btnh,bsnh->bnts", query * scale, key)
     return tf.einsum("bnts,bsnh->btnh", tf.nn.softmax(logits, axis=-1), value)
