@@ -426,11 +426,11 @@ def _visualize(args):
     print(f"Wrote {args.out} ({picture.shape[1]} x {picture.shape[0]} px): {len(args.image)} "
           f"image(s) at {side} px, PCA and {backbone.num_heads} attention heads + their mean.")
     if run is not None:
-        from keras_dinov2.callbacks import plot_metrics
+        from keras_dinov2.run import RunDirectory, plot_metrics
 
-        png = os.path.join(run, "metrics.png")
-        plot_metrics(os.path.join(run, "metrics.csv"), png)
-        print(f"Wrote {png} (training curves of {run}).")
+        directory = RunDirectory(run)
+        plot_metrics(directory.metrics_path, directory.plot_path)
+        print(f"Wrote {directory.plot_path} (training curves of {run}).")
     return 0
 
 
@@ -439,7 +439,8 @@ def _pretrain(args):
 
     if args.model is not None and not args.resume:
         check_preset_spec("--model", args.model)
-    return pretrain(args)
+    pretrain(args)
+    return 0
 
 
 def _is_user_error(error):
@@ -471,11 +472,18 @@ def main(argv=None):
         return USAGE_ERROR
     command = {"evaluate": _evaluate, "export": _export, "visualize": _visualize,
                "pretrain": _pretrain, "convert": _convert}[args.command]
+    from keras_dinov2.run import RunInterrupted, TrainingDiverged
+
     try:
         return command(args)
+    except RunInterrupted as interrupted:
+        print(f"\n{interrupted}")
+        return 130
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
+    except TrainingDiverged:
+        return 1  # the TrainingMonitor has printed the step and how to resume
     except Exception as error:
         if not _is_user_error(error):
             raise
