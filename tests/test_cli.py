@@ -169,7 +169,7 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize("stream_class", [_Terminal, io.StringIO])
 def test_progress_bar_fits_80_columns_with_the_loss_its_parts_and_lr(stream_class):
-    from keras_dinov2.callbacks import ProgressBar
+    from keras_dinov2.run import ProgressBar
 
     stream = stream_class()
     bar = ProgressBar(stream=stream, columns=80)

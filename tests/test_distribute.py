@@ -377,7 +377,7 @@ def _jax_worker():
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from keras_dinov2 import callbacks
+    from keras_dinov2.run import load_checkpoint, save_checkpoint
 
     start = time.time()
     replicas = len(jax.devices())
@@ -439,7 +439,7 @@ def _jax_worker():
     report["model_sharded"] = sharded
     first = _fit_steps(model, [_dataset([stacked[0]])])
     checkpoint = os.path.join(os.environ["DISTRIBUTE_TEST_DIR"], "checkpoint-00001.npz")
-    callbacks.save_checkpoint(model, checkpoint, {"epoch": 1})
+    save_checkpoint(model, checkpoint, {"epoch": 1})
     second = _fit_steps(model, [_dataset([stacked[1]])])
     report["model_loss_max_rel"] = _loss_diffs(first + second, runs["digits"]["steps"])
     straight = _state(model)
@@ -447,7 +447,7 @@ def _jax_worker():
                                _names(model))
     # Resume: restore the checkpoint into the sharded model and take the second step again.
     _assign(model, runs["digits"]["initial"])
-    callbacks.load_checkpoint(model, checkpoint)
+    load_checkpoint(model, checkpoint)
     report["resume_sharding_kept"] = all(
         "model" in tuple(v.value.sharding.spec) for v in model.trainable_variables
         if v.path in sharded)
@@ -542,7 +542,7 @@ def _torch_rank(rank, world, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from keras_dinov2 import callbacks
+    from keras_dinov2.run import load_checkpoint, save_checkpoint
 
     setup = distribute.setup("auto")
     assert setup.mode == "data" and setup.num_replicas == world, setup
@@ -560,16 +560,16 @@ def _torch_rank(rank, world, port, folder):
         first = _fit_steps(model, [_dataset([mine[0]])])
         if name == "digits":
             checkpoint = os.path.join(folder, "checkpoint-00001.npz")
-            callbacks.save_checkpoint(model, checkpoint, {"epoch": 1})
+            save_checkpoint(model, checkpoint, {"epoch": 1})
             # Rank 0 writes; the others skip the file (here: a folder only rank 1 would create).
-            callbacks.save_checkpoint(model, os.path.join(folder, f"rank{rank}", "c.npz"))
+            save_checkpoint(model, os.path.join(folder, f"rank{rank}", "c.npz"))
         second = _fit_steps(model, [_dataset([mine[1]])])
         straight = _state(model)
         report["recipes"][name] = {"steps": first + second,
                                    "state": [x.tolist() for x in straight]}
         if name == "digits":
             torch.distributed.barrier()
-            callbacks.load_checkpoint(model, checkpoint)
+            load_checkpoint(model, checkpoint)
             again = _fit_steps(model, [_dataset([mine[1]])])
             report["resume_loss_max_rel"] = _loss_diffs(again, second)
             report["resume"] = _compare(_state(model), straight, straight)

@@ -20,7 +20,6 @@ import pytest
 from conftest import to_numpy
 
 from keras_dinov2.backbone import DINOv2Backbone
-from keras_dinov2.callbacks import save_checkpoint
 from keras_dinov2.cli import main
 from keras_dinov2.export import (
     ExportWarning,
@@ -36,6 +35,7 @@ from keras_dinov2.export import (
 )
 from keras_dinov2.export.verify import forward
 from keras_dinov2.pretrainer import DINOv2Pretrainer
+from keras_dinov2.run import save_checkpoint
 
 PATCH, SIZE, OTHER = 4, 16, 24
 

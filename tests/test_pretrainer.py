@@ -13,9 +13,9 @@ import tensorflow as tf
 from conftest import to_numpy
 
 from keras_dinov2.backbone import DINOv2Backbone
-from keras_dinov2.callbacks import latest_checkpoint, load_checkpoint, save_checkpoint
 from keras_dinov2.config import DataConfig, HeadConfig, OptimConfig, SSLConfig
 from keras_dinov2.pretrainer import DINOv2Pretrainer
+from keras_dinov2.run import latest_checkpoint, load_checkpoint, save_checkpoint
 
 B, N_LOCAL, GLOBAL, LOCAL, PATCH = 4, 2, 16, 8, 4
 
@@ -241,7 +241,7 @@ def test_batch_norm_heads_train_and_the_teacher_follows():
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys):
-    from keras_dinov2.callbacks import CheckpointCallback, TrainingMonitor
+    from keras_dinov2.run import CheckpointCallback, TrainingMonitor
 
     model = tiny_model()
     bad = make_batch(0)
@@ -326,7 +326,7 @@ def test_epochs_csv_keeps_columns_that_appear_only_in_some_epochs(tmp_path):
     """k-NN every few epochs: its columns must be named in epochs.csv, with blanks elsewhere."""
     import csv
 
-    from keras_dinov2.callbacks import StepLogger
+    from keras_dinov2.run import StepLogger
 
     logger = StepLogger(str(tmp_path))
     logger.on_epoch_end(0, {"loss": 2.0})
@@ -344,7 +344,7 @@ def test_run_plot_gives_schedules_of_different_scales_their_own_axis(tmp_path, m
     """lr (~1e-3) drawn beside wd (~0.1) on one axis would look flat at 0: it gets a twin axis."""
     import matplotlib.axes
 
-    from keras_dinov2.callbacks import plot_metrics
+    from keras_dinov2.run import plot_metrics
 
     steps = np.arange(50)
     with open(tmp_path / "metrics.csv", "w") as f:

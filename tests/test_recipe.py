@@ -11,13 +11,13 @@ import keras
 import numpy as np
 import pytest
 
-from keras_dinov2 import callbacks as cb
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.config import CropConfig, LossConfig, SSLConfig
 from keras_dinov2.data import multicrop_dataset
 from keras_dinov2.evaluation import evaluate_digits
 from keras_dinov2.pretrainer import DINOv2Pretrainer
 from keras_dinov2.run import _build_backbone
+from keras_dinov2.run import callbacks as cb
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="the recipe study runs once, on the jax backend"

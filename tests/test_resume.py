@@ -9,10 +9,9 @@ import types
 import numpy as np
 import pytest
 
-from keras_dinov2 import callbacks as cb
 from keras_dinov2.cli import main
 from keras_dinov2.config import SSLConfig
-from keras_dinov2.run import _data_position
+from keras_dinov2.run import RunDirectory, TrainingMonitor, data_position, resumed_config
 from keras_dinov2.schedules import dinov2_schedules
 
 # Resume bookkeeping is backend-independent (tests/test_cli.py resumes exactly on every backend).
@@ -141,14 +140,14 @@ def test_resume_with_a_new_batch_size_warns_and_records_it(finished_run, tmp_pat
 def test_data_position_counts_images_across_passes():
     # Checkpoints written before the start was recorded: one batch size throughout. The default digits run
     # reads 21 x 64 = 1,344 of the 1,347 training images per epoch: after 5 epochs it is inside pass 4.
-    assert _data_position({}, epoch=5, micro_steps=21, batch_size=64, pass_images=1347) == (4, 1332)
+    assert data_position({}, epoch=5, micro_steps=21, batch_size=64, pass_images=1347) == (4, 1332)
     start = {"images": 16, "epoch": 2, "batch_size": 8}
-    assert _data_position({"data_start": start}, 3, 2, 4, 18) == (1, 14)
-    assert _data_position({"data_start": start}, 2, 2, 4, 18) == (0, 16)
+    assert data_position({"data_start": start}, 3, 2, 4, 18) == (1, 14)
+    assert data_position({"data_start": start}, 2, 2, 4, 18) == (0, 16)
 
 
 def test_nan_message_names_the_runs_global_step(capsys):
-    monitor = cb.TrainingMonitor(initial_step=40, resume_hint="keras-dinov2 pretrain --resume --lr 0.001")
+    monitor = TrainingMonitor(initial_step=40, resume_hint="keras-dinov2 pretrain --resume --lr 0.001")
     monitor.set_model(types.SimpleNamespace(stop_training=False))
     monitor.on_train_batch_end(0, {"loss": 1.0})
     monitor.on_train_batch_end(1, {"loss": float("nan")})
@@ -162,25 +161,23 @@ def test_trim_run_logs_keeps_rows_before_the_checkpoint(tmp_path):
         f.write("step,epoch,loss\n0,0,1\n1,0,2\n2,1,3\n3,1")
     with open(tmp_path / "epochs.csv", "w") as f:
         f.write("epoch,step,knn_top1\n1,2,50\n2,4,\n")
-    assert cb.trim_run_logs(str(tmp_path), step=2, epoch=1) == {"metrics.csv": 2, "epochs.csv": 1}
+    assert RunDirectory(tmp_path).trim_logs(step=2, epoch=1) == {"metrics.csv": 2, "epochs.csv": 1}
     assert [r["step"] for r in _rows(tmp_path / "metrics.csv")] == ["0", "1"]
     assert [r["epoch"] for r in _rows(tmp_path / "epochs.csv")] == ["1"]
-    assert cb.trim_run_logs(str(tmp_path), step=2, epoch=1) == {}
+    assert RunDirectory(tmp_path).trim_logs(step=2, epoch=1) == {}
 
 
 def test_stored_config_round_trips_through_the_resume_check():
     # A resume with no flags changes nothing: the stored config comes back as it was.
-    from keras_dinov2.run import _resumed_config
-
     stored = {"ssl": SSLConfig.recipe("digits").to_dict(), "model": "dinov2_vit_tiny4", "data": "digits",
               "recipe": "digits"}
     args = types.SimpleNamespace(data=None, model=None, recipe=None, steps_per_epoch=None, accumulation=None,
                                  seed=None, lr=None, weight_decay=None, weight_decay_end=None, epochs=None,
                                  batch_size=None)
-    config, changes = _resumed_config(args, stored, "runs/x")
+    config, changes = resumed_config(args, stored, "runs/x")
     assert changes == {} and config.to_dict() == stored["ssl"]
     args.recipe, args.data = "digits", "digits"  # the run's own values are no change
-    assert _resumed_config(args, stored, "runs/x")[1] == {}
+    assert resumed_config(args, stored, "runs/x")[1] == {}
 
 
 def test_stream_resumed_at_an_image_continues_across_the_pass_boundary():

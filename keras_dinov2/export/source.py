@@ -144,9 +144,9 @@ def load_run(run_dir):
     >>> source = load_run("runs/latest")
     >>> source.info["steps"]
     """
-    from keras_dinov2 import callbacks
     from keras_dinov2.config import SSLConfig
     from keras_dinov2.pretrainer import DINOv2Pretrainer
+    from keras_dinov2.run import latest_checkpoint, load_checkpoint
 
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir!r} is not a run directory (not a folder).")
@@ -163,7 +163,7 @@ def load_run(run_dir):
     info = {"kind": "run", "path": str(run_dir), "model": stored["model"],
             "data": stored.get("data"), "backend": stored.get("backend"), "ssl": ssl.to_dict(),
             "knn": _knn(run_dir)}
-    checkpoint = callbacks.latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         preset = os.path.join(run_dir, "teacher_preset")
         if not os.path.isdir(preset):
@@ -178,7 +178,7 @@ def load_run(run_dir):
     model = DINOv2Pretrainer(student, ssl, steps_per_epoch=ssl.optim.steps_per_epoch)
     model.compile()
     try:
-        metadata = callbacks.load_checkpoint(model, checkpoint)
+        metadata = load_checkpoint(model, checkpoint)
     except ValueError as error:
         raise ValueError(f"Could not restore {checkpoint} into the run described by "
                          f"{config_path}: {error}") from error

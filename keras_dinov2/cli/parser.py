@@ -1,9 +1,9 @@
-"""The `keras-dinov2` command line: pretrain, evaluate, export, convert, visualize."""
+"""The argument parser of `keras-dinov2`: the subcommands, their flags and the flags' types."""
 
 import argparse
 import math
-import os
-import sys
+
+from keras_dinov2.cli.errors import USAGE_ERROR
 
 DESCRIPTION = """\
 DINOv2 self-supervised pretraining of Vision Transformers on Keras 3.
@@ -12,12 +12,6 @@ The Keras backend comes from KERAS_BACKEND (jax, tensorflow or torch), else from
 configuration (~/.keras/keras.json, TensorFlow by default). The README's quick start sets jax.
 TensorFlow's start-up log lines are hidden; set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
-
-NOT_YET = {}
-
-# Exit statuses: 2 for anything the user can fix in the command (a flag, a path, the data), 3 when an
-# export was written but its upload failed, 130 on Ctrl-C.
-USAGE_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +68,8 @@ MAX_IMAGE_PIXELS_HELP = (
 )
 
 
-def _parser():
+def build_parser():
+    """The `keras-dinov2` parser: one subparser per command (`args.command` is None when none is given)."""
     parser = _Parser(
         prog="keras-dinov2", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -268,225 +263,3 @@ def _parser():
                            help="with a built-in preset name: random weights instead of the "
                                 "official download (to try the command offline)")
     return parser
-
-
-def _convert(args):
-    from keras_dinov2 import convert
-
-    kind, path = args.source
-    if kind == "torch-hub":
-        if not os.path.isfile(path):
-            raise ValueError(f"--from torch-hub expects a .pth file; {path!r} is not one.")
-        load = convert.load_torch_hub_checkpoint
-    elif kind == "transformers":
-        if not os.path.isdir(path):
-            raise ValueError(f"--from transformers expects a folder; {path!r} is not one.")
-        load = convert.load_transformers_checkpoint
-    else:
-        raise ValueError(f"--from KIND must be torch-hub or transformers, not {kind!r}.")
-    try:
-        backbone = load(path)
-    except Exception as error:
-        # Name the input when the reader's message does not (a JSON or zip error says where, not what).
-        if not _is_user_error(error) or os.path.basename(os.path.normpath(path)) in str(error):
-            raise
-        raise ValueError(f"{path!r} could not be converted ({kind}): {_one_line(error)}") from error
-    backbone.save_to_preset(args.out)
-    print(
-        f"Wrote {args.out}: {backbone.num_layers} blocks, width {backbone.hidden_dim}, "
-        f"patch {backbone.patch_size}, {backbone.num_register_tokens} registers, "
-        f"{backbone.count_params():,} parameters, interpolation {backbone.interpolation!r}."
-    )
-    return 0
-
-
-def check_preset_spec(flag, spec):
-    """Refuses, in one line, a preset spec that is no architecture name, folder or URI (keras-hub's own
-    message for an unknown name is a page long)."""
-    from keras_dinov2.backbone import ARCHITECTURES
-
-    if spec in ARCHITECTURES or "://" in spec or os.path.isdir(spec):
-        return
-    import difflib
-
-    close = difflib.get_close_matches(spec, list(ARCHITECTURES), n=2)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise ValueError(
-        f"{flag} {spec!r} is not an architecture, a folder or an hf:// URI; {hint}architectures: "
-        f"{', '.join(ARCHITECTURES)}."
-    )
-
-
-def load_backbone(spec, flag="--preset"):
-    """A backbone from a run directory (its teacher_preset/), a preset folder, an hf:// URI or a preset name."""
-    from keras_dinov2.backbone import DINOv2Backbone
-
-    check_preset_spec(flag, spec)
-    if os.path.isdir(os.path.join(spec, "teacher_preset")):
-        spec = os.path.join(spec, "teacher_preset")
-    elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        raise ValueError(
-            f"{spec!r} is neither a preset folder (no config.json) nor a finished run directory "
-            "(no teacher_preset/)."
-        )
-    return DINOv2Backbone.from_preset(spec)
-
-
-def _evaluate(args):
-    import json
-
-    from keras_dinov2.evaluation import evaluate_backbone
-
-    backbone = load_backbone(args.preset)
-    result = evaluate_backbone(
-        backbone, data=args.data, image_size=args.image_size, features=args.features,
-        n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, linear=args.linear,
-        linear_epochs=args.linear_epochs, compare_random_init=not args.no_random_init,
-        batch_size=args.batch_size, train_split=args.train_split, test_split=args.test_split,
-        max_image_pixels=args.max_image_pixels,
-    )
-    random_init = result.get("random_init", {})
-    print(f"{args.preset} on {result['data']} ({result['num_train']} references, {result['num_test']} "
-          f"queries, {result['image_size']} px):")
-    for k, accuracy in sorted(result["knn"].items()):
-        extra = f"   random init {random_init['knn'][k]:5.1f}%" if random_init else ""
-        print(f"  k-NN k={k:<4d} {accuracy:5.1f}%{extra}")
-    if "linear" in result:
-        extra = f"   random init {random_init['linear']['accuracy']:5.1f}%" if random_init else ""
-        print(f"  linear     {result['linear']['accuracy']:5.1f}% (lr {result['linear']['learning_rate']:g}){extra}")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"Wrote {args.output}.")
-    return 0
-
-
-def _export(args):
-    import warnings
-
-    from keras_dinov2.export import ExportWarning, UploadError, export, load_run
-
-    if args.preset is not None:
-        check_preset_spec("--preset", args.preset)
-    try:
-        source = load_run(args.run) if args.run else args.preset
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExportWarning)  # export prints them itself
-            export(source, args.out, format=args.format, heads=args.heads,
-                   tolerance=args.tolerance, license=args.license, push=args.push,
-                   private=args.private, revision=args.revision,
-                   commit_message=args.commit_message, overwrite=args.overwrite)
-    except UploadError as error:
-        # The export is on disk; only the upload failed (its message is already free of credentials).
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    return 0
-
-
-def _parse_size(text):
-    if text is None:
-        return None
-    try:
-        sides = [int(part) for part in text.lower().split("x")]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides) < 1:
-        raise ValueError(f"--size must be N or HxW in pixels, received {text!r}.")
-    return sides[0] if len(sides) == 1 else tuple(sides)
-
-
-def _visualize(args):
-    from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
-    from keras_dinov2.visualize import save_figure
-
-    spec = args.preset or args.run
-    if spec is None:
-        raise ValueError("visualize needs --preset (or --run RUN_DIR).")
-    run = args.run
-    if run is None and os.path.isdir(os.path.join(spec, "teacher_preset")):
-        run = spec
-    if run is not None and not os.path.isfile(os.path.join(run, "metrics.csv")):
-        if args.run is not None:
-            raise ValueError(f"--run {run!r} has no metrics.csv to plot.")
-        run = None
-    size = _parse_size(args.size)
-    try:
-        if spec in ARCHITECTURES and args.random_weights:
-            backbone = DINOv2Backbone.from_preset(spec, load_weights=False)
-        else:
-            backbone = load_backbone(spec, "--preset" if args.preset else "--run")
-    except ValueError as error:
-        hint = " Pass --random-weights for random weights." if spec in ARCHITECTURES else ""
-        raise ValueError(f"{error}{hint}") from None
-    picture = save_figure(backbone, args.image, args.out, size=size,
-                          background_threshold=args.background_threshold,
-                          upsample=args.upsample, max_image_pixels=args.max_image_pixels)
-    side = size or backbone.image_size
-    side = f"{side[0]} x {side[1]}" if isinstance(side, tuple) else side
-    print(f"Wrote {args.out} ({picture.shape[1]} x {picture.shape[0]} px): {len(args.image)} "
-          f"image(s) at {side} px, PCA and {backbone.num_heads} attention heads + their mean.")
-    if run is not None:
-        from keras_dinov2.callbacks import plot_metrics
-
-        png = os.path.join(run, "metrics.png")
-        plot_metrics(os.path.join(run, "metrics.csv"), png)
-        print(f"Wrote {png} (training curves of {run}).")
-    return 0
-
-
-def _pretrain(args):
-    from keras_dinov2.run import pretrain
-
-    if args.model is not None and not args.resume:
-        check_preset_spec("--model", args.model)
-    return pretrain(args)
-
-
-def _is_user_error(error):
-    """Errors that describe a bad input (a flag, a path, a file, the data), as the library raises them on
-    purpose; anything else is a bug and keeps its traceback."""
-    return isinstance(error, (ValueError, OSError)) or type(error).__module__.startswith("keras_dinov2")
-
-
-def _one_line(error, limit=600):
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, OSError) and not isinstance(error, ConnectionError) and error.filename:
-        text = f"{error.strerror or text}: {error.filename!r}"
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
-def main(argv=None):
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    if args.command in NOT_YET:
-        print(
-            f"keras-dinov2 {args.command} is not available yet: {NOT_YET[args.command]} has "
-            "not landed. Nothing was run. `keras-dinov2 pretrain` and `keras-dinov2 convert` "
-            "work today.",
-            file=sys.stderr,
-        )
-        return USAGE_ERROR
-    command = {"evaluate": _evaluate, "export": _export, "visualize": _visualize,
-               "pretrain": _pretrain, "convert": _convert}[args.command]
-    try:
-        return command(args)
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if not _is_user_error(error):
-            raise
-        message = _one_line(error)
-        if args.command == "export":
-            from keras_dinov2.export.hub import redact_secrets
-
-            message = redact_secrets(message, secrets=[os.environ.get("HF_TOKEN", "")])
-        print(f"keras-dinov2 {args.command}: error: {message}", file=sys.stderr)
-        return USAGE_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())
