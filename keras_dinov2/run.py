@@ -81,7 +81,8 @@ def _stored_recipe(stored):
     ssl = SSLConfig.from_dict(stored["ssl"])
     for name in SSL_RECIPES:
         recipe = SSLConfig.recipe(name)
-        if (recipe.heads, recipe.loss, recipe.data) == (ssl.heads, ssl.loss, ssl.data):
+        if ((recipe.heads, recipe.loss, recipe.data, recipe.model.patch_size)
+                == (ssl.heads, ssl.loss, ssl.data, ssl.model.patch_size)):
             return name
     return None
 
@@ -181,13 +182,15 @@ def _resolve_config(args, run_dir):
             optim[name] = getattr(args, name)
     if args.steps_per_epoch is not None:
         optim["steps_per_epoch"] = args.steps_per_epoch
+    settings = {}
     if getattr(args, "drop_path_rate", None) is not None:
-        optim["drop_path_rate"] = args.drop_path_rate
+        settings["drop_path_rate"] = args.drop_path_rate
     if getattr(args, "drop_path_uniform", None) is not None:
-        optim["drop_path_uniform"] = args.drop_path_uniform
+        settings["drop_path_uniform"] = args.drop_path_uniform
     config = dataclasses.replace(
         config,
         optim=dataclasses.replace(config.optim, **optim),
+        model=dataclasses.replace(config.model, **settings),
         batch_size=config.batch_size if args.batch_size is None else args.batch_size,
         seed=_seed_default(args),
     )
@@ -198,19 +201,19 @@ def _resolve_config(args, run_dir):
 def _build_backbone(model_name, config):
     from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
 
-    overrides = config.optim.stochastic_depth()
+    overrides = config.model.stochastic_depth()
     if model_name in ARCHITECTURES:
         patch = ARCHITECTURES[model_name]["config"]["patch_size"]
-        overrides.update(config.optim.new_backbone_init())
+        overrides.update(config.model.new_backbone_init())
         # Store the position table for the global crop size: no resampling at 224 / 32.
         overrides["image_size"] = config.data.crops.global_crops_size
         # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any
         # backend) and transformers all resample its position table alike, so every export matches
         # at every input size. The released weights keep the rule they were trained with.
         overrides["interpolation"] = "registers"
-        if config.data.masking.patch_size != patch:
+        if config.model.patch_size != patch:
             raise ValueError(
-                f"the recipe's patch size {config.data.masking.patch_size} does not "
+                f"the recipe's patch size {config.model.patch_size} does not "
                 f"match {model_name}'s {patch}; choose a matching --recipe or --model."
             )
         return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
@@ -275,7 +278,7 @@ def pretrain(args):
 
     # Every replica reads its own shard: one pass is one shard's batches.
     max_image_pixels = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    batches_per_pass = dist.batches_per_pass(data_spec, config.batch_size, config.data,
+    batches_per_pass = dist.batches_per_pass(data_spec, config.batch_size, config,
                                              seed=config.seed, max_image_pixels=max_image_pixels)
     if batches_per_pass <= 0:
         raise ValueError(
@@ -384,7 +387,7 @@ def pretrain(args):
     start_pass, skip = _data_position(metadata, initial_epoch, micro_steps, old_batch,
                                       pass_images)
     dataset = dist.dataset(
-        data_spec, config.batch_size, config.data, seed=config.seed, repeat=True,
+        data_spec, config.batch_size, config, seed=config.seed, repeat=True,
         start_epoch=start_pass, skip_images=skip,
         micro_batches=accumulation, max_image_pixels=max_image_pixels,
     )

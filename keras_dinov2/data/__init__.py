@@ -2,8 +2,7 @@
 
 Example:
     >>> import keras_dinov2 as kd
-    >>> from keras_dinov2.config import DataConfig
-    >>> ds = kd.data.multicrop_dataset("digits", batch_size=32, config=DataConfig.recipe("digits"))
+    >>> ds = kd.data.multicrop_dataset("digits", batch_size=32, config=kd.SSLConfig.recipe("digits"))
 """
 
 from keras_dinov2.data.augment import (

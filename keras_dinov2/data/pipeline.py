@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelConfig
 from keras_dinov2.data.augment import MultiCropAugmentation, normalize
 from keras_dinov2.data.masking import sample_masks
 from keras_dinov2.data.sources import DEFAULT_MAX_IMAGE_PIXELS, _check_shards, get_source
@@ -193,6 +193,7 @@ def multicrop_dataset(
     batch_size: int,
     config: DataConfig | None = None,
     *,
+    patch_size: int | None = None,
     seed: int = 0,
     repeat: bool = False,
     start_epoch: int = 0,
@@ -223,7 +224,7 @@ def multicrop_dataset(
     ```
 
     Crops are normalized with the ImageNet mean and std. `model.fit(dataset)` receives the dict as `x` (no `y`).
-    M is `config.mask_buffer_size(B)`.
+    M is `mask_buffer_size(2B, N, config.masking)` (`keras_dinov2.data.masking`).
 
     Epochs: by default the dataset is one pass over the data (this shard's share), and every pass (each `fit`
     epoch) draws a new permutation and new augmentations, deterministically from `seed`. The per-pass key comes
@@ -245,8 +246,11 @@ def multicrop_dataset(
         source: str, path-like, NumPy array or ImageSource. "digits", a folder, "tfds:NAME[:SPLIT]", ... (see
             `get_source`).
         batch_size: int. Images per batch (B).
-        config: DataConfig or None, default None (`DataConfig()`, the ViT-14 recipe: 2 x 224 + 8 x 98, patch 14).
-            A config holding a DataConfig as `.data` (the run's SSLConfig) is accepted too.
+        config: DataConfig or None, default None (`DataConfig()`, the ViT-14 recipe: 2 x 224 + 8 x 98).
+            A config holding a DataConfig as `.data` and a ModelConfig as `.model` (the run's SSLConfig) is
+            accepted too, and gives the patch size.
+        patch_size: int or None, default None. The model's patch size (mask grid (G / patch)^2; both crop sizes
+            must be multiples of it). None: the `.model.patch_size` of a run config, else `ModelConfig()`'s 14.
         seed: int, default 0. Non-negative seed.
         repeat: bool, default False. Infinite stream of epochs keyed (seed, epoch).
         start_epoch: int, default 0. First epoch when `repeat=True`.
@@ -265,18 +269,23 @@ def multicrop_dataset(
             declares more pixels are skipped, never decoded (see `get_source`); None for no limit.
 
     Example:
-        >>> ds = multicrop_dataset("digits", batch_size=8, config=DataConfig.recipe("digits"))
+        >>> ds = multicrop_dataset("digits", batch_size=8, config=DataConfig.recipe("digits"), patch_size=4)
         >>> batch = next(iter(ds))
         >>> batch["global_crops"].shape, batch["masks"].shape, batch["mask_indices"].shape
-        (TensorShape([16, 32, 32, 3]), TensorShape([16, 64]), TensorShape([163]))
+        (TensorShape([16, 24, 24, 3]), TensorShape([16, 36]), TensorShape([91]))
     """
     config = DataConfig() if config is None else config
     if not isinstance(config, DataConfig) and isinstance(getattr(config, "data", None), DataConfig):
-        config = config.data  # a whole-run config (e.g. SSLConfig) that holds the data section
+        # A whole-run config (e.g. SSLConfig): its data section, and its model's patch size.
+        if patch_size is None:
+            patch_size = getattr(getattr(config, "model", None), "patch_size", None)
+        config = config.data
     if not isinstance(config, DataConfig):
         raise ValueError(
             f"config must be a DataConfig (or hold one as `.data`); received {type(config).__name__}."
         )
+    patch_size = ModelConfig().patch_size if patch_size is None else patch_size
+    grid = config.patch_grid(_check_positive_int("patch_size", patch_size))
     batch_size = _check_positive_int("batch_size", batch_size)
     shuffle_buffer_size = _check_positive_int("shuffle_buffer_size", shuffle_buffer_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
@@ -393,7 +402,6 @@ def multicrop_dataset(
 
     crops_cfg = config.crops
     n_local = crops_cfg.local_crops_number
-    grid = config.grid_size
 
     def collate(batch):
         def view_major(x, views, size):
