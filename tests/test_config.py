@@ -22,6 +22,7 @@ from keras_dinov2.config import (
     ModelConfig,
     OptimConfig,
     SSLConfig,
+    data_and_patch_size,
     upgrade_layout,
 )
 from keras_dinov2.config.fields import ConfigBase
@@ -143,6 +144,18 @@ def test_rules_normalize_pairs_triples_and_sections():
     config = SSLConfig(model={"patch_size": 4}, data=DataConfig.recipe("digits").to_dict())
     assert isinstance(config.model, ModelConfig) and isinstance(config.data.crops, CropConfig)
     assert OptimConfig(warmup_epochs=10).to_dict()["warmup_epochs"] == 10  # numbers are stored as given
+
+
+def test_data_and_patch_size_of_what_a_pipeline_is_given():
+    digits = SSLConfig.recipe("digits")
+    assert data_and_patch_size(digits) == (digits.data, 4)
+    assert data_and_patch_size(digits, 8) == (digits.data, 8)  # an explicit patch size wins
+    assert data_and_patch_size(None) == (DataConfig(), 14)
+    assert data_and_patch_size(digits.data) == (digits.data, 14)
+    with pytest.raises(ValueError, match="config must be a DataConfig"):
+        data_and_patch_size("digits")
+    with pytest.raises(ValueError, match="patch_size must be an integer >= 1; received 0"):
+        data_and_patch_size(digits.data, 0)
 
 
 def test_every_config_field_has_exactly_one_rule():

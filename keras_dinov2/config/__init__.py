@@ -13,7 +13,8 @@ Modules (this package imports nothing else of keras_dinov2):
   ``MaskingConfig`` (iBOT block masking), grouped by ``DataConfig``.
 - model: ``ModelConfig`` (the student backbone's patch size, stochastic depth and initialization).
 - training: ``HeadConfig``, ``LossConfig``, ``OptimConfig``.
-- ssl: ``SSLConfig``, every section of a run, and ``upgrade_layout`` for config.json files of older runs.
+- ssl: ``SSLConfig``, every section of a run; ``upgrade_layout`` for config.json files of older runs;
+  ``data_and_patch_size``, what a data pipeline takes from a DataConfig or a run config.
 - recipes: ``DATA_RECIPES`` and ``SSL_RECIPES`` (``DataConfig.recipe(name)``, ``SSLConfig.recipe(name)``).
 """
 
@@ -35,7 +36,7 @@ from keras_dinov2.config.fields import (
 )
 from keras_dinov2.config.model import ModelConfig
 from keras_dinov2.config.recipes import DATA_RECIPES, SSL_RECIPES
-from keras_dinov2.config.ssl import SSLConfig, upgrade_layout
+from keras_dinov2.config.ssl import SSLConfig, data_and_patch_size, upgrade_layout
 from keras_dinov2.config.training import HeadConfig, LossConfig, OptimConfig
 
 __all__ = [
@@ -59,4 +60,5 @@ __all__ = [
     "SSLConfig",
     "SSL_RECIPES",
     "upgrade_layout",
+    "data_and_patch_size",
 ]

@@ -11,7 +11,7 @@ from keras_dinov2.config.fields import ConfigBase, named_recipe
 from keras_dinov2.config.model import ModelConfig
 from keras_dinov2.config.training import HeadConfig, LossConfig, OptimConfig
 
-__all__ = ["SSLConfig", "MOVED_TO_MODEL", "upgrade_layout"]
+__all__ = ["SSLConfig", "MOVED_TO_MODEL", "upgrade_layout", "data_and_patch_size"]
 
 # Where the model settings were stored before `SSLConfig.model` existed: section -> the ModelConfig fields it held.
 MOVED_TO_MODEL = {
@@ -103,3 +103,36 @@ class SSLConfig(ConfigBase):
     def recipe(cls, name: str) -> SSLConfig:
         """Return a fresh copy of a named recipe from `SSL_RECIPES`."""
         return named_recipe(cls, name)
+
+
+def data_and_patch_size(config, patch_size: int | None = None) -> tuple[DataConfig, int]:
+    """The data section and the patch size a data pipeline works with, from what its caller gave.
+
+    Args:
+        config: DataConfig; None for `DataConfig()`; or a whole-run config holding a DataConfig as `.data` and a
+            ModelConfig as `.model` (SSLConfig), which gives the patch size too.
+        patch_size: int or None, default None. Given: it wins. None: the run config's `.model.patch_size`, else
+            `ModelConfig()`'s (14).
+
+    Raises:
+        ValueError: `config` is none of these, or `patch_size` is not an integer >= 1.
+
+    Example:
+        >>> data, patch = data_and_patch_size(SSLConfig.recipe("digits"))
+        >>> data.patch_grid(patch)
+        (6, 6)
+    """
+    config = DataConfig() if config is None else config
+    if not isinstance(config, DataConfig) and isinstance(getattr(config, "data", None), DataConfig):
+        # A whole-run config (e.g. SSLConfig): its data section, and its model's patch size.
+        if patch_size is None:
+            patch_size = getattr(getattr(config, "model", None), "patch_size", None)
+        config = config.data
+    if not isinstance(config, DataConfig):
+        raise ValueError(
+            f"config must be a DataConfig (or hold one as `.data`); received {type(config).__name__}."
+        )
+    patch_size = ModelConfig().patch_size if patch_size is None else patch_size
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be an integer >= 1; received {patch_size!r}.")
+    return config, patch_size

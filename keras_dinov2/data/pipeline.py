@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelConfig
+from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, data_and_patch_size
 from keras_dinov2.data.augment import MultiCropAugmentation, normalize
 from keras_dinov2.data.masking import sample_masks
 from keras_dinov2.data.sources import DEFAULT_MAX_IMAGE_PIXELS, _check_shards, get_source
@@ -274,18 +274,8 @@ def multicrop_dataset(
         >>> batch["global_crops"].shape, batch["masks"].shape, batch["mask_indices"].shape
         (TensorShape([16, 24, 24, 3]), TensorShape([16, 36]), TensorShape([91]))
     """
-    config = DataConfig() if config is None else config
-    if not isinstance(config, DataConfig) and isinstance(getattr(config, "data", None), DataConfig):
-        # A whole-run config (e.g. SSLConfig): its data section, and its model's patch size.
-        if patch_size is None:
-            patch_size = getattr(getattr(config, "model", None), "patch_size", None)
-        config = config.data
-    if not isinstance(config, DataConfig):
-        raise ValueError(
-            f"config must be a DataConfig (or hold one as `.data`); received {type(config).__name__}."
-        )
-    patch_size = ModelConfig().patch_size if patch_size is None else patch_size
-    grid = config.patch_grid(_check_positive_int("patch_size", patch_size))
+    config, patch_size = data_and_patch_size(config, patch_size)
+    grid = config.patch_grid(patch_size)
     batch_size = _check_positive_int("batch_size", batch_size)
     shuffle_buffer_size = _check_positive_int("shuffle_buffer_size", shuffle_buffer_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
