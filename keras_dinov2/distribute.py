@@ -33,7 +33,7 @@ Example:
 ...     model = DINOv2Pretrainer(backbone_fn(), config)
 ...     model.compile(global_batch_size=dist.global_batch_size(config.batch_size))
 >>> dist.prepare(model)                      # torch: every rank starts from rank 0's weights
->>> model.fit(dist.dataset("digits", config.batch_size, config.data, repeat=True), ...)
+>>> model.fit(dist.dataset("digits", config.batch_size, config, repeat=True), ...)
 """
 
 import contextlib
@@ -161,7 +161,8 @@ class DistributedSetup:
         Args:
             source: as `multicrop_dataset`.
             batch_size: int. Images per replica per step.
-            config: DataConfig (or a config holding one), as `multicrop_dataset`.
+            config: DataConfig (or the run's SSLConfig, which gives the patch size too), as
+                `multicrop_dataset`.
             skip: int, default 0. Batches to skip at the start of every shard (resume).
             micro_batches: int, default 1. Micro-batches per optimizer update (gradient
                 accumulation): each replica's k consecutive batches are stacked into one

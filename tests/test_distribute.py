@@ -83,9 +83,10 @@ def _recipe(name):
         heads = HeadConfig(num_prototypes=64, hidden_dim=32, bottleneck_dim=16)
     # The weights must move in both steps: no warmup from lr 0, no frozen last layer.
     optim = dataclasses.replace(config.optim, warmup_epochs=0, base_lr=0.5,
-                                freeze_last_layer_epochs=0, drop_path_rate=0.0)
+                                freeze_last_layer_epochs=0)
+    model = dataclasses.replace(digits.model, drop_path_rate=0.0)
     return dataclasses.replace(config, batch_size=IMAGES, heads=heads, loss=loss, optim=optim,
-                               data=digits.data)
+                               data=digits.data, model=model)
 
 
 def _build(name="digits"):
@@ -119,7 +120,7 @@ def _real_batches():
     from keras_dinov2.data import multicrop_dataset
 
     ds = multicrop_dataset("digits", batch_size=IMAGES, seed=0,
-                           config=SSLConfig.recipe("digits").data)
+                           config=SSLConfig.recipe("digits"))
     batches = [{k: np.asarray(v) for k, v in b.items()} for b in ds.take(2).as_numpy_iterator()]
     if path:
         np.savez(path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
@@ -837,7 +838,7 @@ def test_every_shard_samples_its_own_masks():
     from keras_dinov2.data import multicrop_dataset
 
     images = np.full((16, 32, 32, 3), 128, "uint8")
-    config = SSLConfig.recipe("digits").data
+    config = SSLConfig.recipe("digits")
     masks = [next(iter(multicrop_dataset(images, 4, config, num_shards=2, shard_index=r,
                                          jit_compile=False)))["masks"].numpy()
              for r in range(2)]

@@ -30,19 +30,19 @@ def _block_rates(backbone):
 @pytest.mark.parametrize("recipe, rate", [("reference_default", 0.3), ("vitl14", 0.4),
                                           ("vitg14", 0.4)])
 def test_dinov2_recipes_give_every_block_the_reference_drop_path_rate(recipe, rate):
-    optim = SSLConfig.recipe(recipe).optim
-    assert optim.drop_path_uniform and optim.drop_path_rate == rate
+    model = SSLConfig.recipe(recipe).model
+    assert model.drop_path_uniform and model.drop_path_rate == rate
     backbone = DINOv2Backbone.from_preset("dinov2_vit_tiny4", load_weights=False,
-                                          **optim.stochastic_depth())
+                                          **model.stochastic_depth())
     assert _block_rates(backbone) == [rate] * 4
 
 
 def test_digits_recipe_keeps_its_linear_ramp():
-    optim = SSLConfig.recipe("digits").optim
+    model = SSLConfig.recipe("digits").model
     backbone = DINOv2Backbone.from_preset("dinov2_vit_tiny4", load_weights=False,
-                                          **optim.stochastic_depth())
+                                          **model.stochastic_depth())
     rates = _block_rates(backbone)
-    assert rates[0] == 0.0 and rates[-1] == pytest.approx(optim.drop_path_rate)
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(model.drop_path_rate)
 
 
 def test_pretrain_flags_build_the_student_and_are_recorded(tmp_path, monkeypatch):
@@ -65,9 +65,9 @@ def test_pretrain_flags_build_the_student_and_are_recorded(tmp_path, monkeypatch
                  "--drop-path-uniform", "--knn-every", "0", "--verbose", "0"]) == 0
     assert built["rates"] == [0.2] * 4
     with open(os.path.join(run, "config.json")) as f:
-        optim = json.load(f)["ssl"]["optim"]
-    assert optim["drop_path_rate"] == 0.2 and optim["drop_path_uniform"] is True
-    assert optim["gradient_accumulation_steps"] == 2
+        ssl = json.load(f)["ssl"]
+    assert ssl["model"]["drop_path_rate"] == 0.2 and ssl["model"]["drop_path_uniform"] is True
+    assert ssl["optim"]["gradient_accumulation_steps"] == 2
     # Two optimizer updates, each of 2 micro-batches of 4 images: the lr scaled by 8 images.
     model = built["model"]
     assert int(to_numpy(model.optimizer.iterations)) == 2
@@ -95,7 +95,7 @@ with dist.scope():
 config = model.config
 peak = model.schedules.learning_rate.base_value
 # One accumulated update over the replicas, through the pipeline (stacked micro-batches).
-data = dist.dataset("digits", config.batch_size, config.data, repeat=True, micro_batches=3)
+data = dist.dataset("digits", config.batch_size, config, repeat=True, micro_batches=3)
 history = model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
 loss = history.history["loss"][0]
 print("RESULT", dist.num_replicas, active, float(peak), loss)
@@ -216,8 +216,8 @@ def test_pipeline_groups_micro_batches_for_the_step():
     from keras_dinov2.data import group_micro_batches, multicrop_dataset
 
     config = tiny_config()
-    plain = multicrop_dataset("digits", 2, config.data, seed=3)
-    grouped = group_micro_batches(multicrop_dataset("digits", 2, config.data, seed=3), 3)
+    plain = multicrop_dataset("digits", 2, config, seed=3)
+    grouped = group_micro_batches(multicrop_dataset("digits", 2, config, seed=3), 3)
     first = [{k: to_numpy(v) for k, v in b.items()} for b in plain.take(3)]
     stacked = next(iter(grouped))
     expected = stack_batches(first)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_dinov2.config import DataConfig, MaskingConfig
+from keras_dinov2.config import MaskingConfig, SSLConfig
 from keras_dinov2.data import block_masks, mask_buffer_size, mask_strata, sample_masks
 
 # Masks are sampled by TensorFlow ops on every backend: one job runs them (see conftest).
@@ -81,7 +81,8 @@ def test_buffer_size_is_reference_upper_bound():
     assert mask_strata(16, 64)[1].tolist() == [9, 12, 16, 19, 22, 25, 28, 32]
     assert mask_buffer_size(16, 64) == 163
     # The digits recipe (24 px, patch 4: N = 36), batch 8: 5 + 7 + 9 + 10 + 12 + 14 + 16 + 18.
-    assert DataConfig.recipe("digits").mask_buffer_size(8) == 91
+    digits = SSLConfig.recipe("digits")
+    assert mask_buffer_size(16, digits.num_patches, digits.data.masking) == 91
     assert mask_buffer_size(4, 256, MaskingConfig(mask_sample_probability=0.0)) == 1
 
 
@@ -187,7 +188,7 @@ def test_collate_totals_match_numpy_reference():
 def test_sample_masks_structure():
     num_images, grid = 16, (8, 8)
     n = 64
-    config = MaskingConfig(patch_size=4)
+    config = MaskingConfig()
     fn = tf.function(lambda s: sample_masks(num_images, grid, s, config))
     buffer = mask_buffer_size(num_images, n, config)
     low, high = mask_strata(num_images, n, config)
@@ -245,7 +246,6 @@ def test_no_masking_probability():
         {"mask_ratio_min_max": (0.6, 0.2)},
         {"mask_sample_probability": 1.5},
         {"min_aspect": 0},
-        {"patch_size": 0},
         {"max_attempts": 0},
     ],
 )

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import to_numpy
 
 from keras_dinov2.backbone import DINOv2Backbone
-from keras_dinov2.config import DataConfig, HeadConfig, OptimConfig, SSLConfig
+from keras_dinov2.config import DataConfig, HeadConfig, ModelConfig, OptimConfig, SSLConfig
 from keras_dinov2.pretrainer import DINOv2Pretrainer
 from keras_dinov2.run import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -25,7 +25,7 @@ def tiny_config(**optim):
     data.crops.global_crops_size, data.crops.local_crops_size = GLOBAL, LOCAL
     data.crops.local_crops_number = N_LOCAL
     defaults = dict(epochs=2, steps_per_epoch=2, warmup_epochs=0.5, warmup_teacher_temp_epochs=1,
-                    freeze_last_layer_epochs=0.5, drop_path_rate=0.0, base_lr=0.05)
+                    freeze_last_layer_epochs=0.5, base_lr=0.05)
     return SSLConfig(
         batch_size=B,
         heads=HeadConfig(num_prototypes=32, hidden_dim=24, bottleneck_dim=8,
@@ -33,6 +33,7 @@ def tiny_config(**optim):
                          ibot_bottleneck_dim=8),
         optim=OptimConfig(**{**defaults, **optim}),
         data=data,
+        model=ModelConfig(patch_size=PATCH, drop_path_rate=0.0),
     )
 
 

@@ -30,26 +30,26 @@ def reference_like(config):
     """The digits recipe with the reference's defaults where the recipe departs from them."""
     crops = dataclasses.replace(config.data.crops, global_crops_scale=CropConfig.global_crops_scale,
                                 local_crops_scale=CropConfig.local_crops_scale, flip_probability=0.5)
-    optim = dataclasses.replace(config.optim, layer_scale_init=1e-5, teacher_temp=0.07,
+    optim = dataclasses.replace(config.optim, teacher_temp=0.07,
                                 warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=1,
-                                momentum_teacher=0.992, final_momentum_teacher=1.0,
-                                position_embedding_init_std=0.02)
+                                momentum_teacher=0.992, final_momentum_teacher=1.0)
+    model = dataclasses.replace(config.model, layer_scale_init=1e-5, position_embedding_init_std=0.02)
     return dataclasses.replace(
         config, heads=dataclasses.replace(config.heads, num_prototypes=1024, use_bn=False),
         loss=LossConfig(),
-        optim=optim, data=dataclasses.replace(config.data, crops=crops))
+        optim=optim, data=dataclasses.replace(config.data, crops=crops), model=model)
 
 
 def train(config):
     keras.utils.set_random_seed(config.seed)
-    optim = config.optim
+    optim, student = config.optim, config.model
     backbone = DINOv2Backbone.from_preset(
-        "dinov2_vit_tiny4", load_weights=False, drop_path_rate=optim.drop_path_rate,
-        layer_scale_init=optim.layer_scale_init,
-        position_embedding_init_std=optim.position_embedding_init_std)
+        "dinov2_vit_tiny4", load_weights=False, drop_path_rate=student.drop_path_rate,
+        layer_scale_init=student.layer_scale_init,
+        position_embedding_init_std=student.position_embedding_init_std)
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
     model.compile()
-    data = multicrop_dataset("digits", batch_size=config.batch_size, config=config.data, seed=config.seed)
+    data = multicrop_dataset("digits", batch_size=config.batch_size, config=config, seed=config.seed)
     monitor = cb.TrainingMonitor(warmup_steps=10, patience=10)
     kl = []
 
@@ -87,7 +87,7 @@ def test_digits_recipe_learns_features_in_its_first_epochs():
     backbone = _build_backbone("dinov2_vit_tiny4", config)
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=config.optim.steps_per_epoch)
     model.compile()
-    data = multicrop_dataset("digits", batch_size=config.batch_size, config=config.data, seed=config.seed,
+    data = multicrop_dataset("digits", batch_size=config.batch_size, config=config, seed=config.seed,
                              repeat=True)
     monitor = cb.TrainingMonitor()
     with warnings.catch_warnings(record=True) as caught:

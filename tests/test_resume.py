@@ -86,6 +86,29 @@ def test_resume_extends_a_finished_run_with_new_epochs_and_lr(finished_run, tmp_
     assert {**after["ssl"], "optim": None} == {**before["ssl"], "optim": None}
 
 
+def test_resume_reads_a_run_directory_written_before_model_config(finished_run, tmp_path, capsys):
+    """Runs written before `SSLConfig.model` kept the model settings under "optim" and the patch size
+    under "data" / "masking" (tests/fixtures/config_json holds such a file); they resume, and the
+    resumed run stores today's layout."""
+    run = _copy(finished_run, tmp_path)
+    today = _config(run)
+    old = json.loads(json.dumps(today))
+    model = old["ssl"].pop("model")
+    old["ssl"]["data"]["masking"]["patch_size"] = model.pop("patch_size")
+    old["ssl"]["optim"].update(model)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(old, f)
+
+    assert main(["pretrain", "--out", run, "--resume", "--epochs", "4", "--verbose", "0"]) == 0
+    assert "Resuming" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(run, "checkpoint-00004.npz"))
+    assert [int(r["step"]) for r in _rows(os.path.join(run, "metrics.csv"))] == list(range(8))
+    after = _config(run)
+    assert after["resumes"][-1]["changes"] == {"optim.epochs": [3, 4]}
+    today["ssl"]["optim"]["epochs"] = 4
+    assert after["ssl"] == today["ssl"]
+
+
 def test_resume_refuses_flags_that_fix_the_run(finished_run, capsys):
     with open(os.path.join(finished_run, "config.json"), "rb") as f:
         stored = f.read()
@@ -184,7 +207,7 @@ def test_stream_resumed_at_an_image_continues_across_the_pass_boundary():
     from keras_dinov2.data import multicrop_dataset
 
     images = np.random.default_rng(0).integers(0, 256, (18, 32, 32, 3)).astype("uint8")
-    config = SSLConfig.recipe("digits").data
+    config = SSLConfig.recipe("digits")
 
     def stream(**kwargs):
         return multicrop_dataset(images, 4, config, seed=3, repeat=True, **kwargs)

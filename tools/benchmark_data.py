@@ -187,7 +187,7 @@ def main():
             raise SystemExit(f"--reference-src needs torch and torchvision: {error}") from error
         reference = import_reference_data(folder)
 
-    from keras_dinov2.config import DataConfig
+    from keras_dinov2.config import DataConfig, SSLConfig
 
     info = machine_info()
     print(f"CPU: {info['cpu']} ({info['cpu_count']} cores), tensorflow "
@@ -207,7 +207,7 @@ def main():
                     time_reference(folder, reference, args.batch_size, args.batches, args.workers))
     if args.digits:
         runs["keras-dinov2, digits recipe, 2x32 + 8x16"] = [
-            time_pipeline("digits", DataConfig.recipe("digits"), 64, args.batches, True)]
+            time_pipeline("digits", SSLConfig.recipe("digits"), 64, args.batches, True)]
     rates = {name: statistics.median(rate for rate, _ in values) for name, values in runs.items()}
     peer = next((rate for name, rate in rates.items() if name.startswith("reference")), None)
     for name, values in runs.items():

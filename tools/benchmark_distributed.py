@@ -298,7 +298,7 @@ def _one_batch(config, batch_size):
     rng = np.random.default_rng(SEED)
     side = max(64, config.data.crops.global_crops_size)
     images = rng.integers(0, 256, size=(batch_size, side, side, 3), dtype=np.uint8)
-    dataset = multicrop_dataset(images, batch_size=batch_size, config=config.data, seed=SEED,
+    dataset = multicrop_dataset(images, batch_size=batch_size, config=config, seed=SEED,
                                 jit_compile=False)
     return {k: np.asarray(v) for k, v in next(iter(dataset)).items()}
 
@@ -332,12 +332,12 @@ def _build(spec, dist, batch_size, dtype):
     config = SSLConfig.recipe(recipe)
     config.batch_size = batch_size
     config.optim.warmup_epochs = 0
-    config.optim.drop_path_rate = 0.0 if spec["model"] == "tiny" else config.optim.drop_path_rate
+    config.model.drop_path_rate = 0.0 if spec["model"] == "tiny" else config.model.drop_path_rate
     keras.utils.set_random_seed(SEED)
     with dist.scope():
         backbone = DINOv2Backbone.from_preset(
             preset, load_weights=False, image_size=config.data.crops.global_crops_size,
-            drop_path_rate=config.optim.drop_path_rate, dtype=dtype)
+            drop_path_rate=config.model.drop_path_rate, dtype=dtype)
         model = DINOv2Pretrainer(backbone, config, steps_per_epoch=1000)
         model.compile(global_batch_size=dist.global_batch_size(batch_size))
     dist.prepare(model)

@@ -104,10 +104,10 @@ and over, so the input pipeline is not timed:
 
   keras_dinov2  DINOv2Backbone.from_preset(<model>, load_weights=False, image_size=<global
                 crop>, drop_path_rate=R, layer_scale_init=1e-5, dtype=--dtype), DINOv2Pretrainer
-                with SSLConfig(batch_size, HeadConfig(num_prototypes), OptimConfig(drop_path_rate
-                =R, warmup_epochs=0)), model.compile() (the default: JAX jit; TensorFlow
-                tf.function, with XLA only where Keras' jit_compile="auto" picks it, i.e. not on
-                a CPU-only machine; PyTorch eager), and model.fit on
+                with SSLConfig(batch_size, HeadConfig(num_prototypes), OptimConfig(warmup_epochs=
+                0), model=ModelConfig(patch, drop_path_rate=R)), model.compile() (the default:
+                JAX jit; TensorFlow tf.function, with XLA only where Keras' jit_compile="auto"
+                picks it, i.e. not on a CPU-only machine; PyTorch eager), and model.fit on
                 tf.data.Dataset.from_tensors(batch).repeat(). --warmup steps run in a first fit()
                 call (the first step compiles); the timed steps run in a second fit() call.
   reference     (--reference-src DIR) facebookresearch/dinov2 imported from DIR at run time:
@@ -644,7 +644,8 @@ def _make_batch(spec):
 
     config = _data_config(spec)
     images, what = _source_images(max(spec["batch_size"], 8))
-    dataset = multicrop_dataset(images, batch_size=spec["batch_size"], config=config, seed=SEED)
+    patch = MODELS[spec["model"]]["patch"]
+    dataset = multicrop_dataset(images, batch_size=spec["batch_size"], config=config, patch_size=patch, seed=SEED)
     batch = {k: np.asarray(v) for k, v in next(iter(dataset)).items()}
     np.savez(spec["batch"], **batch)
     return {
@@ -659,7 +660,7 @@ def _make_batch(spec):
         # (through keras_hub) TensorFlow, which would inflate its memory.
         "geometry": {
             "global_crops_size": config.crops.global_crops_size,
-            "patch_size": config.masking.patch_size,
+            "patch_size": patch,
             "mask_ratio_min_max": list(config.masking.mask_ratio_min_max),
             "mask_sample_probability": config.masking.mask_sample_probability,
         },
@@ -725,7 +726,7 @@ def _measure_keras(spec):
     import tensorflow as tf
 
     from keras_dinov2 import DINOv2Backbone, DINOv2Pretrainer, SSLConfig
-    from keras_dinov2.config import HeadConfig, OptimConfig
+    from keras_dinov2.config import HeadConfig, ModelConfig, OptimConfig
 
     memory = {"import": peak_rss_mb()}
     model_info = MODELS[spec["model"]]
@@ -756,10 +757,9 @@ def _measure_keras(spec):
             clip_grad=CLIP_GRAD,
             layer_decay=LAYER_DECAY,
             patch_embed_lr_mult=PATCH_EMBED_LR_MULT,
-            drop_path_rate=rate,
-            layer_scale_init=LAYER_SCALE_INIT,
         ),
         data=data_config,
+        model=ModelConfig(patch_size=model_info["patch"], drop_path_rate=rate, layer_scale_init=LAYER_SCALE_INIT),
     )
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=STEPS_PER_EPOCH)
     model.compile()

@@ -153,21 +153,22 @@ def train_step_flops(model_name, batch_size, prototypes):
     from benchmark_train_step import _source_images
 
     from keras_dinov2 import DINOv2Backbone, DINOv2Pretrainer, SSLConfig
-    from keras_dinov2.config import DataConfig, HeadConfig, OptimConfig
+    from keras_dinov2.config import DataConfig, HeadConfig, ModelConfig, OptimConfig
     from keras_dinov2.data import multicrop_dataset
 
     keras.utils.set_random_seed(0)
     preset = MODELS[model_name]
     config = SSLConfig(batch_size=batch_size, heads=HeadConfig(num_prototypes=prototypes),
                        optim=OptimConfig(warmup_epochs=0),
-                       data=DataConfig.recipe(TRAIN_MODELS[model_name]["data"]))
+                       data=DataConfig.recipe(TRAIN_MODELS[model_name]["data"]),
+                       model=ModelConfig(patch_size=TRAIN_MODELS[model_name]["patch"]))
     backbone = DINOv2Backbone.from_preset(
         preset, load_weights=False, image_size=config.data.crops.global_crops_size,
         layer_scale_init=1e-5)
     model = DINOv2Pretrainer(backbone, config)
     model.compile()
     images, _ = _source_images(max(batch_size, 8))
-    dataset = multicrop_dataset(images, batch_size=batch_size, config=config.data, seed=0)
+    dataset = multicrop_dataset(images, batch_size=batch_size, config=config, seed=0)
     batch = {k: np.asarray(v) for k, v in next(iter(dataset)).items()}
     # One fit step builds the optimizer's variables (the step's state).
     model.fit(dataset.take(1), epochs=1, verbose=0)

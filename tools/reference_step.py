@@ -498,6 +498,7 @@ def our_config(settings):
         HeadConfig,
         LossConfig,
         MaskingConfig,
+        ModelConfig,
         OptimConfig,
         SSLConfig,
     )
@@ -546,8 +547,6 @@ def our_config(settings):
             patch_embed_lr_mult=s["patch_embed_lr_mult"],
             adamw_beta1=s["adamw_beta1"],
             adamw_beta2=s["adamw_beta2"],
-            drop_path_rate=s["drop_path_rate"],
-            layer_scale_init=s["layerscale"],
         ),
         data=DataConfig(
             crops=CropConfig(
@@ -556,10 +555,14 @@ def our_config(settings):
                 local_crops_number=s["local_crops_number"],
             ),
             masking=MaskingConfig(
-                patch_size=s["patch_size"],
                 mask_sample_probability=s["mask_sample_probability"],
                 mask_ratio_min_max=tuple(s["mask_ratio_min_max"]),
             ),
+        ),
+        model=ModelConfig(
+            patch_size=s["patch_size"],
+            drop_path_rate=s["drop_path_rate"],
+            layer_scale_init=s["layerscale"],
         ),
     )
     backbone_args = {

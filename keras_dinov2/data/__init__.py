@@ -3,8 +3,7 @@ contract (`batch`: keys, shapes and dtypes of a multi-crop batch).
 
 Example:
     >>> import keras_dinov2 as kd
-    >>> from keras_dinov2.config import DataConfig
-    >>> ds = kd.data.multicrop_dataset("digits", batch_size=32, config=DataConfig.recipe("digits"))
+    >>> ds = kd.data.multicrop_dataset("digits", batch_size=32, config=kd.SSLConfig.recipe("digits"))
 """
 
 from keras_dinov2.data.arrays import array_source, digits_source, split_source

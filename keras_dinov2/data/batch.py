@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from keras_dinov2.data.checks import as_data_config, check_positive_int
+from keras_dinov2.config import data_and_patch_size
+from keras_dinov2.data.checks import check_positive_int
 from keras_dinov2.data.masking import mask_buffer_size
 
 __all__ = [
@@ -58,7 +59,9 @@ class FieldSpec(NamedTuple):
     dtype: str
 
 
-def batch_spec(config, batch_size: int, stacked: int | None = None) -> dict[str, FieldSpec]:
+def batch_spec(
+    config, batch_size: int, stacked: int | None = None, patch_size: int | None = None
+) -> dict[str, FieldSpec]:
     """The shape and dtype of every key of a multi-crop batch of `batch_size` images, in `BATCH_KEYS` order.
 
     Args:
@@ -66,17 +69,19 @@ def batch_spec(config, batch_size: int, stacked: int | None = None) -> dict[str,
         batch_size: int. Images per batch (B), per micro-batch and replica when stacked.
         stacked: int or None, default None. None: one batch (`n_masked_patches` is a scalar). S: S batches stacked
             (every first dimension times S, `n_masked_patches` of shape (S,)).
+        patch_size: int or None, default None. The model's patch size; None: the run config's
+            `.model.patch_size`, else 14 (`keras_dinov2.config.data_and_patch_size`).
 
     Example:
         >>> from keras_dinov2.config import DataConfig
-        >>> batch_spec(DataConfig.recipe("digits"), 8)["masks"]
+        >>> batch_spec(DataConfig.recipe("digits"), 8, patch_size=4)["masks"]
         FieldSpec(shape=(16, 36), dtype='bool')
     """
-    config = as_data_config(config)
+    config, patch_size = data_and_patch_size(config, patch_size)
     b = check_positive_int("batch_size", batch_size)
     s = 1 if stacked is None else check_positive_int("stacked", stacked)
     crops = config.crops
-    rows, cols = config.grid_size
+    rows, cols = config.patch_grid(patch_size)
     num_patches = rows * cols
     buffer = mask_buffer_size(2 * b, num_patches, config.masking)
     g, loc = crops.global_crops_size, crops.local_crops_size
@@ -107,7 +112,7 @@ def _shape(value):
     return tuple(None if d is None else int(d) for d in shape)
 
 
-def check_batch(batch, config, batch_size: int, stacked: int | None = None):
+def check_batch(batch, config, batch_size: int, stacked: int | None = None, patch_size: int | None = None):
     """Check that `batch` follows the contract of `batch_spec(config, batch_size, stacked)`; return it unchanged.
 
     Works on arrays and tensors of any backend, and on `tf.TensorSpec`s (`check_batch(dataset.element_spec, ...)`).
@@ -119,6 +124,7 @@ def check_batch(batch, config, batch_size: int, stacked: int | None = None):
         config: DataConfig, or a config holding one as `.data`; None for `DataConfig()`.
         batch_size: int. Images per batch (B).
         stacked: int or None, default None. See `batch_spec`.
+        patch_size: int or None, default None. See `batch_spec`.
 
     Raises:
         ValueError: a key is missing or unknown, or a shape or dtype differs.
@@ -128,8 +134,8 @@ def check_batch(batch, config, batch_size: int, stacked: int | None = None):
     """
     if not isinstance(batch, dict):
         raise ValueError(f"a multi-crop batch is a dict with keys {list(BATCH_KEYS)}; received {type(batch).__name__}.")
-    config = as_data_config(config)
-    spec = batch_spec(config, batch_size, stacked)
+    config, patch_size = data_and_patch_size(config, patch_size)
+    spec = batch_spec(config, batch_size, stacked, patch_size)
     unknown = sorted(set(batch) - set(spec))
     if unknown:
         raise ValueError(f"batch has unknown key(s) {unknown}; a multi-crop batch has {list(BATCH_KEYS)}.")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_dinov2.config import DataConfig
-
-__all__ = ["as_data_config", "check_max_image_pixels", "check_positive_int", "check_shards"]
+__all__ = ["check_max_image_pixels", "check_positive_int", "check_shards"]
 
 
 def check_positive_int(name, value):
@@ -39,16 +37,3 @@ def check_max_image_pixels(value):
             f"max_image_pixels must be a positive integer or None (no limit); received {value!r}."
         )
     return int(value)
-
-
-def as_data_config(config):
-    """The DataConfig of `config`: `DataConfig()` for None, a DataConfig as is, or the `.data` section of a whole-run
-    config (e.g. SSLConfig); anything else is a ValueError."""
-    config = DataConfig() if config is None else config
-    if not isinstance(config, DataConfig) and isinstance(getattr(config, "data", None), DataConfig):
-        config = config.data  # a whole-run config (e.g. SSLConfig) that holds the data section
-    if not isinstance(config, DataConfig):
-        raise ValueError(
-            f"config must be a DataConfig (or hold one as `.data`); received {type(config).__name__}."
-        )
-    return config

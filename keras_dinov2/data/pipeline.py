@@ -27,10 +27,10 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from keras_dinov2.config import DataConfig
+from keras_dinov2.config import DataConfig, data_and_patch_size
 from keras_dinov2.data.augment import MultiCropAugmentation
 from keras_dinov2.data.batch import BATCH_KEYS, GLOBAL_CROPS, LOCAL_CROPS, check_batch
-from keras_dinov2.data.checks import as_data_config, check_positive_int, check_shards
+from keras_dinov2.data.checks import check_positive_int, check_shards
 from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 from keras_dinov2.data.masking import sample_masks
 from keras_dinov2.data.reading import decode_pass, epoch_keys, read_records
@@ -116,27 +116,28 @@ def view_major(crops, views, batch_size, size):
     return tf.reshape(crops, [views * batch_size, size, size, 3])
 
 
-def batch_masks(first_seed, batch_size, config):
-    """The iBOT masks of a batch's 2B global crops (`sample_masks`), keyed by the batch's first element seed."""
-    return sample_masks(2 * batch_size, config.grid_size, _fold(first_seed, _MASK_STREAM), config.masking)
+def batch_masks(first_seed, batch_size, config, grid):
+    """The iBOT masks of a batch's 2B global crops on their (rows, columns) patch `grid` (`sample_masks`), keyed by
+    the batch's first element seed."""
+    return sample_masks(2 * batch_size, grid, _fold(first_seed, _MASK_STREAM), config.masking)
 
 
-def collate(batch, config, batch_size):
+def collate(batch, config, batch_size, grid):
     """A batch of per-image crops -> the multi-crop batch (`keras_dinov2.data.batch`), in `BATCH_KEYS` order."""
     crops = config.crops
     out = {
         GLOBAL_CROPS: view_major(batch[GLOBAL_CROPS], 2, batch_size, crops.global_crops_size),
         LOCAL_CROPS: view_major(batch[LOCAL_CROPS], crops.local_crops_number, batch_size, crops.local_crops_size),
     }
-    out.update(batch_masks(batch["seed"][0], batch_size, config))
+    out.update(batch_masks(batch["seed"][0], batch_size, config, grid))
     return {key: out[key] for key in BATCH_KEYS}
 
 
-def batch_and_collate(crops, config, batch_size, num_parallel_calls, deterministic):
+def batch_and_collate(crops, config, batch_size, grid, num_parallel_calls, deterministic):
     """Per-image crops -> multi-crop batches of `batch_size` images (`collate`); the last partial batch is dropped."""
     ds = crops.batch(batch_size, drop_remainder=True)
     return ds.map(
-        _plain(lambda batch: collate(batch, config, batch_size)),
+        _plain(lambda batch: collate(batch, config, batch_size, grid)),
         num_parallel_calls=num_parallel_calls,
         deterministic=deterministic,
     )
@@ -197,6 +198,7 @@ def multicrop_dataset(
     batch_size: int,
     config: DataConfig | None = None,
     *,
+    patch_size: int | None = None,
     seed: int = 0,
     repeat: bool = False,
     start_epoch: int = 0,
@@ -227,7 +229,7 @@ def multicrop_dataset(
     ```
 
     Crops are normalized with the ImageNet mean and std. `model.fit(dataset)` receives the dict as `x` (no `y`).
-    M is `config.mask_buffer_size(B)`.
+    M is `mask_buffer_size(2B, N, config.masking)` (`keras_dinov2.data.masking`).
 
     Epochs: by default the dataset is one pass over the data (this shard's share), and every pass (each `fit`
     epoch) draws a new permutation and new augmentations, deterministically from `seed`. The per-pass key comes
@@ -249,8 +251,11 @@ def multicrop_dataset(
         source: str, path-like, NumPy array or ImageSource. "digits", a folder, "tfds:NAME[:SPLIT]", ... (see
             `get_source`).
         batch_size: int. Images per batch (B).
-        config: DataConfig or None, default None (`DataConfig()`, the ViT-14 recipe: 2 x 224 + 8 x 98, patch 14).
-            A config holding a DataConfig as `.data` (the run's SSLConfig) is accepted too.
+        config: DataConfig or None, default None (`DataConfig()`, the ViT-14 recipe: 2 x 224 + 8 x 98).
+            A config holding a DataConfig as `.data` and a ModelConfig as `.model` (the run's SSLConfig) is
+            accepted too, and gives the patch size.
+        patch_size: int or None, default None. The model's patch size (mask grid (G / patch)^2; both crop sizes
+            must be multiples of it). None: the `.model.patch_size` of a run config, else `ModelConfig()`'s 14.
         seed: int, default 0. Non-negative seed.
         repeat: bool, default False. Infinite stream of epochs keyed (seed, epoch).
         start_epoch: int, default 0. First epoch when `repeat=True`.
@@ -269,12 +274,13 @@ def multicrop_dataset(
             declares more pixels are skipped, never decoded (see `get_source`); None for no limit.
 
     Example:
-        >>> ds = multicrop_dataset("digits", batch_size=8, config=DataConfig.recipe("digits"))
+        >>> ds = multicrop_dataset("digits", batch_size=8, config=DataConfig.recipe("digits"), patch_size=4)
         >>> batch = next(iter(ds))
         >>> batch["global_crops"].shape, batch["masks"].shape, batch["mask_indices"].shape
         (TensorShape([16, 24, 24, 3]), TensorShape([16, 36]), TensorShape([91]))
     """
-    config = as_data_config(config)
+    config, patch_size = data_and_patch_size(config, patch_size)
+    grid = config.patch_grid(patch_size)
     batch_size = check_positive_int("batch_size", batch_size)
     shuffle_buffer_size = check_positive_int("shuffle_buffer_size", shuffle_buffer_size)
     _check_arguments(seed, repeat, start_epoch, skip_images)
@@ -298,8 +304,8 @@ def multicrop_dataset(
                            per_shard=per_shard)
     records = skip_for_resume(records, skip_images)
     crops = augment_crops(records, augmentation, num_parallel_calls, deterministic)
-    ds = batch_and_collate(crops, config, batch_size, num_parallel_calls, deterministic)
-    check_batch(ds.element_spec, config, batch_size)
+    ds = batch_and_collate(crops, config, batch_size, grid, num_parallel_calls, deterministic)
+    check_batch(ds.element_spec, config, batch_size, patch_size=patch_size)
     return finish(ds, repeat=repeat, per_shard=per_shard, batch_size=batch_size, prefetch=prefetch)
 
 

@@ -49,6 +49,7 @@ def _training(info):
                 "accuracy are not known here.")
     ssl = info.get("ssl") or {}
     optim, heads, data_cfg = ssl.get("optim", {}), ssl.get("heads", {}), ssl.get("data", {})
+    model = ssl.get("model", {})
     crops = data_cfg.get("crops", {})
     loss = ssl.get("loss", {})
     lines = [
@@ -62,7 +63,7 @@ def _training(info):
         f"accumulated; {optim.get('epochs')} epochs of {optim.get('steps_per_epoch')} steps planned",
         f"- AdamW, base lr {optim.get('base_lr')}, weight decay {optim.get('weight_decay')} -> "
         f"{optim.get('weight_decay_end')}, teacher momentum {optim.get('momentum_teacher')} -> "
-        f"{optim.get('final_momentum_teacher')}, drop path {optim.get('drop_path_rate')}, "
+        f"{optim.get('final_momentum_teacher')}, drop path {model.get('drop_path_rate')}, "
         f"layer decay {optim.get('layer_decay')}",
         f"- crops: 2 x {crops.get('global_crops_size')} px + {crops.get('local_crops_number')} x "
         f"{crops.get('local_crops_size')} px",

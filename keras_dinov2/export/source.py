@@ -103,9 +103,9 @@ def _run_backbone(model_name, ssl):
     if os.path.isdir(model_name):
         config = read_json(os.path.join(model_name, "config.json"))
         if config.get("registered_name") != "keras_dinov2>DINOv2Backbone":
-            return load_backbone(model_name, **ssl.optim.stochastic_depth())
+            return load_backbone(model_name, **ssl.model.stochastic_depth())
     return DINOv2Backbone.from_preset(model_name, load_weights=False,
-                                      **ssl.optim.stochastic_depth())
+                                      **ssl.model.stochastic_depth())
 
 
 def _knn(run_dir):

@@ -66,9 +66,9 @@ class DINOv2Pretrainer(keras.Model):
 
     Example:
     >>> model = DINOv2Pretrainer(DINOv2Backbone.from_preset("dinov2_vit_tiny4",
-    ...                          load_weights=False), config=SSLConfig.digits())
+    ...                          load_weights=False), config=SSLConfig.recipe("digits"))
     >>> model.compile()
-    >>> model.fit(multicrop_dataset("digits", batch_size=64, config=model.config.data))
+    >>> model.fit(multicrop_dataset("digits", batch_size=64, config=model.config))
     """
 
     def __init__(self, backbone, config=None, steps_per_epoch=None, reduction=None, **kwargs):

@@ -65,7 +65,8 @@ def _stored_recipe(stored):
     ssl = SSLConfig.from_dict(stored["ssl"])
     for name in SSL_RECIPES:
         recipe = SSLConfig.recipe(name)
-        if (recipe.heads, recipe.loss, recipe.data) == (ssl.heads, ssl.loss, ssl.data):
+        if ((recipe.heads, recipe.loss, recipe.data, recipe.model.patch_size)
+                == (ssl.heads, ssl.loss, ssl.data, ssl.model.patch_size)):
             return name
     return None
 
@@ -181,13 +182,15 @@ def resolve_config(args, run):
             optim[name] = getattr(args, name)
     if args.steps_per_epoch is not None:
         optim["steps_per_epoch"] = args.steps_per_epoch
+    settings = {}
     if getattr(args, "drop_path_rate", None) is not None:
-        optim["drop_path_rate"] = args.drop_path_rate
+        settings["drop_path_rate"] = args.drop_path_rate
     if getattr(args, "drop_path_uniform", None) is not None:
-        optim["drop_path_uniform"] = args.drop_path_uniform
+        settings["drop_path_uniform"] = args.drop_path_uniform
     config = dataclasses.replace(
         config,
         optim=dataclasses.replace(config.optim, **optim),
+        model=dataclasses.replace(config.model, **settings),
         batch_size=config.batch_size if args.batch_size is None else args.batch_size,
         seed=_seed_default(args),
     )

@@ -27,19 +27,19 @@ KNN_DTYPE = "float64"
 def _build_backbone(model_name, config):
     from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
 
-    overrides = config.optim.stochastic_depth()
+    overrides = config.model.stochastic_depth()
     if model_name in ARCHITECTURES:
         patch = ARCHITECTURES[model_name]["config"]["patch_size"]
-        overrides.update(config.optim.new_backbone_init())
+        overrides.update(config.model.new_backbone_init())
         # Store the position table for the global crop size: no resampling at 224 / 32.
         overrides["image_size"] = config.data.crops.global_crops_size
         # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any
         # backend) and transformers all resample its position table alike, so every export matches
         # at every input size. The released weights keep the rule they were trained with.
         overrides["interpolation"] = "registers"
-        if config.data.masking.patch_size != patch:
+        if config.model.patch_size != patch:
             raise ValueError(
-                f"the recipe's patch size {config.data.masking.patch_size} does not "
+                f"the recipe's patch size {config.model.patch_size} does not "
                 f"match {model_name}'s {patch}; choose a matching --recipe or --model."
             )
         return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
@@ -152,7 +152,7 @@ def pretrain(args):
 
     # Every replica reads its own shard: one pass is one shard's batches.
     max_image_pixels = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    batches_per_pass = dist.batches_per_pass(data_spec, config.batch_size, config.data,
+    batches_per_pass = dist.batches_per_pass(data_spec, config.batch_size, config,
                                              seed=config.seed, max_image_pixels=max_image_pixels)
     if batches_per_pass <= 0:
         raise ValueError(
@@ -232,7 +232,7 @@ def pretrain(args):
     start_pass, skip = data_position(metadata, initial_epoch, micro_steps, old_batch,
                                      pass_images)
     dataset = dist.dataset(
-        data_spec, config.batch_size, config.data, seed=config.seed, repeat=True,
+        data_spec, config.batch_size, config, seed=config.seed, repeat=True,
         start_epoch=start_pass, skip_images=skip,
         micro_batches=accumulation, max_image_pixels=max_image_pixels,
     )
