@@ -195,29 +195,6 @@ def _resolve_config(args, run_dir):
     return config, model, data, recipe, None
 
 
-def _build_backbone(model_name, config):
-    from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
-
-    overrides = config.optim.stochastic_depth()
-    if model_name in ARCHITECTURES:
-        patch = ARCHITECTURES[model_name]["config"]["patch_size"]
-        overrides.update(config.optim.new_backbone_init())
-        # Store the position table for the global crop size: no resampling at 224 / 32.
-        overrides["image_size"] = config.data.crops.global_crops_size
-        # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any
-        # backend) and transformers all resample its position table alike, so every export matches
-        # at every input size. The released weights keep the rule they were trained with.
-        overrides["interpolation"] = "registers"
-        if config.data.masking.patch_size != patch:
-            raise ValueError(
-                f"the recipe's patch size {config.data.masking.patch_size} does not "
-                f"match {model_name}'s {patch}; choose a matching --recipe or --model."
-            )
-        return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
-    # A preset folder or URI: continue pretraining from its weights.
-    return DINOv2Backbone.from_preset(model_name, **overrides)
-
-
 def _random_init_knn(backbone, image_size, seed):
     """{k: top-1 %} on the held-out digits of the run's random-init baseline (seeded: the same network, and
     number, at the start, at the end and after a resume), with the protocol of the teacher's k-NN."""
@@ -259,6 +236,7 @@ def pretrain(args):
     """
     from keras_dinov2 import callbacks as cb
     from keras_dinov2 import distribute
+    from keras_dinov2.backbone import build_backbone
     from keras_dinov2.data import get_source
     from keras_dinov2.pretrainer import DINOv2Pretrainer
 
@@ -294,7 +272,7 @@ def pretrain(args):
     # so the teacher's targets carry on where they were instead of restarting from random heads.
     heads_from = None
     if not args.resume and os.path.isdir(str(model_name)):
-        from keras_dinov2.export.preset import exported_head_config
+        from keras_dinov2.interop import exported_head_config
 
         exported = exported_head_config(model_name)
         if exported is not None:
@@ -302,10 +280,10 @@ def pretrain(args):
             config = dataclasses.replace(
                 config, heads=dataclasses.replace(config.heads, **exported))
     with dist.scope():
-        backbone = _build_backbone(model_name, config)
+        backbone = build_backbone(model_name, config)
         model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
         if heads_from is not None:
-            from keras_dinov2.export.preset import restore_heads
+            from keras_dinov2.interop import restore_heads
 
             restore_heads(model, heads_from)
             print(f"Continuing from the heads and centers exported in {heads_from}.")
