@@ -7,14 +7,16 @@ Public names:
     SSLConfig        every knob of a run with the reference's defaults, and named recipes
     data             sources, multi-crop augmentation and masking as tf.data pipelines
     evaluation       feature extraction, k-NN (reference protocol), linear probe
-    convert          loaders for official torch-hub checkpoints and transformers folders
+    interop          weight readers (torch-hub checkpoints, transformers folders, keras-hub and our
+                     presets) and the one load_backbone; also named `convert`, as the README does
     losses           DINO and iBOT cross-entropy, centering, Sinkhorn-Knopp, KoLeo
     layers           the building blocks
 """
 
 # First, before anything imports TensorFlow: the command line starts without TensorFlow's start-up lines.
 from keras_dinov2 import _startup  # noqa: F401, I001
-from keras_dinov2 import config, convert, layers, losses
+# Importing interop also registers its load_backbone as DINOv2Backbone.from_preset's loader.
+from keras_dinov2 import config, interop, layers, losses
 from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
 from keras_dinov2.config import SSLConfig
 from keras_dinov2.layers.dino_head import DINOHead
@@ -22,6 +24,9 @@ from keras_dinov2.pretrainer import DINOv2Pretrainer
 
 # Registers the backend train steps with the pretrainer (the modules themselves load on first use).
 from keras_dinov2 import trainers  # noqa: F401, E402, I001
+
+# The readers' older name: `kd.convert.load_torch_hub_checkpoint(path)` is documented usage.
+convert = interop
 
 __version__ = "0.1.0.dev0"
 
@@ -46,6 +51,7 @@ __all__ = [
     "convert",
     "data",
     "evaluation",
+    "interop",
     "layers",
     "losses",
 ]

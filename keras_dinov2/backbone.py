@@ -1,7 +1,5 @@
 """DINOv2Backbone: the reference DinoVisionTransformer as a functional keras-hub Backbone."""
 
-import os
-
 import keras
 import keras_hub
 from keras import ops
@@ -319,9 +317,14 @@ class DINOv2Backbone(keras_hub.models.Backbone):
         Architecture names (`dinov2_vit_small14`, `_base14`, `_large14`, `_giant14`, each also
         with `_reg4`, and `dinov2_vit_tiny4`) build the reference's dimensions. With
         `load_weights=True` they download the official torch-hub checkpoint once (into the
-        Keras cache) and convert it; this needs network access to Meta's file server. Any
-        other string goes to keras-hub's loader: a folder written by `save_to_preset`,
-        `hf://user/repo` or `kaggle://...`.
+        Keras cache) and convert it; this needs network access to Meta's file server. A folder
+        may be one written by `save_to_preset`, a keras-hub DINOV2Backbone preset (imported), a
+        transformers Dinov2 folder (converted) or a finished run directory (its teacher_preset/);
+        `hf://user/repo` and `kaggle://...` go to keras-hub's loader.
+
+        The weight readers live a layer above the backbone (`keras_dinov2.interop`): this
+        reaches their `load_backbone` through `register_preset_loader`, which
+        `import keras_dinov2` fills. A class without a registered loader gets keras-hub's own.
 
         Args:
             preset: str. An architecture name, a folder or a URI.
@@ -331,36 +334,66 @@ class DINOv2Backbone(keras_hub.models.Backbone):
         Example:
         >>> DINOv2Backbone.from_preset("dinov2_vit_small14_reg4", load_weights=False)
         """
-        if preset in ARCHITECTURES:
-            entry = ARCHITECTURES[preset]
-            if not load_weights:
-                return cls(**{**entry["config"], **kwargs})
-            if entry["weights"] is None:
-                raise ValueError(
-                    f"The architecture preset {preset!r} has no released weights; pass "
-                    "`load_weights=False`."
-                )
-            from keras_dinov2.convert import load_torch_hub_checkpoint
+        loader = _PRESET_LOADERS.get(cls)
+        if loader is None:
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        return loader(preset, load_weights=load_weights, **kwargs)
 
-            url = f"{OFFICIAL_WEIGHTS_URL}/{entry['hub_name']}/{entry['weights']}"
-            try:
-                path = keras.utils.get_file(entry["weights"], url, cache_subdir="keras_dinov2")
-            except Exception as error:
-                raise ValueError(
-                    f"Could not download the official weights of {preset!r} from {url} "
-                    f"({error}). Pass `load_weights=False` for random weights, or download the "
-                    "file yourself and use keras_dinov2.convert.load_torch_hub_checkpoint(path)."
-                ) from error
-            overrides = {
-                k: v for k, v in kwargs.items() if k in entry["config"] or k == "dtype"
-            }
-            return load_torch_hub_checkpoint(path, **{**entry["config"], **overrides})
-        if isinstance(preset, str) and os.path.isdir(preset):
-            # Name the missing or broken file instead of failing deep inside keras-hub.
-            from keras_dinov2.convert import reading
-            from keras_dinov2.export.preset import check_preset_folder
 
-            check_preset_folder(preset)
-            with reading(f"the preset {preset}"):
-                return super().from_preset(preset, load_weights=load_weights, **kwargs)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+# Backbone class -> the function its `from_preset` calls. Filled by the weight readers when they are
+# imported (keras_dinov2.interop registers its load_backbone for DINOv2Backbone), so the backbone
+# reaches them without importing them, as keras-hub's classes reach their preset loaders.
+_PRESET_LOADERS = {}
+
+
+def register_preset_loader(backbone_class, loader):
+    """Makes `backbone_class.from_preset(preset, load_weights, **kwargs)` call `loader` with the same arguments.
+
+    Args:
+        backbone_class: a DINOv2Backbone class.
+        loader: callable `(preset, load_weights=True, **overrides) -> backbone`.
+
+    Example:
+    >>> register_preset_loader(DINOv2Backbone, load_backbone)   # what keras_dinov2.interop does
+    """
+    _PRESET_LOADERS[backbone_class] = loader
+
+
+def build_backbone(model_name, config, load_weights=True):
+    """The student backbone of a training run, from its model name and its SSLConfig.
+
+    An architecture name builds a new network for the run: stochastic depth and initialization
+    from `config.optim`, the position table stored for the global crop size, and the antialiased
+    interpolation rule of the registers release. Any other name (a preset folder or URI) continues
+    from that preset, with the run's stochastic depth.
+
+    Args:
+        model_name: str. An architecture name (`ARCHITECTURES`), a preset folder or a URI.
+        config: SSLConfig.
+        load_weights: bool, default True. Whether a preset's weights are loaded (False when a
+            checkpoint will overwrite them).
+
+    Raises:
+        ValueError: the recipe's masking patch size differs from the architecture's.
+
+    Example:
+    >>> build_backbone("dinov2_vit_tiny4", SSLConfig.recipe("digits"))
+    """
+    overrides = config.model.stochastic_depth()
+    if model_name in ARCHITECTURES:
+        patch = ARCHITECTURES[model_name]["config"]["patch_size"]
+        overrides.update(config.model.new_backbone_init())
+        # Store the position table for the global crop size: no resampling at 224 / 32.
+        overrides["image_size"] = config.data.crops.global_crops_size
+        # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any
+        # backend) and transformers all resample its position table alike, so every export matches
+        # at every input size. The released weights keep the rule they were trained with.
+        overrides["interpolation"] = "registers"
+        if config.model.patch_size != patch:
+            raise ValueError(
+                f"the recipe's patch size {config.model.patch_size} does not "
+                f"match {model_name}'s {patch}; choose a matching --recipe or --model."
+            )
+        return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
+    # A preset folder or URI: continue pretraining from its weights.
+    return DINOv2Backbone.from_preset(model_name, load_weights=load_weights, **overrides)

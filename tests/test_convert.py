@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import to_numpy
 
-from keras_dinov2.convert import (
+from keras_dinov2.interop import (
     load_torch_hub_checkpoint,
     load_transformers_checkpoint,
     read_torch_state_dict,
@@ -177,7 +177,7 @@ def test_state_dict_reader_refuses_arbitrary_objects_and_reads_bfloat16(tmp_path
 
 # --- Hostile and broken files: every one ends in CheckpointError, never a crash or a hang ---
 
-from keras_dinov2.convert import CheckpointError  # noqa: E402
+from keras_dinov2.interop import CheckpointError  # noqa: E402
 
 FOUR = np.arange(4, dtype="float32")
 # (what the record claims, the words the error must contain)

@@ -24,16 +24,18 @@ from keras_dinov2.cli import main
 from keras_dinov2.export import (
     ExportWarning,
     UploadError,
-    check_preset_folder,
     export,
+    load_run,
+    push_to_hub,
+)
+from keras_dinov2.export.verify import forward
+from keras_dinov2.interop import (
+    check_preset_folder,
     import_keras_hub_preset,
     load_backbone,
     load_heads,
-    load_run,
-    push_to_hub,
     restore_heads,
 )
-from keras_dinov2.export.verify import forward
 from keras_dinov2.pretrainer import DINOv2Pretrainer
 from keras_dinov2.run import save_checkpoint
 
@@ -453,9 +455,9 @@ def test_export_arguments_are_checked(run, tmp_path):
 # --- Round trips: export -> convert (read back) -> export, every variant and format ---
 
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from keras_dinov2.convert import CheckpointError  # noqa: E402
 from keras_dinov2.export.keras_hub_format import save_keras_hub_preset  # noqa: E402
 from keras_dinov2.export.transformers_format import save_transformers  # noqa: E402
+from keras_dinov2.interop import CheckpointError  # noqa: E402
 
 ROUND_TRIP_VARIANTS = [(registers, ffn, mode) for registers in (0, 2)
                        for ffn in ("mlp", "swiglu")
@@ -639,8 +641,8 @@ def test_variable_shape_formulas_match_the_built_models():
 
     import keras_hub
 
-    from keras_dinov2.convert import backbone_variable_shapes
-    from keras_dinov2.export.keras_hub_format import keras_hub_config, keras_hub_variable_shapes
+    from keras_dinov2.export.keras_hub_format import keras_hub_config
+    from keras_dinov2.interop import backbone_variable_shapes, keras_hub_variable_shapes
 
     for registers, ffn, scale in ((0, "mlp", 0.5), (3, "swiglu", None), (1, "mlp", None)):
         backbone = DINOv2Backbone(patch_size=PATCH, hidden_dim=24, num_layers=2, num_heads=3,
@@ -660,7 +662,7 @@ def test_variable_shape_formulas_match_the_built_models():
 def test_hostile_heads_files_are_refused(tmp_path):
     import time
 
-    from keras_dinov2.export import save_heads
+    from keras_dinov2.interop import save_heads
     from keras_dinov2.layers.dino_head import DINOHead
 
     head = DINOHead(num_prototypes=8, hidden_dim=12, bottleneck_dim=6, num_layers=2,
@@ -699,3 +701,27 @@ def test_hostile_heads_files_are_refused(tmp_path):
         (tmp_path / "heads.weights.npz").write_bytes(data)
         with pytest.raises(CheckpointError, match=r"heads\.weights\.npz is not a readable"):
             load_heads(str(tmp_path))
+
+
+def test_from_preset_is_the_one_load_backbone(tiny_presets, tmp_path):
+    # DINOv2Backbone.from_preset reaches interop.load_backbone through the backbone's registry:
+    # a keras-hub preset is imported and a finished run directory gives its teacher_preset/, as
+    # the command line and the exporter load them.
+    import keras_dinov2 as kd
+    from keras_dinov2 import export as export_package
+
+    x = images(SIZE, seed=3)
+    want = tokens(load_backbone(str(tiny_presets / "ours")), x)
+    np.testing.assert_allclose(tokens(DINOv2Backbone.from_preset(str(tiny_presets / "hub")), x), want,
+                               atol=1e-5)
+    shutil.copytree(tiny_presets / "ours", tmp_path / "run" / "teacher_preset")
+    np.testing.assert_allclose(tokens(DINOv2Backbone.from_preset(str(tmp_path / "run")), x), want, atol=1e-6)
+    with pytest.raises(ValueError, match="did you mean dinov2_vit_tiny4"):
+        DINOv2Backbone.from_preset("dinov2_vit_tiny")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a preset folder"):
+        DINOv2Backbone.from_preset(str(tmp_path / "empty"))
+    # The names the README uses: kd.convert.*, export.restore_heads, export.import_keras_hub_preset.
+    assert kd.convert.load_torch_hub_checkpoint is kd.interop.load_torch_hub_checkpoint
+    assert export_package.restore_heads is restore_heads
+    assert export_package.import_keras_hub_preset is import_keras_hub_preset

@@ -4,13 +4,13 @@ Seeds, built here: a torch-hub state dict written with `torch.save`; a transform
 Dinov2Model from a tiny random config saved with `save_pretrained` (single and sharded
 safetensors) and as `pytorch_model.bin` (the `torch.save` of its state dict, what
 `save_pretrained` wrote before transformers 5); our preset (`save_to_preset`, with DINO head
-files from `save_heads`) and a keras-hub preset. Each of the five formats (.pth, .bin, safetensors, preset folders, config.json) gets
-seeded mutations: byte flips, truncations and splices; zip header fields and the safetensors
-header length set to edge values; integers inside data.pkl (offsets, shapes, strides,
-element counts) and its strings (storage classes, keys) replaced; zip entries dropped,
-renamed, resized, swapped or compressed; safetensors header JSON edited (dtypes, shapes,
-offsets); index shard names pointed out of the folder; JSON fields set to huge, negative,
-fractional or wrong-typed values, deleted or added.
+files from `save_heads`) and a keras-hub preset. Each of the five formats (.pth, .bin,
+safetensors, preset folders, config.json) gets seeded mutations: byte flips, truncations and
+splices; zip header fields and the safetensors header length set to edge values; integers
+inside data.pkl (offsets, shapes, strides, element counts) and its strings (storage classes,
+keys) replaced; zip entries dropped, renamed, resized, swapped or compressed; safetensors
+header JSON edited (dtypes, shapes, offsets); index shard names pointed out of the folder;
+JSON fields set to huge, negative, fractional or wrong-typed values, deleted or added.
 
 The inputs run in a child process, so a segmentation fault cannot take the test session
 down. The child reports every input as it starts and ends; a watchdog ends it when one input
@@ -19,11 +19,11 @@ normally, that every input ended in success or CheckpointError (nothing else), t
 under 5 s, that peak memory grew by less than 1 GB over the child's start, and that the
 mutations reached deep (some inputs load, and the refusals have many different reasons).
 
-The heavy run, 1,000 inputs per format (5,000 in all, about 40 s of CPU on a 2-core
-machine), happens once per CI pass: when the tests run under KERAS_BACKEND=jax, its child
+The heavy run, 1,000 inputs per format (5,000 in all; its time is in docs/performance.md),
+happens once per CI pass: when the tests run under KERAS_BACKEND=jax, its child
 runs under Keras' numpy backend. The readers are zip, pickle, NumPy and h5py code that no
 backend changes, and the numpy backend builds the same models without compiling their
-initializers (under jax that compilation took most of the time). Under TensorFlow and torch
+initializers. Under TensorFlow and torch
 the child runs in that backend with 100 inputs per format, so the loads that reach a model
 build are checked there too. An input that passes every check finishes as `load_*_checkpoint` does
 (the model built from the checked config, the tensors copied in with their shapes checked),
@@ -351,9 +351,9 @@ class Child:
     """Builds the mutated inputs of one format after another and feeds them to the readers."""
 
     def __init__(self, seeds, work, out):
-        from keras_dinov2 import convert
+        from keras_dinov2 import interop
 
-        self.convert = convert
+        self.interop = interop
         self.seeds, self.work, self.out = seeds, work, out
         self.backbones, self.assigned = {}, set()
         self.full_loads = 0
@@ -380,7 +380,7 @@ class Child:
             return
         if key not in self.backbones:
             self.backbones[key] = DINOv2Backbone(**config)
-        self.convert.assign_torch_hub_weights(self.backbones[key], tensors, where)
+        self.interop.assign_torch_hub_weights(self.backbones[key], tensors, where)
         self.assigned.add(layout)
 
     # Each maker writes one mutated input and returns (runner, description).
@@ -391,7 +391,7 @@ class Child:
         path = os.path.join(self.work, "model.pth")
         with open(path, "wb") as f:
             f.write(data)
-        return lambda: self.finish(self.convert.torch_hub_parts(path)), op
+        return lambda: self.finish(self.interop.torch_hub_parts(path)), op
 
     def make_bin(self, rng):
         folder = self.fresh("bin", "bin")
@@ -399,7 +399,7 @@ class Child:
         data, op = torch_archive_op(rng, open(path, "rb").read())
         with open(path, "wb") as f:
             f.write(data)
-        return lambda: self.finish(self.convert.transformers_parts(folder)), op
+        return lambda: self.finish(self.interop.transformers_parts(folder)), op
 
     def make_safetensors(self, rng):
         if rng.random() < 0.2:
@@ -421,7 +421,7 @@ class Child:
             data, op = safetensors_op(rng, open(path, "rb").read())
             with open(path, "wb") as f:
                 f.write(data)
-        return lambda: self.finish(self.convert.transformers_parts(folder)), op
+        return lambda: self.finish(self.interop.transformers_parts(folder)), op
 
     def make_config(self, rng):
         folder = self.fresh("config", "hf")
@@ -429,10 +429,10 @@ class Child:
         data, op = json_op(rng, open(path, "rb").read())
         with open(path, "wb") as f:
             f.write(data)
-        return lambda: self.finish(self.convert.transformers_parts(folder)), op
+        return lambda: self.finish(self.interop.transformers_parts(folder)), op
 
     def make_preset(self, rng):
-        from keras_dinov2.export import check_preset_folder, load_backbone, load_heads
+        from keras_dinov2.interop import check_preset_folder, load_backbone, load_heads
 
         kind = rng.choice(["ours", "hub"])
         folder = self.fresh("preset", kind)
@@ -474,11 +474,11 @@ class Child:
 
     def warm_up(self):
         """Loads every seed once, untimed: the first builds and compilations happen here."""
-        from keras_dinov2.export import load_backbone, load_heads
+        from keras_dinov2.interop import load_backbone, load_heads
 
-        self.finish(self.convert.torch_hub_parts(os.path.join(self.seeds, "pth", "model.pth")))
+        self.finish(self.interop.torch_hub_parts(os.path.join(self.seeds, "pth", "model.pth")))
         for name in ("bin", "hf", "sharded"):
-            self.finish(self.convert.transformers_parts(os.path.join(self.seeds, name)))
+            self.finish(self.interop.transformers_parts(os.path.join(self.seeds, name)))
         for name in ("ours", "hub"):
             load_backbone(os.path.join(self.seeds, name))
         load_heads(os.path.join(self.seeds, "ours"))
@@ -487,7 +487,7 @@ class Child:
         import faulthandler
         import resource
 
-        from keras_dinov2.convert import CheckpointError
+        from keras_dinov2.interop import CheckpointError
 
         self.warm_up()
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -532,9 +532,9 @@ def seeds(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     from keras_dinov2.backbone import DINOv2Backbone
     from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
-    from keras_dinov2.export import save_heads
     from keras_dinov2.export.keras_hub_format import save_keras_hub_preset
     from keras_dinov2.export.layout import torch_hub_tensors
+    from keras_dinov2.interop import save_heads
     from keras_dinov2.layers.dino_head import DINOHead
 
     root = tmp_path_factory.mktemp("fuzz_seeds")

@@ -11,12 +11,11 @@ import keras
 import numpy as np
 import pytest
 
-from keras_dinov2.backbone import DINOv2Backbone
+from keras_dinov2.backbone import DINOv2Backbone, build_backbone
 from keras_dinov2.config import CropConfig, LossConfig, SSLConfig
 from keras_dinov2.data import multicrop_dataset
 from keras_dinov2.evaluation import evaluate_digits
 from keras_dinov2.pretrainer import DINOv2Pretrainer
-from keras_dinov2.run import _build_backbone
 from keras_dinov2.run import callbacks as cb
 
 pytestmark = pytest.mark.skipif(
@@ -84,7 +83,7 @@ def test_digits_recipe_learns_features_in_its_first_epochs():
     # As `keras-dinov2 pretrain`: an epoch is one pass over the training digits, 1,347 // 32 batches.
     config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps_per_epoch=42))
     keras.utils.set_random_seed(config.seed)
-    backbone = _build_backbone("dinov2_vit_tiny4", config)
+    backbone = build_backbone("dinov2_vit_tiny4", config)
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=config.optim.steps_per_epoch)
     model.compile()
     data = multicrop_dataset("digits", batch_size=config.batch_size, config=config, seed=config.seed,

@@ -732,7 +732,7 @@ def _setup_keras(spec, images):
     keras.config.set_dtype_policy(spec["dtype"])
     size = spec["image_size"]
     if spec["kind"] == "ours":
-        from keras_dinov2.convert import load_transformers_checkpoint
+        from keras_dinov2.interop import load_transformers_checkpoint
 
         model = load_transformers_checkpoint(spec["folder"], dtype=spec["dtype"])
 

@@ -456,14 +456,14 @@ def _head_layout(head):
 
 def _layouts(model, network):
     """{part: [(reference name, variable, layout)]} of the student or the teacher."""
-    from keras_dinov2.convert import _torch_hub_layout
+    from keras_dinov2.interop import torch_hub_layout
 
     backbone = model.student if network == "student" else model.teacher
     heads = {"dino_head": getattr(model, f"{network}_dino_head")}
     ibot = getattr(model, f"{network}_ibot_head")
     if ibot is not heads["dino_head"]:
         heads["ibot_head"] = ibot
-    parts = {"backbone": _torch_hub_layout(backbone)}
+    parts = {"backbone": torch_hub_layout(backbone)}
     parts.update({part: _head_layout(head) for part, head in heads.items()})
     return parts
 

@@ -11,17 +11,17 @@ from keras_dinov2.run import RunDirectory, plot_metrics, pretrain
 
 def run_convert(args):
     """`keras-dinov2 convert`: official weights to a preset folder."""
-    from keras_dinov2 import convert
+    from keras_dinov2 import interop
 
     kind, path = args.source
     if kind == "torch-hub":
         if not os.path.isfile(path):
             raise ValueError(f"--from torch-hub expects a .pth file; {path!r} is not one.")
-        load = convert.load_torch_hub_checkpoint
+        load = interop.load_torch_hub_checkpoint
     elif kind == "transformers":
         if not os.path.isdir(path):
             raise ValueError(f"--from transformers expects a folder; {path!r} is not one.")
-        load = convert.load_transformers_checkpoint
+        load = interop.load_transformers_checkpoint
     else:
         raise ValueError(f"--from KIND must be torch-hub or transformers, not {kind!r}.")
     try:
@@ -41,35 +41,24 @@ def run_convert(args):
 
 
 def check_preset_spec(flag, spec):
-    """Refuses, in one line, a preset spec that is no architecture name, folder or URI (keras-hub's own
-    message for an unknown name is a page long)."""
-    from keras_dinov2.backbone import ARCHITECTURES
+    """Refuses, in one line that names `flag`, a preset spec that is no architecture name, folder or URI."""
+    from keras_dinov2.interop import UnknownSourceError, check_source
 
-    if spec in ARCHITECTURES or "://" in spec or os.path.isdir(spec):
-        return
-    import difflib
-
-    close = difflib.get_close_matches(spec, list(ARCHITECTURES), n=2)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise ValueError(
-        f"{flag} {spec!r} is not an architecture, a folder or an hf:// URI; {hint}architectures: "
-        f"{', '.join(ARCHITECTURES)}."
-    )
+    try:
+        check_source(spec)
+    except UnknownSourceError as error:
+        raise ValueError(f"{flag} {error}") from None
 
 
 def load_backbone(spec, flag="--preset"):
-    """A backbone from a run directory (its teacher_preset/), a preset folder, an hf:// URI or a preset name."""
-    from keras_dinov2.backbone import DINOv2Backbone
+    """A backbone from a run directory (its teacher_preset/), a preset folder, an hf:// URI or a preset name.
+
+    `keras_dinov2.interop.load_backbone` reads it; an unknown spec is reported with `flag`.
+    """
+    from keras_dinov2 import interop
 
     check_preset_spec(flag, spec)
-    if os.path.isdir(os.path.join(spec, "teacher_preset")):
-        spec = os.path.join(spec, "teacher_preset")
-    elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        raise ValueError(
-            f"{spec!r} is neither a preset folder (no config.json) nor a finished run directory "
-            "(no teacher_preset/)."
-        )
-    return DINOv2Backbone.from_preset(spec)
+    return interop.load_backbone(spec)
 
 
 def run_evaluate(args):

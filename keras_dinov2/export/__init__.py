@@ -14,7 +14,8 @@ network the DINOv2 reference releases. Three formats:
 Every export is loaded back and compared with the source at the stored size and at an
 interpolated size (`ExportVerificationError` above the tolerance), gets a model card
 (README.md with Hub metadata), and can be pushed with `push_to_hub`. `import_keras_hub_preset`
-goes the other way.
+goes the other way. The readers (`load_backbone`, `import_keras_hub_preset`, `check_preset_folder`,
+`load_heads`, `restore_heads`, `save_heads`) live in `keras_dinov2.interop` and are named here too.
 
 Example:
 >>> from keras_dinov2.export import export
@@ -23,20 +24,22 @@ Example:
 
 from keras_dinov2.export.api import FORMATS, ExportResult, exactness_rows, export, load_source
 from keras_dinov2.export.hub import UploadError, parse_repo, push_to_hub
-from keras_dinov2.export.keras_hub_format import import_keras_hub_preset, to_keras_hub
-from keras_dinov2.export.preset import (
-    check_preset_folder,
-    load_heads,
-    restore_heads,
-    save_heads,
-)
-from keras_dinov2.export.source import ExportSource, load_backbone, load_preset_source, load_run
+from keras_dinov2.export.keras_hub_format import to_keras_hub
+from keras_dinov2.export.source import ExportSource, load_preset_source, load_run
 from keras_dinov2.export.transformers_format import (
     save_transformers,
     transformers_config,
     transformers_model_type,
 )
 from keras_dinov2.export.verify import ExportVerificationError, ExportWarning
+from keras_dinov2.interop import (
+    check_preset_folder,
+    import_keras_hub_preset,
+    load_backbone,
+    load_heads,
+    restore_heads,
+    save_heads,
+)
 
 __all__ = [
     "FORMATS",

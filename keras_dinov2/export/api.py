@@ -8,7 +8,6 @@ import warnings
 import keras
 
 from keras_dinov2.export import model_card as cards
-from keras_dinov2.export.preset import check_preset_folder, read_json, save_heads
 from keras_dinov2.export.source import ExportSource, load_preset_source, load_run
 from keras_dinov2.export.verify import (
     ExportWarning,
@@ -18,6 +17,7 @@ from keras_dinov2.export.verify import (
     probe_batch,
     probe_sizes,
 )
+from keras_dinov2.interop import check_preset_folder, load_heads, read_json, save_heads
 
 FORMATS = ("keras_dinov2", "keras_hub", "transformers")
 
@@ -117,8 +117,6 @@ def _verify_keras_dinov2(out_dir, source, verifier):
                 continue  # no register tokens
             verifier.compare(f"keras-dinov2 preset {key}", size, is_native, got[key], want[key])
     if source.heads is not None and os.path.exists(os.path.join(out_dir, "heads.json")):
-        from keras_dinov2.export.preset import load_heads
-
         heads = load_heads(out_dir)
         cls = forward(backbone, {"images": probe_batch(native)})["cls_token"]
         pairs = [("dino_head", source.heads["dino_head"])]

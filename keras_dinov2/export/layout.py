@@ -2,13 +2,13 @@
 
 Every export goes through this one dictionary: the transformers writer renames it, the
 keras-hub writer reshapes it into keras-hub's variables, and the keras-hub importer builds it
-from keras-hub's variables and hands it to `convert.assign_torch_hub_weights`.
+from keras-hub's variables and hands it to `interop.assign_torch_hub_weights`.
 """
 
 import keras
 import numpy as np
 
-from keras_dinov2.convert import _torch_hub_layout
+from keras_dinov2.interop import torch_hub_layout
 
 
 def torch_hub_tensors(backbone, layer_scale_ones=False):
@@ -27,7 +27,7 @@ def torch_hub_tensors(backbone, layer_scale_ones=False):
     >>> tensors["blocks.0.attn.qkv.weight"].shape   # (3 * D, D)
     """
     out = {}
-    for key, variable, how in _torch_hub_layout(backbone):
+    for key, variable, how in torch_hub_layout(backbone):
         value = np.asarray(keras.ops.convert_to_numpy(variable), dtype="float32")
         if how == "linear":
             value = value.T

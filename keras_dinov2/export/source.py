@@ -15,8 +15,9 @@ import warnings
 import keras
 import numpy as np
 
+from keras_dinov2.backbone import DINOv2Backbone, build_backbone
 from keras_dinov2.config import IMAGENET_MEAN, IMAGENET_STD
-from keras_dinov2.export.preset import read_json
+from keras_dinov2.interop import load_backbone, read_json
 
 
 @dataclasses.dataclass
@@ -42,8 +43,6 @@ class ExportSource:
 
 def clean_backbone(backbone):
     """A float32, trainable copy of `backbone` without stochastic depth, named "dinov2_backbone"."""
-    from keras_dinov2.backbone import DINOv2Backbone
-
     config = {**backbone.get_config(), "drop_path_rate": 0.0, "name": "dinov2_backbone",
               "trainable": True, "dtype": "float32"}
     copy = DINOv2Backbone.from_config(config)
@@ -55,32 +54,6 @@ def clean_backbone(backbone):
     return copy
 
 
-def load_backbone(preset, **overrides):
-    """Loads a DINOv2Backbone from any preset this library reads.
-
-    `preset` may be an architecture name, one of our preset folders, a keras-hub
-    DINOV2Backbone preset folder (imported), a transformers Dinov2 folder (converted), or an
-    `hf://` / `kaggle://` handle of our format.
-
-    Example:
-    >>> load_backbone("export/keras_hub")   # a keras-hub preset, imported
-    """
-    from keras_dinov2.backbone import DINOv2Backbone
-    from keras_dinov2.export.preset import check_preset_folder
-
-    if os.path.isdir(preset):
-        config = check_preset_folder(preset)
-        if "model_type" in config:
-            from keras_dinov2.convert import load_transformers_checkpoint
-
-            return load_transformers_checkpoint(preset, **overrides)
-        if config.get("registered_name") == "keras_hub>DINOV2Backbone":
-            from keras_dinov2.export.keras_hub_format import import_keras_hub_preset
-
-            return import_keras_hub_preset(preset, **overrides)
-    return DINOv2Backbone.from_preset(preset, **overrides)
-
-
 def load_preset_source(preset):
     """An ExportSource for a preset (no heads, no run information).
 
@@ -89,23 +62,6 @@ def load_preset_source(preset):
     """
     backbone = clean_backbone(load_backbone(preset))
     return ExportSource(backbone=backbone, info={"kind": "preset", "path": str(preset)})
-
-
-def _run_backbone(model_name, ssl):
-    """The student backbone exactly as `keras-dinov2 pretrain` built it, without weights."""
-    from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
-
-    if model_name in ARCHITECTURES:
-        from keras_dinov2.run import _build_backbone
-
-        return _build_backbone(model_name, ssl)
-    # A preset the run continued from: its architecture, weights come from the checkpoint.
-    if os.path.isdir(model_name):
-        config = read_json(os.path.join(model_name, "config.json"))
-        if config.get("registered_name") != "keras_dinov2>DINOv2Backbone":
-            return load_backbone(model_name, **ssl.model.stochastic_depth())
-    return DINOv2Backbone.from_preset(model_name, load_weights=False,
-                                      **ssl.model.stochastic_depth())
 
 
 def _knn(run_dir):
@@ -174,7 +130,8 @@ def load_run(run_dir):
         backbone = clean_backbone(load_backbone(preset))
         return ExportSource(backbone, None, {**info, "checkpoint": None}, aug.mean, aug.std)
 
-    student = _run_backbone(stored["model"], ssl)
+    # The student exactly as `keras-dinov2 pretrain` built it; its weights come from the checkpoint.
+    student = build_backbone(stored["model"], ssl, load_weights=False)
     model = DINOv2Pretrainer(student, ssl, steps_per_epoch=ssl.optim.steps_per_epoch)
     model.compile()
     try:

@@ -18,10 +18,7 @@ from keras_dinov2.run.directory import RunDirectory, latest_checkpoint
 from keras_dinov2.run.errors import ResumeError, RunError, RunInterrupted, TrainingDiverged
 from keras_dinov2.run.plot import plot_metrics
 from keras_dinov2.run.resume import RESUME_CHANGEABLE, data_position, resumed_config
-
-# `_build_backbone` is moving to the backbone / interop level in a parallel change; until that lands,
-# export/source.py and tests/test_recipe.py import it from here.
-from keras_dinov2.run.training import _build_backbone, pretrain  # noqa: F401
+from keras_dinov2.run.training import pretrain
 
 __all__ = [
     "RESUME_CHANGEABLE",

@@ -9,6 +9,7 @@ import time
 import keras
 
 from keras_dinov2 import distribute
+from keras_dinov2.backbone import build_backbone
 from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 from keras_dinov2.pretrainer import DINOv2Pretrainer
 from keras_dinov2.run.callbacks import ProgressBar, StepLogger, TrainingMonitor
@@ -22,29 +23,6 @@ from keras_dinov2.run.resume import data_position, describe_changes, resolve_con
 # every image, so float32 cosine similarities all round to 1 and its k-NN is at chance; the
 # small digits evaluation is cheap in float64, which keeps the random-init baseline meaningful.
 KNN_DTYPE = "float64"
-
-
-def _build_backbone(model_name, config):
-    from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone
-
-    overrides = config.model.stochastic_depth()
-    if model_name in ARCHITECTURES:
-        patch = ARCHITECTURES[model_name]["config"]["patch_size"]
-        overrides.update(config.model.new_backbone_init())
-        # Store the position table for the global crop size: no resampling at 224 / 32.
-        overrides["image_size"] = config.data.crops.global_crops_size
-        # A new run picks the antialiased rule of the registers release: our preset, keras-hub (any
-        # backend) and transformers all resample its position table alike, so every export matches
-        # at every input size. The released weights keep the rule they were trained with.
-        overrides["interpolation"] = "registers"
-        if config.model.patch_size != patch:
-            raise ValueError(
-                f"the recipe's patch size {config.model.patch_size} does not "
-                f"match {model_name}'s {patch}; choose a matching --recipe or --model."
-            )
-        return DINOv2Backbone.from_preset(model_name, load_weights=False, **overrides)
-    # A preset folder or URI: continue pretraining from its weights.
-    return DINOv2Backbone.from_preset(model_name, **overrides)
 
 
 def _random_init_knn(backbone, image_size, seed):
@@ -171,7 +149,7 @@ def pretrain(args):
     # so the teacher's targets carry on where they were instead of restarting from random heads.
     heads_from = None
     if not args.resume and os.path.isdir(str(model_name)):
-        from keras_dinov2.export.preset import exported_head_config
+        from keras_dinov2.interop import exported_head_config
 
         exported = exported_head_config(model_name)
         if exported is not None:
@@ -179,10 +157,10 @@ def pretrain(args):
             config = dataclasses.replace(
                 config, heads=dataclasses.replace(config.heads, **exported))
     with dist.scope():
-        backbone = _build_backbone(model_name, config)
+        backbone = build_backbone(model_name, config)
         model = DINOv2Pretrainer(backbone, config, steps_per_epoch=optim.steps_per_epoch)
         if heads_from is not None:
-            from keras_dinov2.export.preset import restore_heads
+            from keras_dinov2.interop import restore_heads
 
             restore_heads(model, heads_from)
             print(f"Continuing from the heads and centers exported in {heads_from}.")

@@ -1,11 +1,12 @@
 """Our own preset format: a keras-hub preset of DINOv2Backbone, optionally with the heads.
 
-The backbone part is keras-hub's preset layout (config.json, model.weights.h5,
-metadata.json), loaded by `keras_dinov2.DINOv2Backbone.from_preset(folder)`. The heads part is
-ours: `heads.json` (the DINOHead configurations, the input width, the variable names and
-shapes) and `heads.weights.npz` (the teacher's DINO head, the iBOT head when untied, and the
-two centers). The reference never published its heads; with them a later run continues
-pretraining without relearning the prototypes (`restore_heads`).
+The backbone part is keras-hub's preset layout (config.json, model.weights.h5, metadata.json),
+written by `DINOv2Backbone.save_to_preset` and read by `load_backbone(folder)` (that is,
+`DINOv2Backbone.from_preset(folder)`) after `check_preset_folder`. The heads part is ours:
+`heads.json` (the DINOHead configurations, the input width, the variable names and shapes) and
+`heads.weights.npz` (the teacher's DINO head, the iBOT head when untied, and the two centers).
+The reference never published its heads; with them a later run continues pretraining without
+relearning the prototypes (`restore_heads`).
 """
 
 import json
@@ -14,192 +15,13 @@ import os
 import keras
 import numpy as np
 
-from keras_dinov2.convert import CheckpointError, folder_file, read_json
+from keras_dinov2.interop.checks import HEADS_CONFIG_FILE, HEADS_WEIGHTS_FILE
+from keras_dinov2.interop.files import CheckpointError, read_json, read_npz
+from keras_dinov2.layers.dino_head import DINOHead
 
-HEADS_CONFIG_FILE = "heads.json"
-HEADS_WEIGHTS_FILE = "heads.weights.npz"
 HEADS_FORMAT = "keras_dinov2.heads/1"
 _HEAD_ARGS = ("num_prototypes", "hidden_dim", "bottleneck_dim", "num_layers", "use_bias",
               "epsilon", "use_bn")
-
-
-def check_preset_folder(folder):
-    """Checks that a preset folder is complete, readable and consistent; returns its config.json.
-
-    Recognizes keras presets (config.json with `registered_name`, weights in
-    model.weights.h5 or a sharded model.weights.json) and transformers folders (config.json
-    with `model_type`, weights in model.safetensors or its index). Every JSON file present is
-    parsed, and the heads files must come as a pair. For our DINOv2Backbone and keras-hub's
-    DINOV2Backbone the architecture in config.json is checked against sane bounds and
-    against the arrays in the weights file, before any model is built from it.
-
-    Raises:
-        CheckpointError (a ValueError): naming the missing, broken or inconsistent file.
-
-    Example:
-    >>> check_preset_folder("export/keras_dinov2")["registered_name"]   # 'keras_dinov2>DINOv2Backbone'
-    """
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder!r} is not a folder: a preset is a folder holding "
-                              "config.json.")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"{config_path} is missing: every preset folder needs a "
-                              "config.json.")
-    config = read_json(config_path)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object, found "
-                              f"{type(config).__name__}.")
-    for name in ("metadata.json", "image_converter.json", "preprocessor_config.json",
-                 HEADS_CONFIG_FILE):
-        if os.path.exists(os.path.join(folder, name)):
-            read_json(os.path.join(folder, name))
-    if "registered_name" in config:
-        shapes = _keras_weight_shapes(folder)
-        registered = config["registered_name"]
-        if registered in (OUR_CLASS, KERAS_HUB_CLASS):
-            arguments = config.get("config")
-            if not isinstance(arguments, dict):
-                raise CheckpointError(f"{config_path}: `config` must be a JSON object of "
-                                      f"{registered} arguments.")
-            if registered == OUR_CLASS:
-                check_backbone_preset(arguments, shapes, config_path)
-            else:
-                from keras_dinov2.export.keras_hub_format import check_keras_hub_preset
-
-                check_keras_hub_preset(arguments, shapes, config_path)
-    elif "model_type" in config:
-        single = os.path.join(folder, "model.safetensors")
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.exists(index):
-            read_json(index)
-        elif not os.path.exists(single) and not os.path.exists(
-                os.path.join(folder, "pytorch_model.bin")):
-            raise CheckpointError(
-                f"{single} is missing: the transformers folder {folder} has a config but no "
-                "weights."
-            )
-    else:
-        raise CheckpointError(
-            f"{config_path} has neither `registered_name` (a keras preset) nor `model_type` "
-            "(a transformers folder)."
-        )
-    heads_config = os.path.join(folder, HEADS_CONFIG_FILE)
-    heads_weights = os.path.join(folder, HEADS_WEIGHTS_FILE)
-    if os.path.exists(heads_config) != os.path.exists(heads_weights):
-        missing = heads_weights if os.path.exists(heads_config) else heads_config
-        raise CheckpointError(f"{missing} is missing: the heads need both {HEADS_CONFIG_FILE} "
-                              f"and {HEADS_WEIGHTS_FILE}.")
-    return config
-
-
-OUR_CLASS = "keras_dinov2>DINOv2Backbone"
-KERAS_HUB_CLASS = "keras_hub>DINOV2Backbone"
-
-
-def _keras_weight_shapes(folder):
-    """{dataset path: shape} of every array in a keras preset's weights (single or sharded)."""
-    weights = os.path.join(folder, "model.weights.h5")
-    sharded = os.path.join(folder, "model.weights.json")
-    if os.path.exists(sharded):
-        stored = read_json(sharded)
-        weight_map = stored.get("weight_map") if isinstance(stored, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{sharded} has no `weight_map` object naming the shards.")
-        files = set()
-        for value in weight_map.values():
-            files.update(value if isinstance(value, list) else [value])
-        shapes = {}
-        for name in sorted(files, key=str):
-            path = folder_file(folder, name, "weights shard")
-            shapes.update({f"{name}:{k}": v for k, v in _h5_shapes(path).items()})
-        return shapes
-    if not os.path.exists(weights):
-        raise CheckpointError(
-            f"{weights} is missing: the preset in {folder} has a config but no weights."
-        )
-    return _h5_shapes(folder_file(folder, "model.weights.h5", "weights file"))
-
-
-def _h5_shapes(path):
-    import h5py
-
-    shapes = {}
-
-    def visit(name, item):
-        if isinstance(item, h5py.Dataset):
-            shapes[name] = tuple(int(d) for d in item.shape)
-
-    try:
-        with h5py.File(path, "r") as f:
-            f.visititems(visit)
-    except Exception as error:   # OSError from HDF5, or a corrupt object header
-        raise CheckpointError(f"{path} is not a readable HDF5 weights file ({error}).") from error
-    return shapes
-
-
-def _shape_list(counter):
-    return ", ".join(f"{n} x {shape}" if n > 1 else str(shape)
-                     for shape, n in sorted(counter.items(), key=str)[:4])
-
-
-def compare_shapes(expected, shapes, where, summary):
-    """Refuses a weights file whose arrays differ from what the config's architecture needs.
-
-    Args:
-        expected: collections.Counter of shapes the config needs.
-        shapes: {dataset path: shape} in the file.
-        where: str. The config file, for the message.
-        summary: str. The config's architecture in words, for the message.
-    """
-    import collections
-
-    found = collections.Counter(shapes.values())
-    if found == expected:
-        return
-    lacking, extra = expected - found, found - expected
-    parts = []
-    if lacking:
-        parts.append(f"it lacks arrays of shape {_shape_list(lacking)}")
-    if extra:
-        parts.append(f"it holds arrays of shape {_shape_list(extra)} the config does not use")
-    raise CheckpointError(f"{where} describes {summary}, but the weights do not match: "
-                          f"{'; '.join(parts)}.")
-
-
-def check_backbone_preset(arguments, shapes, where):
-    """Checks our DINOv2Backbone preset config against bounds and against its weight arrays.
-
-    Raises:
-        CheckpointError: naming the field or the arrays that do not fit.
-    """
-    import inspect
-
-    from keras_dinov2.backbone import DINOv2Backbone
-    from keras_dinov2.convert import backbone_variable_shapes, check_backbone_config
-
-    defaults = {name: p.default for name, p in
-                inspect.signature(DINOv2Backbone.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    config = {**defaults, **arguments}
-    check_backbone_config(config, where)
-    convs = [s for s in shapes.values() if len(s) == 4]
-    if len(convs) == 1:
-        patch, _, _, width = convs[0]
-        for field, value in (("hidden_dim", width), ("patch_size", patch)):
-            if config[field] != value:
-                raise CheckpointError(f"{where}: {field}={config[field]} does not match the "
-                                      f"weights' patch projection {convs[0]}.")
-    blocks = {path.rsplit("/attn/qkv/", 1)[0] for path in shapes if "/attn/qkv/" in path}
-    if blocks and len(blocks) != config["num_layers"]:
-        raise CheckpointError(f"{where}: num_layers={config['num_layers']} does not match the "
-                              f"weights, which hold {len(blocks)} blocks.")
-    summary = (f"a {config['num_layers']}-block backbone {config['hidden_dim']} wide "
-               f"(patch {config['patch_size']}, image_size {config['image_size']}, "
-               f"{config['num_register_tokens']} registers, {config['ffn_type']}, "
-               f"mlp_ratio {config['mlp_ratio']})")
-    compare_shapes(backbone_variable_shapes(config), shapes, where, summary)
 
 
 def _head_config(head):
@@ -354,24 +176,6 @@ def _head_size(arguments, input_dim):
     return mlp + bottleneck * arguments["num_prototypes"]
 
 
-def _read_npz(path):
-    """The arrays of a .npz file, refusing entries that would inflate far beyond their size."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.file_size > 64 * info.compress_size + (1 << 20):
-                    raise CheckpointError(f"{path}: the entry {info.filename} would inflate "
-                                          f"{info.compress_size} bytes to {info.file_size}.")
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except CheckpointError:
-        raise
-    except Exception as error:   # BadZipFile, a bad .npy header, a truncated array
-        raise CheckpointError(f"{path} is not a readable .npz file ({error}).") from error
-
-
 def load_heads(folder):
     """Loads the heads written by `save_heads` (or `export(..., heads=True)`).
 
@@ -388,8 +192,6 @@ def load_heads(folder):
     >>> heads = load_heads("export/keras_dinov2")
     >>> heads["dino_head"](cls_tokens)   # prototype logits
     """
-    from keras_dinov2.layers.dino_head import DINOHead
-
     config_path = os.path.join(folder, HEADS_CONFIG_FILE)
     weights_path = os.path.join(folder, HEADS_WEIGHTS_FILE)
     if not os.path.exists(config_path):
@@ -399,7 +201,7 @@ def load_heads(folder):
     if not os.path.exists(weights_path):
         raise CheckpointError(f"{weights_path} is missing: {config_path} has no weights "
                               "beside it.")
-    data = _read_npz(weights_path)
+    data = read_npz(weights_path)
     stored = sum(int(v.size) for v in data.values())
     out = {"ibot_separate_head": config["ibot_separate_head"]}
     for name, entry in config["heads"].items():
