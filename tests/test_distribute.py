@@ -11,8 +11,8 @@ so the heavy checks run in one subprocess per backend, which prints a JSON repor
 The JAX report runs when KERAS_BACKEND=jax, and so on: each CI job covers its own backend.
 
 The batches are real: the first two batches of 8 images of `multicrop_dataset("digits", seed=0)` with the
-digits recipe's crops and masks, split with `distribute.split_batch`. Their masked-patch counts differ
-between replicas (some images have no masked patch at all), as in a run. Two recipes: the digits recipe
+digits recipe's crops and masks, split with `distributed_helpers.split_batch`. Their masked-patch counts
+differ between replicas (some images have no masked patch at all), as in a run. Two recipes: the digits recipe
 (Sinkhorn-Knopp, batch-norm heads, shared head) and the reference's defaults (centering, no batch norm,
 shared head) with small heads; the in-process stacked-batch test adds the digits recipe with centering and
 a separate iBOT head. Stochastic depth is off in these comparisons: on TensorFlow and torch every replica
@@ -49,6 +49,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from distributed_helpers import FakeCluster, split_batch
 
 from keras_dinov2 import distribute, losses
 
@@ -154,7 +155,7 @@ def _global_batch(seed, equal_counts=True, images=IMAGES):
 
 
 def _mask_counts(batches, replicas):
-    return [[int(p["n_masked_patches"]) for p in distribute.split_batch(b, replicas)]
+    return [[int(p["n_masked_patches"]) for p in split_batch(b, replicas)]
             for b in batches]
 
 
@@ -384,7 +385,7 @@ def _jax_worker():
     replicas = len(jax.devices())
     assert replicas == 4, jax.devices()
     batches = _real_batches()
-    stacked = [distribute.stack_batches(distribute.split_batch(b, replicas)) for b in batches]
+    stacked = [distribute.stack_batches(split_batch(b, replicas)) for b in batches]
     report = {"devices": replicas, "mask_counts": _mask_counts(batches, replicas)}
 
     cpu = _Clock(report)
@@ -471,7 +472,7 @@ def _tf_worker():
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     batches = _real_batches()
-    splits = [distribute.split_batch(b, replicas) for b in batches]
+    splits = [split_batch(b, replicas) for b in batches]
     report = {"devices": replicas, "mask_counts": _mask_counts(batches, replicas)}
 
     cpu = _Clock(report)
@@ -548,7 +549,7 @@ def _torch_rank(rank, world, port, folder):
     setup = distribute.setup("auto")
     assert setup.mode == "data" and setup.num_replicas == world, setup
     batches = _real_batches()
-    mine = [distribute.split_batch(b, world)[rank] for b in batches]
+    mine = [split_batch(b, world)[rank] for b in batches]
     report = {"describe": setup.describe(), "recipes": {}}
 
     for name in RECIPES:
@@ -763,7 +764,7 @@ def test_distributed_run_resumes_from_its_checkpoint(backend, report):
 
 def test_split_and_stack_keep_every_image_and_masked_patch():
     batch = _global_batch(3, equal_counts=False)
-    parts = distribute.split_batch(batch, 4)
+    parts = split_batch(batch, 4)
     n = batch["masks"].shape[1]
     assert [int(p["n_masked_patches"]) for p in parts] == [
         int(p["masks"].sum()) for p in parts]
@@ -780,14 +781,14 @@ def test_split_and_stack_keep_every_image_and_masked_patch():
     assert stacked["global_crops"].shape == batch["global_crops"].shape
     assert distribute.replica_count(stacked) == 4 and distribute.replica_count(batch) == 1
     with pytest.raises(ValueError, match="num_replicas"):
-        distribute.split_batch(batch, 3)
+        split_batch(batch, 3)
 
 
 def test_a_stacked_batch_gives_the_loss_and_centers_of_the_global_batch():
     """The layout a JAX program receives (replicas stacked) is read as the global batch, on any
     backend: a real batch (unequal masked counts), batch-norm heads, both centers."""
     batch = _real_batches()[0]
-    stacked = distribute.stack_batches(distribute.split_batch(batch, 2))
+    stacked = distribute.stack_batches(split_batch(batch, 2))
     model = _build("digits_centering")
     initial = _state(model)
     _, logs = model.compute_dinov2_loss(batch, training=False)
@@ -810,8 +811,6 @@ def test_a_stacked_batch_gives_the_loss_and_centers_of_the_global_batch():
 def test_batch_norm_statistics_cover_every_replica():
     """Two replicas (threads with NumPy collectives) normalize their rows with the global batch's
     statistics, padding rows left out, as one device does with all the rows."""
-    from test_losses import _FakeCluster
-
     from keras_dinov2.layers.dino_head import DINOHead
 
     rng = np.random.default_rng(0)
@@ -821,7 +820,7 @@ def test_batch_norm_statistics_cover_every_replica():
     head = DINOHead(num_prototypes=5, hidden_dim=8, bottleneck_dim=4, use_bn=True)
     head.build((None, 6))
     whole = np.asarray(keras.ops.convert_to_numpy(head(x, row_weights=weights)))
-    parts = _FakeCluster(2).run(lambda r, rows, w: head(rows, row_weights=w, reduction=r),
+    parts = FakeCluster(2).run(lambda r, rows, w: head(rows, row_weights=w, reduction=r),
                                 [(x[:5], weights[:5]), (x[5:], weights[5:])])
     real = weights > 0
     np.testing.assert_allclose(np.concatenate(parts)[real], whole[real], rtol=1e-5, atol=1e-6)

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import to_numpy
+from distributed_helpers import split_batch
 from test_pretrainer import GLOBAL, LOCAL, N_LOCAL, PATCH, B, tiny_config, tiny_model
 
 from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.config import LossConfig, SSLConfig
-from keras_dinov2.distribute import split_batch, stack_batches
+from keras_dinov2.distribute import stack_batches
 
 # ------------------------------------------------------------------------------ stochastic depth
 

@@ -1,10 +1,9 @@
 """Tests of keras_dinov2.losses against independent NumPy versions of the reference's formulas."""
 
-import threading
-
 import keras
 import numpy as np
 import pytest
+from distributed_helpers import FakeCluster
 from keras import ops
 
 from keras_dinov2 import losses
@@ -126,49 +125,6 @@ def _gradients(fn, *arrays):
 
 def _no_gradient(g):
     return g is None or not np.any(g)
-
-
-class _FakeCluster:
-    """Runs one function per simulated replica in threads; the collectives meet at a barrier."""
-
-    def __init__(self, num_replicas):
-        self.num_replicas = num_replicas
-        self.barrier = threading.Barrier(num_replicas, timeout=60)
-        self.slots = [None] * num_replicas
-
-    def _collective(self, rank, x, combine):
-        self.slots[rank] = np.asarray(ops.convert_to_numpy(x))
-        self.barrier.wait()
-        out = combine(np.stack(self.slots)).astype(self.slots[rank].dtype)
-        self.barrier.wait()
-        return ops.convert_to_tensor(out)
-
-    def reduction(self, rank):
-        return losses.CrossReplica(
-            sum_fn=lambda x: self._collective(rank, x, lambda a: a.sum(0)),
-            max_fn=lambda x: self._collective(rank, x, lambda a: a.max(0)),
-            all_gather_fn=lambda x: self._collective(rank, x, lambda a: np.concatenate(list(a), 0)),
-            num_replicas=self.num_replicas,
-        )
-
-    def run(self, fn, shards):
-        results, errors = [None] * self.num_replicas, []
-
-        def target(rank):
-            try:
-                results[rank] = _np(fn(self.reduction(rank), *shards[rank]))
-            except Exception as e:  # re-raised in the main thread
-                errors.append(e)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.num_replicas)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
 
 
 # --- Centering ---------------------------------------------------------------------------------------------
@@ -302,7 +258,7 @@ def test_sinkhorn_padding_rows_take_no_part():
 def test_sinkhorn_over_two_replicas_equals_concatenated_batch():
     rng = _rng(10)
     t = _randn(rng, 12, 8)
-    cluster = _FakeCluster(2)
+    cluster = FakeCluster(2)
     shards = cluster.run(
         lambda r, x: losses.sinkhorn_knopp(x, 0.07, reduction=r), [(t[:6],), (t[6:],)]
     )
@@ -324,7 +280,7 @@ def test_sinkhorn_over_two_replicas_equals_concatenated_batch():
 def test_update_center_over_two_replicas():
     rng = _rng(11)
     center, t = _randn(rng, 1, 5), _randn(rng, 8, 5)
-    cluster = _FakeCluster(2)
+    cluster = FakeCluster(2)
     out = cluster.run(
         lambda r, x: losses.update_center(center, x, reduction=r), [(t[:4],), (t[4:],)]
     )

@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 from keras_dinov2 import distribute
+from keras_dinov2.distribute.tensorflow import strategy_scope
 
 
 def _grads_already_reduced(grads_and_vars):
@@ -61,7 +62,7 @@ def maybe_symbolic_build(model, keras_build, iterator=None, data_batch=None):
     if getattr(model, "_distribute_strategy", None) is None:
         return keras_build(iterator=iterator, data_batch=data_batch)
     if model.optimizer is not None and not model.optimizer.built:
-        with distribute._tf_scope(model.distribute_strategy):
+        with strategy_scope(model.distribute_strategy):
             model.optimizer.build(model.trainable_variables)
     return None
 
