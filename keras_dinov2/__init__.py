@@ -14,7 +14,7 @@ Public names:
 """
 
 # First, before anything imports TensorFlow: the command line starts without TensorFlow's start-up lines.
-from keras_dinov2 import _startup  # noqa: F401, I001
+from keras_dinov2 import startup  # noqa: F401, I001
 # Importing interop also registers its load_backbone as DINOv2Backbone.from_preset's loader.
 from keras_dinov2 import config, interop, layers, losses
 from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone

@@ -31,23 +31,23 @@ def test_help_lists_every_command_and_the_command_starts_quietly():
 
 
 def test_startup_quieting_is_for_the_command_line_only(monkeypatch):
-    from keras_dinov2 import _startup
+    from keras_dinov2 import startup
 
     monkeypatch.setattr(sys, "argv", ["/usr/bin/keras-dinov2", "pretrain"])
-    assert _startup.is_command_line()
+    assert startup.is_command_line()
     monkeypatch.setattr(sys, "argv", ["-m"])
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "keras_dinov2.cli", "pretrain"])
-    assert _startup.is_command_line()
+    assert startup.is_command_line()
     monkeypatch.setattr(sys, "argv", ["train.py"])
     monkeypatch.setattr(sys, "orig_argv", ["python", "train.py"])
-    assert not _startup.is_command_line()
+    assert not startup.is_command_line()
     noise = [
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
         "I0000 00:00:1.0 7346 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.",
         "E0000 00:00:1.0 7346 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: UNKNOWN ERROR (303)",
     ]
-    assert all(_startup.NOISE.search(line) for line in noise)
-    assert not _startup.NOISE.search("E0000 op_kernel.cc:1] OOM when allocating tensor with shape[4096,4096]")
+    assert all(startup.NOISE.search(line) for line in noise)
+    assert not startup.NOISE.search("E0000 op_kernel.cc:1] OOM when allocating tensor with shape[4096,4096]")
 
 
 def run_cli(capsys, argv):

@@ -39,7 +39,7 @@ def _is_private(name):
 
 
 def _own_private_module(importer, module, name):
-    """A package importing its own private submodule (`keras_dinov2` importing `_startup`)."""
+    """A package importing its own private submodule (a package `__init__` importing its own `_module`)."""
     folder = PACKAGE.parent / module.replace(".", "/")
     return importer is not None and module == importer and (folder / f"{name}.py").exists()
 
