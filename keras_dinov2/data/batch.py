@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from keras_dinov2.config import data_and_patch_size
 from keras_dinov2.data.checks import check_positive_int
-from keras_dinov2.data.masking import mask_buffer_size
+from keras_dinov2.data.mask_budget import mask_buffer_size
 
 __all__ = [
     "BATCH_KEYS",

@@ -8,6 +8,8 @@ entry per replica, which tells the pretrainer how many replicas the batch holds.
 import keras
 import numpy as np
 
+from keras_dinov2.data.batch import N_MASKED_PATCHES
+
 
 def _is_scalar(x):
     return len(getattr(x, "shape", ())) == 0
@@ -55,7 +57,7 @@ def stack_datasets(datasets):
 
 def replica_count(batch):
     """Replicas held by a batch: the length of its `n_masked_patches` vector when stacked, else 1."""
-    counts = batch.get("n_masked_patches") if isinstance(batch, dict) else None
+    counts = batch.get(N_MASKED_PATCHES) if isinstance(batch, dict) else None
     if counts is None or len(counts.shape) == 0:
         return 1
     return int(counts.shape[0])

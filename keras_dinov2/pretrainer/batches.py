@@ -8,6 +8,8 @@ of one micro-batch, reorder rows into the global view-major order and offset pat
 import keras
 from keras import ops
 
+from keras_dinov2.data.batch import N_MASKED_PATCHES
+
 
 def unpack(data):
     if isinstance(data, (tuple, list)):
@@ -27,7 +29,7 @@ def micro_rows(rows, index, k, replicas, views=1):
 
 def replica_count(data):
     # A replica-stacked batch carries one masked-patch count per replica.
-    counts = data.get("n_masked_patches")
+    counts = data.get(N_MASKED_PATCHES)
     if counts is None or len(counts.shape) != 1:
         return 1
     return int(counts.shape[0])
@@ -72,7 +74,7 @@ def batch_layout(data, k):
         raise ValueError(
             f"gradient_accumulation_steps={k} needs batches that stack k micro-batches per "
             f"replica, received a batch of {shards} stacked micro-batch(es). Build the data with "
-            f"`multicrop_dataset(..., micro_batches={k})` (or `group_micro_batches(dataset, {k})`)."
+            f"`group_micro_batches(dataset, {k})` (or a distribution's `dataset(..., micro_batches={k})`)."
         )
     return shards // k, k
 

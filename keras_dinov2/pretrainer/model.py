@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
+from keras_dinov2.data.batch import GLOBAL_CROPS, LOCAL_CROPS, MASK_INDICES, MASKS, MASKS_WEIGHT
 from keras_dinov2.ops import active_replicas
 from keras_dinov2.optim import DINOv2AdamW, clip_by_part, param_groups
 from keras_dinov2.pretrainer.batches import (
@@ -144,8 +145,8 @@ class DINOv2Pretrainer(keras.Model):
 
         Takes images, `{"images": ...}`, or a multi-crop batch (its global crops are used).
         """
-        if isinstance(inputs, dict) and "global_crops" in inputs:
-            inputs = inputs["global_crops"]
+        if isinstance(inputs, dict) and GLOBAL_CROPS in inputs:
+            inputs = inputs[GLOBAL_CROPS]
         return self.teacher(inputs, training=False)
 
     # ------------------------------------------------------------------ compile / schedules
@@ -219,8 +220,8 @@ class DINOv2Pretrainer(keras.Model):
         config = self.config
         reduction = reduction or self.reduction
         data = unpack(data)
-        global_crops = data["global_crops"]
-        masks_weight = ops.cast(data["masks_weight"], "float32")
+        global_crops = data[GLOBAL_CROPS]
+        masks_weight = ops.cast(data[MASKS_WEIGHT], "float32")
         shards = replica_count(data)
         batch_layout(data, self.accumulation_steps)  # checks the stacked micro-batches
         temperature = self.schedules.teacher_temperature(self.step)
@@ -243,9 +244,9 @@ class DINOv2Pretrainer(keras.Model):
             targets["dino"] = ops.stop_gradient(probs)
             logs.update(collapse_signals(probs, reduction=reduction))
         if self.do_ibot:
-            num_patches = data["masks"].shape[1]
+            num_patches = data[MASKS].shape[1]
             crops = global_crops.shape[0] // shards
-            indices = ops.cast(data["mask_indices"], "int32")
+            indices = ops.cast(data[MASK_INDICES], "int32")
             if shards > 1:
                 indices = stacked_patch_indices(indices, shards, crops, num_patches)
             patches = ops.stop_gradient(gather_rows(teacher["patch_tokens"], indices))
@@ -286,8 +287,8 @@ class DINOv2Pretrainer(keras.Model):
         config = self.config
         reduction = reduction or self.reduction
         k = self.accumulation_steps
-        global_crops = data["global_crops"]
-        masks = data["masks"]
+        global_crops = data[GLOBAL_CROPS]
+        masks = data[MASKS]
         two_b = global_crops.shape[0]
         shards = replica_count(data)
         student = self.student({"images": global_crops, "masks": masks}, training=training)
@@ -295,7 +296,7 @@ class DINOv2Pretrainer(keras.Model):
         dino = {}
         if self.do_dino:
             teacher_probs = micro_rows(targets["dino"], index, k, shards, views=2)
-            local_crops = data.get("local_crops")
+            local_crops = data.get(LOCAL_CROPS)
             if local_crops is not None and local_crops.shape[0]:
                 n_local = local_crops.shape[0] // (two_b // 2)
                 local = self.student({"images": local_crops}, training=training)
@@ -309,11 +310,11 @@ class DINOv2Pretrainer(keras.Model):
                 dino["student_global_cls"] = student_cls
         ibot = {}
         if self.do_ibot:
-            mask_indices = ops.cast(data["mask_indices"], "int32")
+            mask_indices = ops.cast(data[MASK_INDICES], "int32")
             if shards > 1:
                 mask_indices = stacked_patch_indices(mask_indices, shards, two_b // shards,
                                                       masks.shape[1])
-            masks_weight = ops.cast(data["masks_weight"], "float32")
+            masks_weight = ops.cast(data[MASKS_WEIGHT], "float32")
             patches = gather_rows(student["patch_tokens"], mask_indices)
             ibot["student_patch_logits"] = self.student_ibot_head(
                 patches, row_weights=masks_weight > 0, reduction=reduction)
