@@ -126,7 +126,7 @@ def test_batch_structure_shapes_and_dtypes():
 
 def test_batch_contract_describes_and_checks_the_batches():
     images = np.random.default_rng(0).random((12, 20, 24, 3)).astype(np.float32)
-    ds = multicrop_dataset(images, batch_size=2, config=TINY, seed=0)
+    ds = multicrop_dataset(images, batch_size=2, config=TINY, patch_size=PATCH, seed=0)
     spec = batch_spec(TINY, 2, patch_size=PATCH)
     assert tuple(spec) == BATCH_KEYS == tuple(ds.element_spec)
     for key, (shape, dtype) in spec.items():

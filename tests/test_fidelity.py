@@ -20,6 +20,7 @@ from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.config import LossConfig, SSLConfig
 from keras_dinov2.distribute import stack_batches
+from keras_dinov2.losses import dinov2 as combined_loss
 
 # ------------------------------------------------------------------------------ stochastic depth
 
@@ -239,7 +240,9 @@ def _counting(monkeypatch, names):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
+        # The package's name and the one the combined loss calls (`keras_dinov2.losses.dinov2`).
         monkeypatch.setattr(losses, name, counted)
+        monkeypatch.setattr(combined_loss, name, counted)
     return calls
 
 
