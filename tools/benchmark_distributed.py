@@ -11,7 +11,7 @@ Run from the repository root:
 
     python tools/benchmark_distributed.py                          # ViT-S/14 and ViT-L/14, jax, all devices
     python tools/benchmark_distributed.py --backend torch          # torch.distributed: one process per GPU
-    python tools/benchmark_distributed.py --quick                  # tiny ViT on 4 virtual CPU devices, ~1 min
+    python tools/benchmark_distributed.py --quick                  # tiny ViT on 4 virtual CPU devices: a smoke run
     python tools/benchmark_distributed.py --models small --batch-size 64 --peak-tflops 989 --json out.json
 
 Without accelerators it runs on virtual CPU devices (`--cpu-devices`, default 4: XLA host devices for JAX,
@@ -179,8 +179,8 @@ def parse_args(argv=None):
                         help="also time one device with the per-replica batch (default: yes, "
                              "except with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny ViT, 2 timed steps, no peer: a smoke run that ends in about a "
-                             "minute on a CPU")
+                        help="tiny ViT, 2 timed steps, no peer: a smoke run on a CPU (its duration: "
+                             "docs/performance.md)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--json", default=None, help="write the results here")
     cli.add_worker_flags(parser, "show the workers' output")
