@@ -486,7 +486,7 @@ def _make_batch(spec):
     }
 
 
-def load_batch(spec):
+def _load_batch(spec):
     """The multi-crop batch the parent had built, as a dict of NumPy arrays."""
     with np.load(spec["batch"]) as data:
         return {k: data[k] for k in data.files}
@@ -549,7 +549,7 @@ def _measure_keras(spec):
     config = SSLConfig(batch_size=spec["batch_size"], heads=heads, optim=optim, data=data_config)
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=STEPS_PER_EPOCH)
     model.compile()
-    batch = load_batch(spec)
+    batch = _load_batch(spec)
     memory["built"] = peak_rss_mb()
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
     sync = device_sync(backend, gpu)
@@ -788,7 +788,7 @@ def _measure_reference(spec):
     student_params = [p for k in student.keys() for p in student[k].parameters()]
     teacher_params = [p for k in student.keys() for p in teacher[k].parameters()]
 
-    batch = load_batch(spec)
+    batch = _load_batch(spec)
     data, n_local_crops = _reference_inputs(ref, spec, batch, device)
     memory["built"] = peak_rss_mb()
     autocast_dtype = torch_autocast(spec["dtype"])
