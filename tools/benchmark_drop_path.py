@@ -99,7 +99,8 @@ def _make_step(model, backend):
                 out = model({"images": images}, training=True)
                 loss = tf.reduce_mean(tf.square(out["prenorm"]))
             grads = tape.gradient(loss, model.trainable_variables)
-            return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+            # The mask token gets no gradient here (no masks are passed): None, left out.
+            return loss, tf.add_n([tf.reduce_sum(g) for g in grads if g is not None])
 
         return lambda images: float(tf_step(tf.constant(images))[0])
     import torch
