@@ -1,5 +1,8 @@
 """tools/: the benchmark harness (tools/bench), each benchmark's command line, and the compute
-ceiling's bounds (the FLOPs of the compiled program over measured rates)."""
+ceiling's bounds (the FLOPs of the compiled program over measured rates).
+
+What does not depend on the Keras backend runs once, in the torch job (`once`, see conftest.py).
+"""
 
 import json
 import os
@@ -25,6 +28,7 @@ BENCHMARKS = [benchmark_data, benchmark_distributed, benchmark_drop_path, benchm
               benchmark_train_step, compute_ceiling]
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("module", BENCHMARKS, ids=lambda m: m.__name__)
 def test_every_benchmark_prints_its_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -33,6 +37,7 @@ def test_every_benchmark_prints_its_help(module, capsys):
     assert "--" in capsys.readouterr().out
 
 
+@pytest.mark.once
 def test_inference_flags_are_read_and_checked(capsys):
     args = benchmark_inference.parse_args(["--backends", "jax,torch", "--peers", "none"])
     assert (args.backends, args.peers, args.warmup, args.device) == (["jax", "torch"], [], 3, "auto")
@@ -44,6 +49,7 @@ def test_inference_flags_are_read_and_checked(capsys):
     assert "--warmup must be at least 0." in capsys.readouterr().err
 
 
+@pytest.mark.once
 def test_train_step_flags_are_read_and_checked(capsys):
     args = benchmark_train_step.parse_args(["--model", "tiny", "--backends", "jax"])
     assert (args.prototypes, args.backends, args.warmup) == (1024, ["jax"], 1)
@@ -55,6 +61,7 @@ def test_train_step_flags_are_read_and_checked(capsys):
     assert "--steps must be at least 1." in capsys.readouterr().err
 
 
+@pytest.mark.once
 def test_timing_loops_count_their_calls():
     calls, synced = [], []
     first, seconds = timing.warm_up(lambda: calls.append(1) or len(calls), 3, synced.append)
@@ -79,6 +86,7 @@ def test_step_timer_times_every_step_of_fit():
     assert timer.times == [] and timer.last_loss is None
 
 
+@pytest.mark.once
 def test_table_pads_every_column_to_its_widest_cell(capsys):
     report.print_table(["a", "bbb"], [["xxxx", "1"], ["y", "22"]], width=12)
     lines = capsys.readouterr().out.splitlines()
@@ -86,6 +94,7 @@ def test_table_pads_every_column_to_its_widest_cell(capsys):
     assert report.fmt(None, "{:.1f}") == "-" and report.fmt(2, "{:.1f}x") == "2.0x"
 
 
+@pytest.mark.once
 def test_header_flags_a_busy_machine(capsys):
     info = {"cpu": "cpu", "cpu_count": 2, "cpus_usable": 2, "memory_gb": 4.0, "gpus": [],
             "python": "3", "versions": {"keras": "3"}, "env": {}, "load_before": 1.5,
@@ -96,12 +105,14 @@ def test_header_flags_a_busy_machine(capsys):
     assert "(this run's own load included) on 2 cores  <-- busy machine" in out
 
 
+@pytest.mark.once
 def test_choose_reads_a_comma_separated_subset():
     parser = cli.parser("test")
     assert cli.choose(parser, "keras-hub, jax", ["jax", "keras_hub"], "--x") == ["keras_hub", "jax"]
     assert cli.choose(parser, "none", ["jax"], "--x", none=True) == []
 
 
+@pytest.mark.once
 def test_worker_environment_hides_gpus_for_the_cpu():
     env = workers.worker_env("torch", "cpu", EXTRA="1")
     assert env["KERAS_BACKEND"] == "torch" and env["EXTRA"] == "1"
@@ -109,6 +120,7 @@ def test_worker_environment_hides_gpus_for_the_cpu():
     assert env["PYTHONPATH"].split(os.pathsep)[0] == workers.REPO_ROOT
 
 
+@pytest.mark.once
 def test_a_worker_reports_its_result_or_why_it_skipped(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
@@ -132,6 +144,7 @@ def test_a_worker_reports_its_result_or_why_it_skipped(tmp_path):
                                      env, 60, False) == (None, "no reason")
 
 
+@pytest.mark.once
 def test_photo_crops_are_the_same_for_the_same_seed():
     pytest.importorskip("sklearn")
     a, b = images.photo_crops(3, 20, 30), images.photo_crops(3, 20, 30)
@@ -141,6 +154,7 @@ def test_photo_crops_are_the_same_for_the_same_seed():
     assert stacked.shape == (2, 16, 16, 3) and "photographs" in what
 
 
+@pytest.mark.once
 def test_weighted_rate_is_total_flops_over_total_time():
     rates = {(2, 3, 4): {"xla": 10.0, "torch": None}, (4, 5, 6): {"xla": 40.0, "torch": 1.0}}
     flops = [2 * 2 * 3 * 4, 2 * 4 * 5 * 6]  # 48 and 240
