@@ -8,13 +8,6 @@ def fmt(value, pattern, missing="-"):
     return missing if value is None else pattern.format(value)
 
 
-def ratio(numerator, denominator):
-    """numerator / denominator, or None when either is missing."""
-    if numerator is None or denominator is None:
-        return None
-    return numerator / denominator
-
-
 def print_header(width, title, info, extra=(), own_load_included=False):
     """A report's opening: a rule, the title, the machine, `extra` lines, load and environment.
 
