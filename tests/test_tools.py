@@ -1,16 +1,160 @@
-"""tools/compute_ceiling.py: its bounds are the FLOPs of the compiled program over measured rates."""
+"""tools/: the benchmark harness (tools/bench), each benchmark's command line, and the compute
+ceiling's bounds (the FLOPs of the compiled program over measured rates).
 
+What does not depend on the Keras backend runs once, in the torch job (`once`, see conftest.py).
+"""
+
+import json
 import os
 import sys
+import textwrap
 
 import keras
+import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+sys.path.insert(0, TOOLS)
 
+import benchmark_data  # noqa: E402
+import benchmark_distributed  # noqa: E402
+import benchmark_drop_path  # noqa: E402
+import benchmark_inference  # noqa: E402
+import benchmark_train_step  # noqa: E402
 import compute_ceiling  # noqa: E402
+from bench import cli, images, report, timing, workers  # noqa: E402
+
+BENCHMARKS = [benchmark_data, benchmark_distributed, benchmark_drop_path, benchmark_inference,
+              benchmark_train_step, compute_ceiling]
 
 
+@pytest.mark.once
+@pytest.mark.parametrize("module", BENCHMARKS, ids=lambda m: m.__name__)
+def test_every_benchmark_prints_its_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.once
+def test_inference_flags_are_read_and_checked(capsys):
+    args = benchmark_inference.parse_args(["--backends", "jax,torch", "--peers", "none"])
+    assert (args.backends, args.peers, args.warmup, args.device) == (["jax", "torch"], [], 3, "auto")
+    with pytest.raises(SystemExit):
+        benchmark_inference.parse_args(["--backends", "jax,numpy"])
+    assert "--backends: unknown 'numpy'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark_inference.parse_args(["--warmup", "-1"])
+    assert "--warmup must be at least 0." in capsys.readouterr().err
+
+
+@pytest.mark.once
+def test_train_step_flags_are_read_and_checked(capsys):
+    args = benchmark_train_step.parse_args(["--model", "tiny", "--backends", "jax"])
+    assert (args.prototypes, args.backends, args.warmup) == (1024, ["jax"], 1)
+    with pytest.raises(SystemExit):
+        benchmark_train_step.parse_args(["--backends", "none"])
+    assert "nothing to run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark_train_step.parse_args(["--steps", "0"])
+    assert "--steps must be at least 1." in capsys.readouterr().err
+
+
+@pytest.mark.once
+def test_timing_loops_count_their_calls():
+    calls, synced = [], []
+    first, seconds = timing.warm_up(lambda: calls.append(1) or len(calls), 3, synced.append)
+    assert len(calls) == 3 and synced == [1, 2, 3] and 0 <= first <= seconds
+    assert timing.warm_up(lambda: None, 0) == (None, pytest.approx(0, abs=1e-3))
+    timed = timing.time_calls(lambda: len(calls), 4)
+    assert len(timed.times) == len(timed.cpu_times) == 4 and timed.output == 3
+    assert sum(timed.times) <= timed.seconds
+    row = timing.summary([2.0, 1.0, 4.0], [1.0, 1.0, 3.0], items=8)
+    assert (row["median_s"], row["min_s"], row["median_cpu_s"], row["images_per_s"]) == (2, 1, 1, 4)
+
+
+def test_step_timer_times_every_step_of_fit():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    timer = timing.step_timer()
+    x, y = np.ones((8, 3), "float32"), np.zeros((8, 1), "float32")
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[timer])
+    assert len(timer.times) == len(timer.cpu_times) == len(timer.intervals()) == 4
+    assert timer.intervals()[0] >= timer.times[0] and timer.last_loss >= 0
+    timer.reset()
+    assert timer.times == [] and timer.last_loss is None
+
+
+@pytest.mark.once
+def test_table_pads_every_column_to_its_widest_cell(capsys):
+    report.print_table(["a", "bbb"], [["xxxx", "1"], ["y", "22"]], width=12)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["-" * 12, "a     bbb", "xxxx  1  ", "y     22 ", "-" * 12]
+    assert report.fmt(None, "{:.1f}") == "-" and report.fmt(2, "{:.1f}x") == "2.0x"
+
+
+@pytest.mark.once
+def test_header_flags_a_busy_machine(capsys):
+    info = {"cpu": "cpu", "cpu_count": 2, "cpus_usable": 2, "memory_gb": 4.0, "gpus": [],
+            "python": "3", "versions": {"keras": "3"}, "env": {}, "load_before": 1.5,
+            "load_after": 0.1}
+    report.print_header(10, "title", info, ["extra line"], own_load_included=True)
+    out = capsys.readouterr().out
+    assert "title\nCPU: cpu (2 logical cores, 2 usable), 4.0 GB RAM\nPython 3, keras 3\nextra line\n" in out
+    assert "(this run's own load included) on 2 cores  <-- busy machine" in out
+
+
+@pytest.mark.once
+def test_choose_reads_a_comma_separated_subset():
+    parser = cli.parser("test")
+    assert cli.choose(parser, "keras-hub, jax", ["jax", "keras_hub"], "--x") == ["keras_hub", "jax"]
+    assert cli.choose(parser, "none", ["jax"], "--x", none=True) == []
+
+
+@pytest.mark.once
+def test_worker_environment_hides_gpus_for_the_cpu():
+    env = workers.worker_env("torch", "cpu", EXTRA="1")
+    assert env["KERAS_BACKEND"] == "torch" and env["EXTRA"] == "1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["JAX_PLATFORMS"] == "cpu"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == workers.REPO_ROOT
+
+
+@pytest.mark.once
+def test_a_worker_reports_its_result_or_why_it_skipped(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {TOOLS!r})
+        from bench.workers import Skip, worker_body
+
+        def measure(spec):
+            if spec["skip"]:
+                raise Skip("no reason")
+            return {{"value": spec["value"] * 2}}
+
+        sys.exit(worker_body(sys.argv[2], measure))
+    """))
+    env = dict(os.environ)
+    ok = workers.run_in_subprocess(str(script), {"skip": False, "value": 21}, str(tmp_path), "a",
+                                   env, 60, False)
+    assert ok[0]["value"] == 42 and ok[1] is None
+    assert json.loads((tmp_path / "spec_a.json").read_text())["value"] == 21
+    assert workers.run_in_subprocess(str(script), {"skip": True, "value": 0}, str(tmp_path), "b",
+                                     env, 60, False) == (None, "no reason")
+
+
+@pytest.mark.once
+def test_photo_crops_are_the_same_for_the_same_seed():
+    pytest.importorskip("sklearn")
+    a, b = images.photo_crops(3, 20, 30), images.photo_crops(3, 20, 30)
+    assert [c.shape for c in a] == [(20, 30, 3)] * 3 and a[0].dtype == np.uint8
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    stacked, what = images.source_images(2, size=16)
+    assert stacked.shape == (2, 16, 16, 3) and "photographs" in what
+
+
+@pytest.mark.once
 def test_weighted_rate_is_total_flops_over_total_time():
     rates = {(2, 3, 4): {"xla": 10.0, "torch": None}, (4, 5, 6): {"xla": 40.0, "torch": 1.0}}
     flops = [2 * 2 * 3 * 4, 2 * 4 * 5 * 6]  # 48 and 240

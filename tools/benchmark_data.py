@@ -16,50 +16,39 @@ Example:
     python tools/benchmark_data.py --reference-src ~/src/dinov2 --repeats 3
 """
 
-import argparse
-import functools
 import glob
 import importlib
 import os
 import statistics
 import sys
 import tempfile
-import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmark_common import load_average, machine_info  # noqa: E402
+from bench import cli  # noqa: E402
+from bench.images import photo_crops  # noqa: E402
+from bench.machine import load_average, machine_info  # noqa: E402
+from bench.reference import reference_collate  # noqa: E402
+from bench.timing import time_calls, warm_up  # noqa: E402
 
 
 def write_jpegs(folder, count, seed=0):
     """Saves `count` 500 x 375 JPEG crops of scikit-learn's sample images into `folder`."""
-    import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_sample_images
 
-    photos = load_sample_images().images
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        top = rng.integers(0, photo.shape[0] - 375 + 1)
-        left = rng.integers(0, photo.shape[1] - 500 + 1)
-        Image.fromarray(photo[top : top + 375, left : left + 500]).save(
-            os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    crops = photo_crops(count, 375, 500, seed)
+    if crops is None:
+        raise SystemExit("benchmark_data.py needs scikit-learn's sample images (pip install scikit-learn).")
+    for i, crop in enumerate(crops):
+        Image.fromarray(crop).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
 def time_batches(batches_iterable, batch_size, batches):
     """(source images/s over `batches` batches after 3 warm-up ones, seconds to the first batch)."""
     iterator = iter(batches_iterable)
-    start = time.perf_counter()
-    next(iterator)
-    first = time.perf_counter() - start
-    for _ in range(3):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    seconds = time.perf_counter() - start
+    first, _ = warm_up(lambda: next(iterator), 1 + 3)
+    seconds = time_calls(lambda: next(iterator), batches).seconds
     return batches * batch_size / seconds, first
 
 
@@ -141,11 +130,7 @@ def time_reference(folder, reference, batch_size, batches, workers):
 
     augmentation, collate, masking_generator = reference
     transform = augmentation((0.32, 1.0), (0.05, 0.32), 8, global_crops_size=224, local_crops_size=98)
-    grid = 224 // 14
-    collate_fn = functools.partial(
-        collate, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, dtype=torch.float32,
-        n_tokens=grid * grid,
-        mask_generator=masking_generator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid))
+    collate_fn = reference_collate(collate, masking_generator, 224 // 14, (0.1, 0.5), 0.5)
     dataset = _JpegFolder(sorted(glob.glob(os.path.join(folder, "*.jpg"))), transform)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
                                              generator=torch.Generator().manual_seed(0))
@@ -155,9 +140,8 @@ def time_reference(folder, reference, batch_size, batches, workers):
     return time_batches(loader, batch_size, batches)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = cli.parser(__doc__)
     parser.add_argument("--images", type=int, default=256, help="JPEGs to write (default 256)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--batches", type=int, default=20, help="timed batches (default 20)")
@@ -172,7 +156,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=1,
                         help="time each pipeline this many times, alternating, and report the "
                              "median (default 1)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name in ("images", "batch_size", "batches", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; received {getattr(args, name)}.")

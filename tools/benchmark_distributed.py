@@ -11,7 +11,7 @@ Run from the repository root:
 
     python tools/benchmark_distributed.py                          # ViT-S/14 and ViT-L/14, jax, all devices
     python tools/benchmark_distributed.py --backend torch          # torch.distributed: one process per GPU
-    python tools/benchmark_distributed.py --quick                  # tiny ViT on 4 virtual CPU devices, ~1 min
+    python tools/benchmark_distributed.py --quick                  # tiny ViT on 4 virtual CPU devices: a smoke run
     python tools/benchmark_distributed.py --models small --batch-size 64 --peak-tflops 989 --json out.json
 
 Without accelerators it runs on virtual CPU devices (`--cpu-devices`, default 4: XLA host devices for JAX,
@@ -44,13 +44,23 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
-from benchmark_common import Skip, fmt, load_average, machine_info, run_in_subprocess, worker_body
+from bench import cli
+from bench.devices import import_keras
+from bench.machine import load_average
+from bench.report import fmt, write_json
+from bench.timing import step_timer
+from bench.workers import (
+    REPO_ROOT,
+    run_all,
+    run_benchmark,
+    run_in_subprocess,
+    work_folder,
+    worker_env,
+)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # name: architecture preset, SSL recipe (heads), data recipe (crops)
@@ -169,12 +179,11 @@ def parse_args(argv=None):
                         help="also time one device with the per-replica batch (default: yes, "
                              "except with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny ViT, 2 timed steps, no peer: a smoke run that ends in about a "
-                             "minute on a CPU")
+                        help="tiny ViT, 2 timed steps, no peer: a smoke run on a CPU (its duration: "
+                             "docs/performance.md)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--verbose", action="store_true", help="show the workers' output")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    cli.add_worker_flags(parser, "show the workers' output")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.steps, args.warmup = "tiny", 2, 1
@@ -184,19 +193,19 @@ def parse_args(argv=None):
 
 
 def _environment(spec):
-    env = {**os.environ, "KERAS_BACKEND": spec["backend"], "TF_CPP_MIN_LOG_LEVEL": "3"}
+    extra = {"TF_CPP_MIN_LOG_LEVEL": "3"}
     if spec["backend"] == "jax" and spec["cpu_devices"] > 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                            + f" --xla_force_host_platform_device_count={spec['cpu_devices']}")
-    return env
+        count = f" --xla_force_host_platform_device_count={spec['cpu_devices']}"
+        extra["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + count
+    return worker_env(spec["backend"], **extra)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
-    info = machine_info()
-    info["load_before"] = load_average()
+    return run_benchmark(argv, parse_args, _run_worker, parent)
+
+
+def parent(args, info):
+    """The parent: each model on all devices (and on one: the peer), each in a worker; the report."""
     accelerated = bool(info["gpus"]) or os.path.exists("/dev/accel0") or os.path.exists(
         "/dev/vfio/0")
     runs = []
@@ -213,31 +222,31 @@ def main(argv=None):
     print(f"Machine: {info['cpu']} ({info['cpus_usable']} usable cores), GPUs: "
           f"{', '.join(info['gpus']) or 'none'}; backend {args.backend}; load "
           f"{fmt(info['load_before'], '{:.1f}')}", flush=True)
-    results, skipped = [], []
-    with tempfile.TemporaryDirectory() as workdir:
-        for index, spec in enumerate(runs):
-            label = f"{spec['model']} on {spec['devices']} device(s)"
-            print(f"[{index + 1}/{len(runs)}] {label} ...", flush=True)
+    with work_folder(None, "dinov2_dist_bench_") as workdir:
+
+        def run_one(spec, name):
             start = time.perf_counter()
-            result, reason = run_in_subprocess(__file__, spec, workdir, str(index),
-                                               _environment(spec), args.timeout, args.verbose)
-            if result is None:
-                print(f"    skipped: {reason}", flush=True)
-                skipped.append(f"{label}: {reason}")
-                continue
-            result["wall_s"] = time.perf_counter() - start
-            print(f"    {result['describe']}: {result['median_s']:.3f} s/step, "
-                  f"{result['images_per_s']:.2f} img/s, MFU {fmt(result['mfu'], '{:.1%}')}",
-                  flush=True)
-            results.append(result)
+            result, reason = run_in_subprocess(__file__, spec, workdir, name, _environment(spec),
+                                               args.timeout, args.verbose)
+            if result is not None:
+                result["wall_s"] = time.perf_counter() - start
+            return result, reason
+
+        results, skipped = run_all(runs, _label, run_one, _describe)
     info["load_after"] = load_average()
     _report(args, info, results, skipped)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "worker"},
-                       "machine": info, "results": results, "skipped": skipped}, f, indent=2)
-        print(f"Wrote {args.json}")
+        write_json(args.json, args, info, results, skipped)
     return 0 if results else 1
+
+
+def _label(spec):
+    return f"{spec['model']} on {spec['devices']} device(s)"
+
+
+def _describe(result):
+    return (f"{result['describe']}: {result['median_s']:.3f} s/step, "
+            f"{result['images_per_s']:.2f} img/s, MFU {fmt(result['mfu'], '{:.1%}')}")
 
 
 def _report(args, info, results, skipped):
@@ -278,9 +287,9 @@ def _report(args, info, results, skipped):
 # ----------------------------------------------------------------------------------------------- worker
 
 
-def worker(spec_path):
-    return worker_body(spec_path, lambda spec: _torch_launch(spec) if spec["backend"] == "torch"
-                      else _measure(spec))
+def _run_worker(spec):
+    """Measures one spec in a worker (torch: one process per device, launched from here)."""
+    return _torch_launch(spec) if spec["backend"] == "torch" else _measure(spec)
 
 
 def _defaults(spec, accelerated):
@@ -301,25 +310,6 @@ def _one_batch(config, batch_size):
     dataset = multicrop_dataset(images, batch_size=batch_size, config=config, seed=SEED,
                                 jit_compile=False)
     return {k: np.asarray(v) for k, v in next(iter(dataset)).items()}
-
-
-class _Timer:
-    def __init__(self):
-        import keras
-
-        class Callback(keras.callbacks.Callback):
-            def __init__(inner):
-                super().__init__()
-                inner.times, inner.loss = [], None
-
-            def on_train_begin(inner, logs=None):
-                inner.times.append(time.perf_counter())
-
-            def on_train_batch_end(inner, batch, logs=None):
-                inner.loss = float(logs["loss"])  # waits for the step to finish
-                inner.times.append(time.perf_counter())
-
-        self.callback = Callback()
 
 
 def _build(spec, dist, batch_size, dtype):
@@ -371,10 +361,7 @@ def _measure(spec, rank_setup=None):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * spec["cpu_devices"])
-    import keras
-
-    if keras.backend.backend() != backend:
-        raise Skip(f"Keras started with {keras.backend.backend()!r}, not {backend!r}.")
+    import_keras(backend)
     import tensorflow as tf
 
     from keras_dinov2 import distribute
@@ -397,9 +384,9 @@ def _measure(spec, rank_setup=None):
         dataset = tf.data.Dataset.from_tensors(stacked).repeat()
     else:
         dataset = tf.data.Dataset.from_tensors(batch).repeat()
-    timer = _Timer().callback
+    timer = step_timer()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-    times = np.diff(timer.times)
+    times = timer.intervals()
     timed = [float(t) for t in times[spec["warmup"]:]]
     median = statistics.median(timed)
     replicas = dist.num_replicas
@@ -431,7 +418,7 @@ def _measure(spec, rank_setup=None):
         "teacher_forward_flops_per_replica": teacher,
         "peak_tflops": peak,
         "mfu": mfu,
-        "loss": timer.loss,
+        "loss": timer.last_loss,
     }
 
 

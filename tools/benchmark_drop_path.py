@@ -10,16 +10,20 @@ Example:
         --batch-size 8 --rate 0.3 --repeats 5
 """
 
-import argparse
+import functools
 import os
 import platform
 import statistics
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench import cli  # noqa: E402
+from bench.timing import time_calls, warm_up  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = cli.parser(__doc__)
     parser.add_argument("--preset", default="dinov2_vit_small14",
                         help="architecture preset (default: dinov2_vit_small14)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
@@ -28,7 +32,7 @@ def main():
                         help="drop-path rates of the last block (default 0.0 0.3 0.4)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (default 5)")
     parser.add_argument("--dtype", default="float32", help="dtype policy (default float32)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import keras
     import numpy as np
@@ -49,14 +53,9 @@ def main():
             model = DINOv2Backbone.from_preset(args.preset, load_weights=False,
                                                drop_path_rate=rate, subset_drop_path=subset,
                                                image_size=args.image_size, dtype=args.dtype)
-            step = _make_step(model, backend)
-            step(images)  # compile
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                step(images)
-                times.append(time.perf_counter() - t0)
-            median = statistics.median(times)
+            call = functools.partial(_make_step(model, backend), images)
+            warm_up(call, 1)  # compile
+            median = statistics.median(time_calls(call, args.repeats).times)
             label = "subset" if subset and rate > 0.1 else "mask"
             rows.append((rate, label, median))
             print(f"rate={rate:.2f} form={label:6s} median {median:.3f} s/step "
@@ -100,7 +99,8 @@ def _make_step(model, backend):
                 out = model({"images": images}, training=True)
                 loss = tf.reduce_mean(tf.square(out["prenorm"]))
             grads = tape.gradient(loss, model.trainable_variables)
-            return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+            # The mask token gets no gradient here (no masks are passed): None, left out.
+            return loss, tf.add_n([tf.reduce_sum(g) for g in grads if g is not None])
 
         return lambda images: float(tf_step(tf.constant(images))[0])
     import torch

@@ -22,29 +22,18 @@ Run from the repository root:
 Run `python tools/benchmark_inference.py --help` for what is timed and how.
 """
 
-import argparse
 import contextlib
 import json
 import os
-import shutil
-import statistics
 import sys
-import tempfile
-import time
 
 import numpy as np
-from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
-    Skip,
-    fmt,
-    installed,
-    load_average,
-    machine_info,
-    peak_rss_mb,
-    run_in_subprocess,
-    worker_body,
-)
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import cli
+from bench.devices import backend_gpu, device_sync, gpu_peak_mb, import_keras, torch_autocast
+from bench.machine import installed, installed_backends, load_average, peak_rss_mb
+from bench.report import fmt, print_footer, print_header, print_table, write_json
+from bench.timing import summary, time_calls, warm_up
+from bench.workers import Skip, run_all, run_benchmark, run_in_subprocess, work_folder, worker_env
 
 # name: (hidden_size, num_hidden_layers, num_attention_heads, use_swiglu_ffn)
 MODELS = {
@@ -54,9 +43,12 @@ MODELS = {
     "large": (1024, 24, 16, False),
     "giant": (1536, 40, 24, True),
 }
-BACKENDS = ("jax", "tensorflow", "torch")
+MODEL_HELP = (
+    "Architecture, patch 14: tiny (192 wide, 12 layers, 3 heads), "
+    "small = ViT-S/14 (384, 12, 6), base (768, 12, 12), large (1024, 24, "
+    "16), giant (1536, 40, 24, SwiGLU). Default: small."
+)
 PEERS = ("transformers", "keras_hub", "transformers_compile")
-DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
 PATCH_SIZE = 14
 SEED = 0
 
@@ -87,8 +79,8 @@ How each model is run:
   tensorflow  tf.function(model call, jit_compile=True) (XLA), or without XLA when
               --tf-no-xla; synchronized by tf.test.experimental.sync_devices() (on GPU).
   torch       model call under torch.inference_mode(), eager; with --torch-compile the
-              same call through torch.compile (reported as "compile"; slow to compile, and
-              on an H100 it was slower than eager for the Keras models). torch.cuda.synchronize
+              same call through torch.compile (reported as "compile"; slow to compile;
+              docs/performance.md has how it compared with eager). torch.cuda.synchronize
               on GPU.
   transformers  Dinov2Model(pixel_values=NCHW batch).last_hidden_state under
               torch.inference_mode(), eager, with transformers' default attention
@@ -125,17 +117,8 @@ quiet one, and compare only rows from the same run.
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model",
-        default="small",
-        choices=sorted(MODELS),
-        help="Architecture, patch 14: tiny (192 wide, 12 layers, 3 heads), "
-        "small = ViT-S/14 (384, 12, 6), base (768, 12, 12), large (1024, 24, "
-        "16), giant (1536, 40, 24, SwiGLU). Default: small.",
-    )
+    parser = cli.parser(DESCRIPTION)
+    cli.add_model(parser, MODELS, MODEL_HELP)
     parser.add_argument("--batch-size", type=int, default=8, help="Images per batch. Default: 8.")
     parser.add_argument(
         "--image-size",
@@ -145,18 +128,15 @@ def parse_args(argv=None):
         "checkpoint's image_size, so no position interpolation runs. "
         "Default: 224.",
     )
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="float32, or a mixed policy for the Keras models with the "
-        "matching torch.autocast for transformers. Default: float32.",
+    cli.add_dtype(
+        parser,
+        "float32, or a mixed policy for the Keras models with the matching torch.autocast for "
+        "transformers. Default: float32.",
     )
-    parser.add_argument(
-        "--backends",
-        default=",".join(BACKENDS),
-        help="Comma-separated Keras backends for our backbone and keras-hub's, "
-        "from jax,tensorflow,torch. Default: all three.",
+    cli.add_backends(
+        parser,
+        "Comma-separated Keras backends for our backbone and keras-hub's, from "
+        "jax,tensorflow,torch. Default: all three.",
     )
     parser.add_argument(
         "--peers",
@@ -172,19 +152,8 @@ def parse_args(argv=None):
         default=10,
         help="Timed calls per model; the median is reported. Default: 10.",
     )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=3,
-        help="Untimed calls before timing (the first compiles). Default: 3.",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "gpu"),
-        help="auto: a GPU where the backend sees one; cpu: hide GPUs; gpu: "
-        "skip models that see none. Default: auto.",
-    )
+    cli.add_warmup(parser, 3, "calls")
+    cli.add_device(parser, "the backend", "models")
     parser.add_argument(
         "--torch-compile",
         action="store_true",
@@ -195,23 +164,7 @@ def parse_args(argv=None):
         action="store_true",
         help="TensorFlow backend: tf.function without jit_compile.",
     )
-    parser.add_argument(
-        "--json", metavar="OUT", help="Also write the settings, machine and rows as JSON to OUT."
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=1800,
-        help="Seconds before a model's subprocess is killed. Default: 1800.",
-    )
-    parser.add_argument(
-        "--keep",
-        metavar="DIR",
-        help="Write the checkpoint, images and reference into DIR and keep "
-        "them (default: a temporary folder, deleted at the end).",
-    )
-    parser.add_argument("--verbose", action="store_true", help="Show the subprocesses' own output.")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    cli.add_subprocess_flags(parser, "a model's subprocess", "the checkpoint, images and reference")
     args = parser.parse_args(argv)
     if args.worker:
         return args
@@ -219,28 +172,10 @@ def parse_args(argv=None):
         parser.error(
             f"--image-size must be a positive multiple of {PATCH_SIZE}, received {args.image_size}."
         )
-    for name in ("batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1.")
-    if args.warmup < 0:
-        parser.error("--warmup must be at least 0.")
-    args.backends = _split(args.backends, BACKENDS, "--backends", parser)
-    args.peers = (
-        [] if args.peers.strip() == "none" else _split(args.peers, PEERS, "--peers", parser)
-    )
+    cli.check_counts(parser, args, at_least_one=("batch_size", "repeats"))
+    args.backends = cli.choose(parser, args.backends, cli.BACKENDS, "--backends")
+    args.peers = cli.choose(parser, args.peers, PEERS, "--peers", none=True)
     return args
-
-
-def _split(text, allowed, flag, parser):
-    items = [item.strip().replace("-", "_") for item in text.split(",") if item.strip()]
-    allowed = [a.replace("-", "_") for a in allowed]
-    for item in items:
-        if item not in allowed:
-            parser.error(
-                f"{flag}: unknown {item!r}, expected a comma-separated subset of "
-                f"{','.join(allowed)}."
-            )
-    return items
 
 
 def hf_config(model, image_size):
@@ -352,29 +287,18 @@ def write_checkpoint(folder, config, images):
 
 
 def plan(args):
-    """The list of (label, spec) to run, and the messages of what is skipped."""
+    """The list of run specs, and the messages of what is skipped."""
     runs, skipped = [], []
-    have_keras = installed("keras")
-    have_hub = installed("keras_hub")
     have_hf = installed("transformers") and installed("torch")
-    if "transformers" in args.peers:
-        if have_hf:
-            runs.append({"kind": "transformers", "backend": "torch", "compile": False})
-        else:
-            skipped.append("transformers: torch or transformers is not installed.")
-    if "transformers_compile" in args.peers:
-        if have_hf:
-            runs.append({"kind": "transformers", "backend": "torch", "compile": True})
-        else:
-            skipped.append("transformers_compile: torch or transformers is not installed.")
-    for backend in args.backends:
-        if not have_keras:
-            skipped.append(f"{backend}: keras is not installed.")
+    for peer, compiled in (("transformers", False), ("transformers_compile", True)):
+        if peer not in args.peers:
             continue
-        module = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}[backend]
-        if not installed(module):
-            skipped.append(f"{backend}: the {module} package is not installed.")
-            continue
+        if have_hf:
+            runs.append({"kind": "transformers", "backend": "torch", "compile": compiled})
+        else:
+            skipped.append(f"{peer}: torch or transformers is not installed.")
+    have_hub = installed("keras_hub")
+    for backend in installed_backends(args.backends, skipped):
         runs.append({"kind": "ours", "backend": backend})
         if "keras_hub" in args.peers:
             if have_hub:
@@ -393,104 +317,54 @@ def plan(args):
     return runs, skipped
 
 
-def run_worker(spec, args, workdir, index):
-    """Runs one model in a fresh subprocess; returns its result dict or a reason to skip."""
-    env = dict(os.environ)
-    env["KERAS_BACKEND"] = spec["backend"]
-    env["PYTHONPATH"] = os.pathsep.join(
-        [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        env["JAX_PLATFORMS"] = "cpu"
-    return run_in_subprocess(__file__, spec, workdir, index, env, args.timeout, args.verbose)
-
-
 def row_label(result):
     name = {"ours": "keras_dinov2", "keras_hub": "keras-hub", "transformers": "transformers"}
     return name[result["kind"]]
 
 
+def run_label(run):
+    compiled = run["kind"] == "transformers" and run["compile"]
+    return f"{run['kind']} on {run['backend']}" + (" (torch.compile)" if compiled else "")
+
+
+def describe(result):
+    return (
+        f"{result['median_s']:.4f} s/batch, {result['images_per_s']:.1f} img/s, "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB, max|diff| "
+        f"{fmt(result.get('max_abs_diff'), '{:.1e}')}"
+    )
+
+
 def print_report(args, info, results, skipped):
     width = 100
-    print("\n" + "=" * width)
-    print(
-        f"DINOv2 inference: ViT-{args.model}/14 ({MODELS[args.model][0]} wide, "
-        f"{MODELS[args.model][1]} layers, {MODELS[args.model][2]} heads), batch "
-        f"{args.batch_size}, {args.image_size} x {args.image_size}, {args.dtype}, "
-        f"median of {args.repeats} after {args.warmup} warm-up calls"
+    hidden, layers, heads, _ = MODELS[args.model]
+    print_header(
+        width,
+        f"DINOv2 inference: ViT-{args.model}/14 ({hidden} wide, {layers} layers, {heads} heads), "
+        f"batch {args.batch_size}, {args.image_size} x {args.image_size}, {args.dtype}, "
+        f"median of {args.repeats} after {args.warmup} warm-up calls",
+        info,
     )
-    usable = f", {info['cpus_usable']} usable" if info["cpus_usable"] else ""
-    print(
-        f"CPU: {info['cpu']} ({info['cpu_count']} logical cores{usable}), "
-        f"{fmt(info['memory_gb'], '{} GB')} RAM"
-    )
-    if info["gpus"]:
-        print("GPU: " + "; ".join(info["gpus"]))
-    print(
-        "Python "
-        + info["python"]
-        + ", "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
-    )
-    if info.get("load_before") is not None and info.get("load_after") is not None:
-        print(
-            f"Load average (1 min) before: {info['load_before']:.2f}, after: "
-            f"{info['load_after']:.2f} on {info['cpu_count']} cores"
-            + (
-                "  <-- busy machine: CPU timings are not reliable"
-                if max(info["load_before"], info["load_after"]) > 0.5 * info["cpu_count"]
-                else ""
-            )
-        )
-    if info["env"]:
-        print("Environment: " + ", ".join(f"{k}={v}" for k, v in info["env"].items()))
     baseline = next((r for r in results if r["kind"] == "transformers" and not r["compile"]), None)
     hub = {(r["backend"], r["method"]): r for r in results if r["kind"] == "keras_hub"}
     on_gpu = any(r.get("gpu_peak_mb") is not None for r in results)
-    header = [
-        "model",
-        "backend",
-        "method",
-        "device",
-        "s/batch",
-        "img/s",
-        "vs HF",
-        "vs k-hub",
-        "CPU s/batch",
-        "peak RSS MB",
-    ]
-    header += ["GPU peak MB"] if on_gpu else []
+    header = ["model", "backend", "method", "device", "s/batch", "img/s", "vs HF", "vs k-hub"]
+    header += ["CPU s/batch", "peak RSS MB"] + (["GPU peak MB"] if on_gpu else [])
     header += ["1st call s", "max|diff|"]
     rows = []
     for r in results:
         vs_hf = baseline["median_s"] / r["median_s"] if baseline else None
         peer = hub.get((r["backend"], r["method"])) if r["kind"] == "ours" else None
         vs_hub = peer["median_s"] / r["median_s"] if peer else None
-        row = [
-            row_label(r),
-            r["backend"],
-            r["method"],
-            r["device"],
-            f"{r['median_s']:.4f}",
-            f"{r['images_per_s']:.1f}",
-            fmt(vs_hf, "{:.2f}x"),
-            fmt(vs_hub, "{:.2f}x"),
-            f"{r['median_cpu_s']:.3f}",
-            f"{r['peak_rss_mb']:.0f}",
-        ]
+        row = [row_label(r), r["backend"], r["method"], r["device"], f"{r['median_s']:.4f}"]
+        row += [f"{r['images_per_s']:.1f}", fmt(vs_hf, "{:.2f}x"), fmt(vs_hub, "{:.2f}x")]
+        row += [f"{r['median_cpu_s']:.3f}", f"{r['peak_rss_mb']:.0f}"]
         row += [fmt(r.get("gpu_peak_mb"), "{:.0f}")] if on_gpu else []
         row += [f"{r['first_call_s']:.2f}", fmt(r.get("max_abs_diff"), "{:.1e}")]
         rows.append(row)
         r["vs_transformers"] = vs_hf
         r["vs_keras_hub"] = vs_hub
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    print("-" * width)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    print("-" * width)
+    print_table(header, rows, width)
     print(
         "vs HF: throughput over transformers eager (>1 = faster). vs k-hub: ours over "
         "keras-hub, same backend and method.\nmax|diff|: against transformers float32 "
@@ -498,21 +372,17 @@ def print_report(args, info, results, skipped):
     )
     for r in results:
         print(f"  {row_label(r)} / {r['backend']} / {r['method']}: {r['notes']}")
-    for message in skipped:
-        print(f"  skipped: {message}")
-    print("=" * width)
+    print_footer(skipped, width)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
-    info = machine_info()
-    info["load_before"] = load_average()
+    return run_benchmark(argv, parse_args, measure, parent)
+
+
+def parent(args, info):
+    """The parent: every model in its own worker, then the report."""
     runs, skipped = plan(args)
-    workdir = args.keep or tempfile.mkdtemp(prefix="dinov2_bench_")
-    os.makedirs(workdir, exist_ok=True)
-    try:
+    with work_folder(args.keep, "dinov2_bench_") as workdir:
         folder = os.path.join(workdir, "checkpoint")
         images = (
             np.random.default_rng(SEED + 1)
@@ -532,95 +402,41 @@ def main(argv=None):
         else:
             reference_path = os.path.join(workdir, "reference.npy")
             np.save(reference_path, reference)
-        results = []
-        for index, run in enumerate(runs):
-            spec = {
-                **run,
-                "folder": folder,
-                "images": images_path,
-                "reference": reference_path,
-                "dtype": args.dtype,
-                "warmup": args.warmup,
-                "repeats": args.repeats,
-                "device": args.device,
-                "image_size": args.image_size,
-            }
-            label = f"{run['kind']} on {run['backend']}" + (
-                " (torch.compile)" if run["kind"] == "transformers" and run["compile"] else ""
-            )
-            print(f"[{index + 1}/{len(runs)}] {label} ...", flush=True)
-            result, reason = run_worker(spec, args, workdir, index)
-            if result is None:
-                print(f"    skipped: {reason}", flush=True)
-                skipped.append(f"{label}: {reason}")
-                continue
-            print(
-                f"    {result['median_s']:.4f} s/batch, {result['images_per_s']:.1f} img/s, "
-                f"peak RSS {result['peak_rss_mb']:.0f} MB, max|diff| "
-                f"{fmt(result.get('max_abs_diff'), '{:.1e}')}",
-                flush=True,
-            )
-            results.append(result)
+        common = {
+            "folder": folder,
+            "images": images_path,
+            "reference": reference_path,
+            "dtype": args.dtype,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "device": args.device,
+            "image_size": args.image_size,
+        }
+
+        def run_one(run, name):
+            env = worker_env(run["backend"], args.device)
+            spec = {**run, **common}
+            return run_in_subprocess(__file__, spec, workdir, name, env, args.timeout, args.verbose)
+
+        results, failed = run_all(runs, run_label, run_one, describe)
+        skipped += failed
         info["load_after"] = load_average()
         print_report(args, info, results, skipped)
         if args.json:
-            with open(args.json, "w") as f:
-                settings = {k: v for k, v in vars(args).items() if k != "worker"}
-                json.dump(
-                    {"settings": settings, "machine": info, "results": results, "skipped": skipped},
-                    f,
-                    indent=2,
-                )
-            print(f"Wrote {args.json}")
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+            write_json(args.json, args, info, results, skipped)
     return 0
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
-def worker(spec_path):
-    """Loads, compiles, warms up and times one model; writes the result JSON."""
-    return worker_body(spec_path, _measure)
-
-
-def _time_calls(call, sync, warmup, repeats):
-    """Wall seconds of each timed call, the first call's seconds, the last output, CPU seconds.
-
-    The CPU seconds (all threads of this process, `time.process_time`) tell contention apart
-    from slowness: on a quiet machine they are about the wall time times the threads used.
-    """
-    first = None
-    output = None
-    for i in range(warmup):
-        start = time.perf_counter()
-        output = sync(call())
-        if i == 0:
-            first = time.perf_counter() - start
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        cpu_start = time.process_time()
-        start = time.perf_counter()
-        output = sync(call())
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    if first is None:
-        first = times[0]
-    return times, first, output, cpu_times
-
-
-def _measure(spec):
+def measure(spec):
+    """Loads, compiles, warms up and times one model (in a worker); returns its result row."""
     images = np.load(spec["images"])
-    if spec["kind"] == "transformers":
-        setup = _setup_transformers(spec, images)
-    else:
-        setup = _setup_keras(spec, images)
-    call, sync, to_numpy, device, method, notes, gpu_peak = setup
-    times, first, output, cpu_times = _time_calls(call, sync, spec["warmup"], spec["repeats"])
-    peak_rss = peak_rss_mb()
-    gpu_peak_mb = gpu_peak()
+    setup = _setup_transformers if spec["kind"] == "transformers" else _setup_keras
+    call, sync, to_numpy, device, method, notes, gpu_peak = setup(spec, images)
+    first, _ = warm_up(call, spec["warmup"], sync)
+    timed = time_calls(call, spec["repeats"], sync)
     result = {
         "kind": spec["kind"],
         "backend": spec["backend"],
@@ -630,34 +446,28 @@ def _measure(spec):
         "dtype": spec["dtype"],
         "batch_size": int(images.shape[0]),
         "image_size": int(images.shape[1]),
-        "times_s": times,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "cpu_times_s": cpu_times,
-        "median_cpu_s": statistics.median(cpu_times),
-        "images_per_s": images.shape[0] / statistics.median(times),
-        "first_call_s": first,
-        "peak_rss_mb": peak_rss,
-        "gpu_peak_mb": gpu_peak_mb,
+        **summary(timed.times, timed.cpu_times, images.shape[0]),
+        "first_call_s": timed.times[0] if first is None else first,
+        "peak_rss_mb": peak_rss_mb(),
+        "gpu_peak_mb": gpu_peak(),
         "notes": notes,
         "max_abs_diff": None,
     }
     if spec["reference"]:
         reference = np.load(spec["reference"])
-        tokens = to_numpy(output).astype("float32")
+        tokens = to_numpy(timed.output).astype("float32")
         result["max_abs_diff"] = float(np.max(np.abs(tokens - reference)))
         result["reference_max_abs"] = float(np.max(np.abs(reference)))
     return result
 
 
-def _torch_device(spec):
+def _torch_monitor(gpu):
+    """(sync, peak device memory) of a PyTorch run on `gpu` (or the CPU); the peak counts from now."""
     import torch
 
-    if spec["device"] != "cpu" and torch.cuda.is_available():
-        return "cuda"
-    if spec["device"] == "gpu":
-        raise Skip("PyTorch sees no GPU (torch.cuda.is_available() is False).")
-    return "cpu"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    return device_sync("torch", gpu), lambda: gpu_peak_mb("torch", gpu)
 
 
 def _setup_transformers(spec, images):
@@ -665,14 +475,15 @@ def _setup_transformers(spec, images):
     import transformers
     from transformers import Dinov2Model
 
-    device = _torch_device(spec)
+    gpu = backend_gpu("torch", spec["device"])
+    device = "cuda" if gpu else "cpu"
     model, info = Dinov2Model.from_pretrained(spec["folder"], output_loading_info=True)
     missing = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if missing:
         raise Skip(f"the checkpoint did not load cleanly: { {k: info[k] for k in missing} }")
     model = model.eval().to(device)
     pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
-    autocast = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(spec["dtype"])
+    autocast = torch_autocast(spec["dtype"])
     forward = torch.compile(model) if spec["compile"] else model
 
     def call():
@@ -683,52 +494,20 @@ def _setup_transformers(spec, images):
             with context:
                 return forward(pixel_values=pixels).last_hidden_state
 
-    sync, gpu_peak = _torch_sync_and_peak(device)
+    sync, gpu_peak = _torch_monitor(gpu)
     notes = (
         f"transformers {transformers.__version__}, attention "
         f"{model.config._attn_implementation}, {torch.get_num_threads()} torch threads"
         + (f", autocast {autocast}" if autocast else "")
     )
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     method = "compile" if spec["compile"] else "eager"
-    return (call, sync, lambda out: out.float().cpu().numpy(), device_name, method, notes, gpu_peak)
-
-
-def _torch_sync_and_peak(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-        def sync(output):
-            torch.cuda.synchronize()
-            return output
-
-        return sync, lambda: torch.cuda.max_memory_allocated() / 2**20
-    return (lambda output: output), (lambda: None)
+    return (call, sync, lambda out: out.float().cpu().numpy(), gpu or "cpu", method, notes, gpu_peak)
 
 
 def _setup_keras(spec, images):
     backend = spec["backend"]
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        if spec["device"] == "gpu" and not gpus:
-            raise Skip("TensorFlow sees no GPU.")
-        for gpu in gpus:
-            with contextlib.suppress(RuntimeError):
-                tf.config.experimental.set_memory_growth(gpu, True)
-    if backend == "jax":
-        import jax
-
-        if spec["device"] == "gpu" and not _jax_gpus():
-            raise Skip("JAX sees no GPU (jax.devices('gpu') is empty).")
-        del jax
-    import keras
-
-    if keras.backend.backend() != backend:
-        raise Skip(f"Keras started with backend {keras.backend.backend()!r}, not {backend!r}.")
+    gpu = backend_gpu(backend, spec["device"])
+    keras = import_keras(backend)
     keras.config.set_dtype_policy(spec["dtype"])
     size = spec["image_size"]
     if spec["kind"] == "ours":
@@ -759,20 +538,11 @@ def _setup_keras(spec, images):
 
     notes = f"keras {keras.__version__}, dtype policy {model.dtype_policy.name}"
     builder = {"jax": _jax_runner, "tensorflow": _tf_runner, "torch": _torch_runner}[backend]
-    call, sync, device, method, more, gpu_peak = builder(model, select, images, spec)
+    call, sync, device, method, more, gpu_peak = builder(model, select, images, spec, gpu)
     return call, sync, tokens, device, method, notes + more, gpu_peak
 
 
-def _jax_gpus():
-    import jax
-
-    try:
-        return jax.devices("gpu")
-    except RuntimeError:
-        return []
-
-
-def _jax_runner(model, select, images, spec):
+def _jax_runner(model, select, images, spec, gpu):
     import jax
 
     device = jax.devices()[0]
@@ -789,10 +559,6 @@ def _jax_runner(model, select, images, spec):
     def call():
         return infer(trainable, non_trainable, x)
 
-    def peak():
-        stats = device.memory_stats() if device.platform == "gpu" else None
-        return stats["peak_bytes_in_use"] / 2**20 if stats else None
-
     notes = f", jax {jax.__version__}, jax.jit(stateless_call)"
     if os.environ.get("XLA_FLAGS"):
         notes += f", XLA_FLAGS={os.environ['XLA_FLAGS']}"
@@ -803,14 +569,13 @@ def _jax_runner(model, select, images, spec):
         name if device.platform != "cpu" else "cpu",
         "jit",
         notes,
-        peak,
+        lambda: gpu_peak_mb("jax", gpu),
     )
 
 
-def _tf_runner(model, select, images, spec):
+def _tf_runner(model, select, images, spec, gpu):
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
     xla = spec["compile"]
 
     @tf.function(jit_compile=xla)
@@ -818,38 +583,26 @@ def _tf_runner(model, select, images, spec):
         return select(model({"images": images}, training=False))
 
     x = tf.constant(images)
-    if gpus:
+    if gpu:
         with tf.device("/GPU:0"):
             x = tf.identity(x)
 
     def call():
         return infer(x)
 
-    def sync(output):
-        if gpus:
-            tf.test.experimental.sync_devices()
-        return output
-
-    def peak():
-        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if gpus else None
-
-    name = "cpu"
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        name = details.get("device_name", "gpu")
     notes = (
         f", tensorflow {tf.__version__}, tf.function(jit_compile={xla}), "
         f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'} "
         "intra-op threads"
     )
-    return call, sync, name, "xla" if xla else "graph", notes, peak
+    peak = lambda: gpu_peak_mb("tensorflow", gpu)  # noqa: E731
+    return call, device_sync("tensorflow", gpu), gpu or "cpu", "xla" if xla else "graph", notes, peak
 
 
-def _torch_runner(model, select, images, spec):
+def _torch_runner(model, select, images, spec, gpu):
     import torch
 
-    device = _torch_device(spec)
-    x = torch.from_numpy(images).to(device)
+    x = torch.from_numpy(images).to("cuda" if gpu else "cpu")
 
     def forward(x):
         return select(model({"images": x}, training=False))
@@ -861,13 +614,12 @@ def _torch_runner(model, select, images, spec):
         with torch.inference_mode():
             return forward(x)
 
-    sync, peak = _torch_sync_and_peak(device)
+    sync, peak = _torch_monitor(gpu)
     notes = (
         f", torch {torch.__version__}, {'torch.compile' if spec['compile'] else 'eager'} "
         f"under inference_mode, {torch.get_num_threads()} torch threads"
     )
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return call, sync, name, "compile" if spec["compile"] else "eager", notes, peak
+    return call, sync, gpu or "cpu", "compile" if spec["compile"] else "eager", notes, peak
 
 
 if __name__ == "__main__":

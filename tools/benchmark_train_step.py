@@ -18,63 +18,51 @@ Run from the repository root:
 Run `python tools/benchmark_train_step.py --help` for what is timed and how.
 """
 
-import argparse
 import contextlib
-import importlib.metadata
-import importlib.util
-import json
 import math
 import os
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
-from benchmark_common import (  # noqa: E402  (tools/ is on sys.path when run)
-    Skip,
-    fmt,
-    installed,
-    load_average,
-    machine_info,
-    peak_rss_mb,
-    run_in_subprocess,
-    worker_body,
+from bench import cli
+from bench.devices import (
+    backend_gpu,
+    device_sync,
+    gpu_peak_mb,
+    import_keras,
+    torch_autocast,
+    torch_gpu,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.images import source_images
+from bench.machine import (
+    current_rss_mb,
+    installed,
+    installed_backends,
+    load_average,
+    peak_rss_mb,
+)
+from bench.reference import load_file_module, reference_collate, reference_commit
+from bench.report import fmt, print_footer, print_header, print_table, write_json
+from bench.timing import Timed, step_timer, summary, time_calls, warm_up
+from bench.workers import Skip, run_all, run_benchmark, run_in_subprocess, work_folder, worker_env
 
 # name: preset, data recipe, patch, (width, depth, heads), (head hidden, bottleneck), prototypes
+MODEL_FIELDS = ("preset", "data", "patch", "dims", "head", "prototypes")
 MODELS = {
-    "tiny": {
-        "preset": "dinov2_vit_tiny4",
-        "data": "digits",
-        "patch": 4,
-        "dims": (96, 4, 3),
-        "head": (512, 128),
-        "prototypes": 1024,
-    },
-    "small": {
-        "preset": "dinov2_vit_small14",
-        "data": "vit14",
-        "patch": 14,
-        "dims": (384, 12, 6),
-        "head": (2048, 256),
-        "prototypes": 65536,
-    },
-    "base": {
-        "preset": "dinov2_vit_base14",
-        "data": "vit14",
-        "patch": 14,
-        "dims": (768, 12, 12),
-        "head": (2048, 256),
-        "prototypes": 65536,
-    },
+    name: dict(zip(MODEL_FIELDS, values))
+    for name, values in {
+        "tiny": ("dinov2_vit_tiny4", "digits", 4, (96, 4, 3), (512, 128), 1024),
+        "small": ("dinov2_vit_small14", "vit14", 14, (384, 12, 6), (2048, 256), 65536),
+        "base": ("dinov2_vit_base14", "vit14", 14, (768, 12, 12), (2048, 256), 65536),
+    }.items()
 }
-BACKENDS = ("jax", "tensorflow", "torch")
-DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
+MODEL_HELP = (
+    "small = ViT-S/14 (dinov2_vit_small14) with 2 x 224 + 8 x 98 crops; base = "
+    "ViT-B/14; tiny = dinov2_vit_tiny4 (96 wide, 4 layers, patch 4) with the digits "
+    "recipe's 2 x 32 + 8 x 16 crops and a 512 / 128 head, for a quick smoke run. "
+    "Default: small."
+)
 SEED = 0
 # Schedules of the benchmarked run: the reference's defaults, no warm-up (so the learning rate
 # is not 0 at step 0), an epoch of 1000 steps. The frozen first epoch applies on both sides
@@ -89,6 +77,17 @@ CLIP_GRAD = 3.0
 LAYER_DECAY = 0.9
 PATCH_EMBED_LR_MULT = 0.2
 LAYER_SCALE_INIT = 1e-5
+OPTIM = {
+    "epochs": EPOCHS,
+    "steps_per_epoch": STEPS_PER_EPOCH,
+    "base_lr": BASE_LR,
+    "warmup_epochs": 0,
+    "weight_decay": WEIGHT_DECAY,
+    "momentum_teacher": MOMENTUM_TEACHER,
+    "clip_grad": CLIP_GRAD,
+    "layer_decay": LAYER_DECAY,
+    "patch_embed_lr_mult": PATCH_EMBED_LR_MULT,
+}
 
 DESCRIPTION = (
     __doc__.split("\n\n")[0]
@@ -174,18 +173,8 @@ that fails, is skipped with a message; the rest still runs.
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model",
-        default="small",
-        choices=sorted(MODELS),
-        help="small = ViT-S/14 (dinov2_vit_small14) with 2 x 224 + 8 x 98 crops; base = "
-        "ViT-B/14; tiny = dinov2_vit_tiny4 (96 wide, 4 layers, patch 4) with the digits "
-        "recipe's 2 x 32 + 8 x 16 crops and a 512 / 128 head, for a quick smoke run. "
-        "Default: small.",
-    )
+    parser = cli.parser(DESCRIPTION)
+    cli.add_model(parser, MODELS, MODEL_HELP)
     parser.add_argument(
         "--batch-size", type=int, default=4, help="Source images per step. Default: 4."
     )
@@ -203,75 +192,41 @@ def parse_args(argv=None):
         help="Student drop-path rates (of the last block; linear ramp from 0, as "
         "vit_small(drop_path_rate=R)). Default: 0 0.3.",
     )
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="Keras dtype policy of the backbone and heads; torch.autocast for the "
-        "reference. Default: float32.",
+    cli.add_dtype(
+        parser,
+        "Keras dtype policy of the backbone and heads; torch.autocast for the reference. "
+        "Default: float32.",
     )
-    parser.add_argument(
-        "--backends",
-        default=",".join(BACKENDS),
-        help="Comma-separated Keras backends from jax,tensorflow,torch, or 'none' for the "
-        "reference alone. Default: all three.",
+    cli.add_backends(
+        parser,
+        "Comma-separated Keras backends from jax,tensorflow,torch, or 'none' for the reference "
+        "alone. Default: all three.",
     )
     parser.add_argument(
         "--steps", type=int, default=5, help="Timed steps; the median is reported. Default: 5."
     )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=1,
-        help="Untimed steps before timing (the first compiles). Default: 1.",
-    )
+    cli.add_warmup(parser, 1, "steps")
     parser.add_argument(
         "--reference-src",
         metavar="DIR",
         help="A checkout of facebookresearch/dinov2 (the folder holding the dinov2 "
         "package): also time its step, in PyTorch eager; ratios are then taken against it.",
     )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "gpu"),
-        help="auto: a GPU where the framework sees one; cpu: hide GPUs; gpu: skip "
-        "implementations that see none. Default: auto.",
-    )
+    cli.add_device(parser, "the framework", "implementations")
     parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
         help="torch.set_num_threads(N) in the PyTorch processes (the reference and the torch "
         "backend). Default: PyTorch's own (one per core). On a machine that other work keeps "
-        "busy, PyTorch's OpenMP pool with one thread per core can stall for seconds at its "
-        "barriers (steps 10-100x slower, CPU time = wall time); 1 avoids that.",
+        "busy, PyTorch's OpenMP pool with one thread per core can stall at its barriers (CPU "
+        "time = wall time; see docs/performance.md); 1 avoids that.",
     )
-    parser.add_argument(
-        "--json", metavar="OUT", help="Also write the settings, machine and rows as JSON to OUT."
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=1800,
-        help="Seconds before a subprocess is killed. Default: 1800.",
-    )
-    parser.add_argument(
-        "--keep",
-        metavar="DIR",
-        help="Write the batch and the per-run files into DIR and keep them (default: a "
-        "temporary folder, deleted at the end).",
-    )
-    parser.add_argument("--verbose", action="store_true", help="Show the subprocesses' own output.")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    cli.add_subprocess_flags(parser, "a subprocess", "the batch and the per-run files")
     args = parser.parse_args(argv)
     if args.worker:
         return args
-    for name in ("batch_size", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1.")
-    if args.warmup < 0:
-        parser.error("--warmup must be at least 0.")
+    cli.check_counts(parser, args, at_least_one=("batch_size", "steps"))
     if args.torch_threads is not None and args.torch_threads < 1:
         parser.error("--torch-threads must be at least 1.")
     if args.prototypes is None:
@@ -281,16 +236,7 @@ def parse_args(argv=None):
     for rate in args.drop_path:
         if not 0.0 <= rate < 1.0:
             parser.error(f"--drop-path rates must be in [0, 1), received {rate}.")
-    if args.backends.strip() == "none":
-        args.backends = []
-    else:
-        args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        for backend in args.backends:
-            if backend not in BACKENDS:
-                parser.error(
-                    f"--backends: unknown {backend!r}, expected a comma-separated subset of "
-                    f"{','.join(BACKENDS)} or 'none'."
-                )
+    args.backends = cli.choose(parser, args.backends, cli.BACKENDS, "--backends", none=True)
     if args.reference_src:
         args.reference_src = os.path.abspath(os.path.expanduser(args.reference_src))
         if not os.path.isdir(os.path.join(args.reference_src, "dinov2")):
@@ -303,31 +249,10 @@ def parse_args(argv=None):
     return args
 
 
-def reference_commit(folder):
-    """The checked-out commit of the reference folder, when it is a git work tree."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["git", "-C", folder, "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return None
-
-
 def plan(args):
     """The list of run specs, and the messages of what is skipped."""
     runs, skipped = [], []
-    backends = []
-    for backend in args.backends:
-        if not installed("keras"):
-            skipped.append(f"{backend}: keras is not installed.")
-        elif not installed(backend):
-            skipped.append(f"{backend}: the {backend} package is not installed.")
-        else:
-            backends.append(backend)
+    backends = installed_backends(args.backends, skipped)
     reference = bool(args.reference_src)
     if reference and not installed("torch"):
         skipped.append("reference: torch is not installed.")
@@ -340,28 +265,28 @@ def plan(args):
     return runs, skipped
 
 
-def _environment(args, backend):
-    env = dict(os.environ)
-    env["KERAS_BACKEND"] = backend
-    env["PYTHONPATH"] = os.pathsep.join(
-        [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["XFORMERS_DISABLED"] = "1"
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def run_worker(spec, args, workdir, name):
     """Runs one spec in a fresh subprocess; returns its result dict or a reason to skip."""
-    env = _environment(args, spec["backend"])
+    env = worker_env(spec["backend"], args.device, XFORMERS_DISABLED="1")
     return run_in_subprocess(__file__, spec, workdir, name, env, args.timeout, args.verbose)
 
 
 def row_label(result):
     return "reference" if result["kind"] == "reference" else "keras_dinov2"
+
+
+def run_label(run):
+    if run["kind"] == "reference":
+        return f"reference (PyTorch eager), drop path {run['drop_path']:g}"
+    return f"keras_dinov2 on {run['backend']}, drop path {run['drop_path']:g}"
+
+
+def describe(result):
+    return (
+        f"{result['median_s']:.3f} s/step, {result['images_per_s']:.3f} img/s, peak "
+        f"RSS {result['peak_rss_mb']:.0f} MB, first step {result['first_step_s']:.1f} s, "
+        f"loss {fmt(result.get('loss'), '{:.4f}')}"
+    )
 
 
 def _baselines(results):
@@ -380,64 +305,26 @@ def print_report(args, info, results, skipped):
     width = 110
     model = MODELS[args.model]
     g, local, n_local = info["crops"]
-    print("\n" + "=" * width)
-    print(
+    extra = []
+    if info.get("reference_src"):
+        commit = info.get("reference_commit")
+        extra.append(f"Reference: {info['reference_src']}" + (f" at {commit}" if commit else ""))
+    print_header(
+        width,
         f"DINOv2 training step: {model['preset']} ({model['dims'][0]} wide, {model['dims'][1]} "
         f"layers, {model['dims'][2]} heads, patch {model['patch']}), batch {args.batch_size} "
         f"source images (2 x {g} + {n_local} x {local} crops), {args.prototypes} prototypes, "
-        f"{args.dtype}; median of {args.steps} steps after {args.warmup} warm-up"
+        f"{args.dtype}; median of {args.steps} steps after {args.warmup} warm-up",
+        info,
+        extra,
+        own_load_included=True,
     )
-    usable = f", {info['cpus_usable']} usable" if info["cpus_usable"] else ""
-    print(
-        f"CPU: {info['cpu']} ({info['cpu_count']} logical cores{usable}), "
-        f"{fmt(info['memory_gb'], '{} GB')} RAM"
-    )
-    if info["gpus"]:
-        print("GPU: " + "; ".join(info["gpus"]))
-    print(
-        "Python "
-        + info["python"]
-        + ", "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
-    )
-    if info.get("reference_src"):
-        print(
-            f"Reference: {info['reference_src']}"
-            + (f" at {info['reference_commit']}" if info.get("reference_commit") else "")
-        )
-    if info.get("load_before") is not None and info.get("load_after") is not None:
-        print(
-            f"Load average (1 min) before: {info['load_before']:.2f}, after: "
-            f"{info['load_after']:.2f} (this run's own load included) on {info['cpu_count']} "
-            "cores"
-            + (
-                "  <-- busy machine: CPU timings are not reliable"
-                if info["load_before"] > 0.5 * info["cpu_count"]
-                else ""
-            )
-        )
-    if info["env"]:
-        print("Environment: " + ", ".join(f"{k}={v}" for k, v in info["env"].items()))
     baselines, kind = _baselines(results)
+    short = "ref" if kind == "reference" else "jax"
     on_gpu = any(r.get("gpu_peak_mb") is not None for r in results)
-    header = [
-        "impl",
-        "backend",
-        "method",
-        "device",
-        "drop",
-        "s/step",
-        "img/s",
-        f"vs {'ref' if kind == 'reference' else 'jax'}",
-        "fit s/step",
-        "CPU s/step",
-        "peak RSS MB",
-        f"mem vs {'ref' if kind == 'reference' else 'jax'}",
-        "import RSS MB",
-        "end RSS MB",
-    ]
-    header += ["GPU peak MB"] if on_gpu else []
-    header += ["1st step s", "loss"]
+    header = ["impl", "backend", "method", "device", "drop", "s/step", "img/s", f"vs {short}"]
+    header += ["fit s/step", "CPU s/step", "peak RSS MB", f"mem vs {short}", "import RSS MB"]
+    header += ["end RSS MB"] + (["GPU peak MB"] if on_gpu else []) + ["1st step s", "loss"]
     rows = []
     for r in results:
         base = baselines.get(r["drop_path"])
@@ -446,31 +333,15 @@ def print_report(args, info, results, skipped):
         r["speedup_vs_baseline"] = speed
         r["memory_vs_baseline"] = memory
         r["baseline"] = kind
-        row = [
-            row_label(r),
-            r["backend"],
-            r["method"],
-            r["device"],
-            f"{r['drop_path']:g}",
-            f"{r['median_s']:.3f}",
-            f"{r['images_per_s']:.3f}",
-            fmt(speed, "{:.2f}x"),
-            f"{r['fit_s_per_step']:.3f}",
-            f"{r['median_cpu_s']:.2f}",
-            f"{r['peak_rss_mb']:.0f}",
-            fmt(memory, "{:.2f}x"),
-            fmt(r.get("import_rss_mb"), "{:.0f}"),
-            fmt(r.get("end_rss_mb"), "{:.0f}"),
-        ]
+        row = [row_label(r), r["backend"], r["method"], r["device"], f"{r['drop_path']:g}"]
+        row += [f"{r['median_s']:.3f}", f"{r['images_per_s']:.3f}", fmt(speed, "{:.2f}x")]
+        row += [f"{r['fit_s_per_step']:.3f}", f"{r['median_cpu_s']:.2f}", f"{r['peak_rss_mb']:.0f}"]
+        row += [fmt(memory, "{:.2f}x"), fmt(r.get("import_rss_mb"), "{:.0f}")]
+        row += [fmt(r.get("end_rss_mb"), "{:.0f}")]
         row += [fmt(r.get("gpu_peak_mb"), "{:.0f}")] if on_gpu else []
         row += [f"{r['first_step_s']:.1f}", fmt(r.get("loss"), "{:.4f}")]
         rows.append(row)
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    print("-" * width)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    print("-" * width)
+    print_table(header, rows, width)
     print(
         f"vs {kind}: throughput over the {kind} row at the same drop path (>1 = faster); mem "
         f"vs {kind}: peak RSS over its.\nimg/s: source images per second (batch / median "
@@ -487,40 +358,41 @@ def print_report(args, info, results, skipped):
             + (f"  <-- unsteady (slowest / fastest {spread:.1f})" if spread > 1.5 else "")
         )
     if kind == "reference":
-        for rate, base in sorted(baselines.items()):
-            ours = next(
-                (
-                    r
-                    for r in results
-                    if r["kind"] == "ours" and r["backend"] == "jax" and r["drop_path"] == rate
-                ),
-                None,
-            )
-            if ours is None or base is None or base is ours:
-                continue
-            met = ours["speedup_vs_baseline"] >= 1.25 and ours["memory_vs_baseline"] <= 1.0
-            print(
-                f"  goal at drop path {rate:g} (JAX >= 1.25x the reference's img/s with no more "
-                f"peak RSS): {ours['speedup_vs_baseline']:.2f}x, memory "
-                f"{ours['memory_vs_baseline']:.2f}x -> {'met' if met else 'NOT met'}"
-            )
-    for message in skipped:
-        print(f"  skipped: {message}")
-    print("=" * width)
+        _print_goal(results, baselines)
+    print_footer(skipped, width)
+
+
+def _print_goal(results, baselines):
+    """Whether JAX reaches the goal against the reference at each drop-path rate."""
+    for rate, base in sorted(baselines.items()):
+        ours = next(
+            (
+                r
+                for r in results
+                if r["kind"] == "ours" and r["backend"] == "jax" and r["drop_path"] == rate
+            ),
+            None,
+        )
+        if ours is None or base is None or base is ours:
+            continue
+        met = ours["speedup_vs_baseline"] >= 1.25 and ours["memory_vs_baseline"] <= 1.0
+        print(
+            f"  goal at drop path {rate:g} (JAX >= 1.25x the reference's img/s with no more "
+            f"peak RSS): {ours['speedup_vs_baseline']:.2f}x, memory "
+            f"{ours['memory_vs_baseline']:.2f}x -> {'met' if met else 'NOT met'}"
+        )
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
-    info = machine_info()
-    info["load_before"] = load_average()
+    return run_benchmark(argv, parse_args, _run_spec, parent)
+
+
+def parent(args, info):
+    """The parent: the batch, then each implementation at each rate in its own worker; the report."""
     if args.reference_src:
         info["reference_src"] = args.reference_src
         info["reference_commit"] = reference_commit(args.reference_src)
     runs, skipped = plan(args)
-    workdir = args.keep or tempfile.mkdtemp(prefix="dinov2_train_bench_")
-    os.makedirs(workdir, exist_ok=True)
     common = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -532,7 +404,7 @@ def main(argv=None):
         "reference_src": args.reference_src,
         "torch_threads": args.torch_threads,
     }
-    try:
+    with work_folder(args.keep, "dinov2_train_bench_") as workdir:
         print(
             f"Building one multi-crop batch of {args.batch_size} images ({args.model} crops) ...",
             flush=True,
@@ -550,44 +422,20 @@ def main(argv=None):
             f"images: {made['images']}",
             flush=True,
         )
-        results = []
-        for index, run in enumerate(runs):
-            spec = {**common, **run, "batch": batch_spec["batch"], "geometry": made["geometry"]}
-            label = (
-                "reference (PyTorch eager)"
-                if run["kind"] == "reference"
-                else f"keras_dinov2 on {run['backend']}"
-            ) + f", drop path {run['drop_path']:g}"
-            print(f"[{index + 1}/{len(runs)}] {label} ...", flush=True)
-            result, reason = run_worker(spec, args, workdir, str(index))
-            if result is None:
-                print(f"    skipped: {reason}", flush=True)
-                skipped.append(f"{label}: {reason}")
-                continue
-            print(
-                f"    {result['median_s']:.3f} s/step, {result['images_per_s']:.3f} img/s, peak "
-                f"RSS {result['peak_rss_mb']:.0f} MB, first step {result['first_step_s']:.1f} s, "
-                f"loss {fmt(result.get('loss'), '{:.4f}')}",
-                flush=True,
-            )
-            results.append(result)
+        shared = {**common, "batch": batch_spec["batch"], "geometry": made["geometry"]}
+
+        def run_one(run, name):
+            return run_worker({**shared, **run}, args, workdir, name)
+
+        results, failed = run_all(runs, run_label, run_one, describe)
+        skipped += failed
         info["load_after"] = load_average()
         if results:
             print_report(args, info, results, skipped)
         else:
             print("Nothing ran:\n  " + "\n  ".join(skipped))
         if args.json:
-            with open(args.json, "w") as f:
-                settings = {k: v for k, v in vars(args).items() if k != "worker"}
-                json.dump(
-                    {"settings": settings, "machine": info, "results": results, "skipped": skipped},
-                    f,
-                    indent=2,
-                )
-            print(f"Wrote {args.json}")
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+            write_json(args.json, args, info, results, skipped)
     return 0 if results else 1
 
 
@@ -595,16 +443,12 @@ def main(argv=None):
 
 
 def _run_spec(spec):
+    """Runs one spec (the batch, or one implementation at one rate) in a worker."""
     if spec["kind"] == "batch":
         return _make_batch(spec)
     if spec["kind"] == "reference":
         return _measure_reference(spec)
     return _measure_keras(spec)
-
-
-def worker(spec_path):
-    """Runs one spec (the batch, or one implementation at one rate); writes the result JSON."""
-    return worker_body(spec_path, _run_spec)
 
 
 def _data_config(spec):
@@ -613,37 +457,12 @@ def _data_config(spec):
     return DataConfig.recipe(MODELS[spec["model"]]["data"])
 
 
-def _source_images(count, size=256):
-    """`count` uint8 RGB images of size x size: crops of scikit-learn's sample photographs."""
-    rng = np.random.default_rng(SEED)
-    try:
-        from sklearn.datasets import load_sample_images
-
-        photos = [np.asarray(p, np.uint8) for p in load_sample_images().images]
-        what = "crops of scikit-learn's sample photographs"
-    except Exception:  # scikit-learn missing, or its data files
-        photos = None
-    if not photos:
-        # Smooth random color fields: low-frequency noise upsampled, plus a little grain.
-        coarse = rng.random((count, 8, 8, 3))
-        fields = coarse.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
-        fields = fields + 0.05 * rng.standard_normal(fields.shape)
-        return np.clip(fields * 255, 0, 255).astype(np.uint8), "synthetic color fields"
-    out = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        top = int(rng.integers(0, photo.shape[0] - size + 1))
-        left = int(rng.integers(0, photo.shape[1] - size + 1))
-        out.append(photo[top : top + size, left : left + size])
-    return np.stack(out), what
-
-
 def _make_batch(spec):
     """Builds one multi-crop batch with the library's pipeline and saves it as NumPy."""
     from keras_dinov2.data import multicrop_dataset
 
     config = _data_config(spec)
-    images, what = _source_images(max(spec["batch_size"], 8))
+    images, what = source_images(max(spec["batch_size"], 8))
     patch = MODELS[spec["model"]]["patch"]
     dataset = multicrop_dataset(images, batch_size=spec["batch_size"], config=config, patch_size=patch, seed=SEED)
     batch = {k: np.asarray(v) for k, v in next(iter(dataset)).items()}
@@ -669,23 +488,13 @@ def _make_batch(spec):
 
 
 def _load_batch(spec):
+    """The multi-crop batch the parent had built, as a dict of NumPy arrays."""
     with np.load(spec["batch"]) as data:
         return {k: data[k] for k in data.files}
 
 
-def _current_rss_mb():
-    """Resident memory now (VmRSS), or None where /proc is missing."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**10
-    return None
-
-
-def _finish(spec, times, cpu_times, first, fit_wall, loss, memory, device, method, notes):
-    batch = spec["batch_size"]
-    median = statistics.median(times)
+def _finish(spec, timed, first, loss, memory, device, method, notes):
+    """The result row of one implementation at one rate, from its timed steps."""
     return {
         "kind": spec["kind"],
         "backend": spec["backend"],
@@ -693,22 +502,17 @@ def _finish(spec, times, cpu_times, first, fit_wall, loss, memory, device, metho
         "method": method,
         "device": device,
         "dtype": spec["dtype"],
-        "batch_size": batch,
+        "batch_size": spec["batch_size"],
         "prototypes": spec["prototypes"],
-        "times_s": times,
-        "median_s": median,
-        "min_s": min(times),
-        "images_per_s": batch / median,
-        "cpu_times_s": cpu_times,
-        "median_cpu_s": statistics.median(cpu_times),
-        "fit_s_per_step": fit_wall / len(times),
+        **summary(timed.times, timed.cpu_times, spec["batch_size"]),
+        "fit_s_per_step": timed.seconds / len(timed.times),
         "first_step_s": first,
         "loss": loss,
         "peak_rss_mb": peak_rss_mb(),
         "import_rss_mb": memory["import"],
         "built_peak_rss_mb": memory["built"],
         "warm_peak_rss_mb": memory["warm"],
-        "end_rss_mb": _current_rss_mb(),
+        "end_rss_mb": current_rss_mb(),
         "notes": notes,
     }
 
@@ -718,11 +522,8 @@ def _finish(spec, times, cpu_times, first, fit_wall, loss, memory, device, metho
 
 def _measure_keras(spec):
     backend = spec["backend"]
-    gpu = _prepare_backend(spec)
-    import keras
-
-    if keras.backend.backend() != backend:
-        raise Skip(f"Keras started with backend {keras.backend.backend()!r}, not {backend!r}.")
+    gpu = backend_gpu(backend, spec["device"], spec.get("torch_threads"))
+    keras = import_keras(backend)
     import tensorflow as tf
 
     from keras_dinov2 import DINOv2Backbone, DINOv2Pretrainer, SSLConfig
@@ -742,32 +543,19 @@ def _measure_keras(spec):
         dtype=spec["dtype"],
     )
     hidden, bottleneck = model_info["head"]
-    config = SSLConfig(
-        batch_size=spec["batch_size"],
-        heads=HeadConfig(
-            num_prototypes=spec["prototypes"], hidden_dim=hidden, bottleneck_dim=bottleneck
-        ),
-        optim=OptimConfig(
-            epochs=EPOCHS,
-            steps_per_epoch=STEPS_PER_EPOCH,
-            base_lr=BASE_LR,
-            warmup_epochs=0,
-            weight_decay=WEIGHT_DECAY,
-            momentum_teacher=MOMENTUM_TEACHER,
-            clip_grad=CLIP_GRAD,
-            layer_decay=LAYER_DECAY,
-            patch_embed_lr_mult=PATCH_EMBED_LR_MULT,
-        ),
-        data=data_config,
-        model=ModelConfig(patch_size=model_info["patch"], drop_path_rate=rate, layer_scale_init=LAYER_SCALE_INIT),
+    heads = HeadConfig(
+        num_prototypes=spec["prototypes"], hidden_dim=hidden, bottleneck_dim=bottleneck
     )
+    optim = OptimConfig(**OPTIM)
+    model_config = ModelConfig(patch_size=model_info["patch"], drop_path_rate=rate, layer_scale_init=LAYER_SCALE_INIT)
+    config = SSLConfig(batch_size=spec["batch_size"], heads=heads, optim=optim, data=data_config, model=model_config)
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=STEPS_PER_EPOCH)
     model.compile()
     batch = _load_batch(spec)
     memory["built"] = peak_rss_mb()
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
-    sync = _keras_sync(backend, gpu)
-    timer = _step_timer(sync)
+    sync = device_sync(backend, gpu)
+    timer = step_timer(sync)
 
     warm_start = time.perf_counter()
     if spec["warmup"]:
@@ -780,7 +568,7 @@ def _measure_keras(spec):
     start = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=spec["steps"], verbose=0, callbacks=[timer])
     sync()
-    fit_wall = time.perf_counter() - start
+    timed = Timed(timer.times, timer.cpu_times, None, time.perf_counter() - start)
     if first is None:
         first = timer.times[0]
     jit = getattr(model, "jit_compile", None)
@@ -801,19 +589,8 @@ def _measure_keras(spec):
         notes += f", live JAX arrays after the steps {live / 2**20:.0f} MB"
     if os.environ.get("XLA_FLAGS"):
         notes += f", XLA_FLAGS={os.environ['XLA_FLAGS']}"
-    result = _finish(
-        spec,
-        timer.times,
-        timer.cpu_times,
-        first,
-        fit_wall,
-        timer.last_loss,
-        memory,
-        gpu or "cpu",
-        method,
-        notes,
-    )
-    result["gpu_peak_mb"] = _keras_gpu_peak(backend, gpu)
+    result = _finish(spec, timed, first, timer.last_loss, memory, gpu or "cpu", method, notes)
+    result["gpu_peak_mb"] = gpu_peak_mb(backend, gpu)
     return result
 
 
@@ -821,131 +598,7 @@ def _count(variables):
     return sum(int(np.prod(v.shape)) for v in variables)
 
 
-def _prepare_backend(spec):
-    """Device checks before Keras is imported; returns the GPU's name or None."""
-    backend = spec["backend"]
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        for gpu in gpus:
-            with contextlib.suppress(RuntimeError):
-                tf.config.experimental.set_memory_growth(gpu, True)
-        if spec["device"] == "gpu" and not gpus:
-            raise Skip("TensorFlow sees no GPU.")
-        if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
-            return details.get("device_name", "gpu")
-        return None
-    if backend == "jax":
-        import jax
-
-        try:
-            gpus = jax.devices("gpu")
-        except RuntimeError:
-            gpus = []
-        if spec["device"] == "gpu" and not gpus:
-            raise Skip("JAX sees no GPU (jax.devices('gpu') is empty).")
-        return getattr(gpus[0], "device_kind", "gpu") if gpus else None
-    return _torch_gpu(spec)
-
-
-def _torch_gpu(spec):
-    import torch
-
-    if spec.get("torch_threads"):
-        torch.set_num_threads(spec["torch_threads"])
-
-    if spec["device"] != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    if spec["device"] == "gpu":
-        raise Skip("PyTorch sees no GPU (torch.cuda.is_available() is False).")
-    return None
-
-
-def _keras_sync(backend, gpu):
-    """A function that waits for the device to finish the queued work (no-op on the CPU)."""
-    if not gpu:
-        return lambda: None
-    if backend == "jax":
-        import jax
-
-        # The step is one jitted executable: its outputs (the logs Keras converts before
-        # calling the timer) are ready only when all of it has run. The barrier adds any
-        # effects still in flight.
-        def sync():
-            jax.effects_barrier()
-
-        return sync
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.test.experimental.sync_devices
-    import torch
-
-    return torch.cuda.synchronize
-
-
-def _keras_gpu_peak(backend, gpu):
-    if not gpu:
-        return None
-    if backend == "jax":
-        import jax
-
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-        return peak / 2**20 if peak else None
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20
-
-
-def _step_timer(sync):
-    import keras
-
-    class StepTimer(keras.callbacks.Callback):
-        """Wall and CPU seconds from on_train_batch_begin to on_train_batch_end.
-
-        Not async-safe on purpose: Keras then converts the step's logs to Python numbers
-        before calling on_train_batch_end, which waits for the step (JAX dispatches it
-        asynchronously).
-        """
-
-        def __init__(self):
-            super().__init__()
-            self.reset()
-
-        def reset(self):
-            self.times, self.cpu_times, self.last_loss = [], [], None
-            self._start = self._cpu = None
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._cpu = time.process_time()
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            sync()
-            self.times.append(time.perf_counter() - self._start)
-            self.cpu_times.append(time.process_time() - self._cpu)
-            if logs and "loss" in logs:
-                self.last_loss = float(logs["loss"])
-
-    return StepTimer()
-
-
 # ------------------------------------------------------------------------ reference worker
-
-
-def _load_file_module(name, path):
-    """Imports one file of the reference as a module, without its package's __init__."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _import_reference(folder):
@@ -978,8 +631,8 @@ def _import_reference(folder):
     try:
         # dinov2.data's __init__ imports its loaders (torchvision, ...): load the two files
         # that the step's inputs need on their own.
-        masking = _load_file_module("_reference_masking", os.path.join(data, "masking.py"))
-        collate = _load_file_module("_reference_collate", os.path.join(data, "collate.py"))
+        masking = load_file_module("_reference_masking", os.path.join(data, "masking.py"))
+        collate = load_file_module("_reference_collate", os.path.join(data, "collate.py"))
     except Exception as error:
         raise Skip(
             f"could not load dinov2/data/masking.py and collate.py: {type(error).__name__}: {error}"
@@ -1055,24 +708,22 @@ def _reference_inputs(ref, spec, batch, device):
     ]
     geometry = spec["geometry"]
     grid = geometry["global_crops_size"] // geometry["patch_size"]
-    # As dinov2/train/train.py builds them (the ratios are the reference's defaults, which
-    # are also MaskingConfig's).
-    generator = ref["MaskingGenerator"](input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
-    data = ref["collate"](
-        samples,
-        mask_ratio_tuple=tuple(geometry["mask_ratio_min_max"]),
-        mask_probability=geometry["mask_sample_probability"],
-        dtype=torch.float32,
-        n_tokens=grid * grid,
-        mask_generator=generator,
+    # The ratios are the reference's defaults, which are also MaskingConfig's.
+    collate = reference_collate(
+        ref["collate"],
+        ref["MaskingGenerator"],
+        grid,
+        geometry["mask_ratio_min_max"],
+        geometry["mask_sample_probability"],
     )
+    data = collate(samples)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}, n_local
 
 
 def _measure_reference(spec):
     if not spec.get("reference_src"):
         raise Skip("no --reference-src given.")
-    gpu = _torch_gpu(spec)
+    gpu = torch_gpu(spec["device"], spec.get("torch_threads"))
     import torch
     from torch import nn
 
@@ -1142,9 +793,7 @@ def _measure_reference(spec):
     batch = _load_batch(spec)
     data, n_local_crops = _reference_inputs(ref, spec, batch, device)
     memory["built"] = peak_rss_mb()
-    autocast_dtype = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(
-        spec["dtype"]
-    )
+    autocast_dtype = torch_autocast(spec["dtype"])
 
     def autocast():
         if autocast_dtype is None:
@@ -1256,34 +905,14 @@ def _measure_reference(spec):
             torch._foreach_add_(teacher_params, student_params, alpha=1 - MOMENTUM_TEACHER)
         return loss
 
-    def sync():
-        if gpu:
-            torch.cuda.synchronize()
-
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    first = None
-    warm_start = time.perf_counter()
-    for i in range(spec["warmup"]):
-        start = time.perf_counter()
-        step()
-        sync()
-        if i == 0:
-            first = time.perf_counter() - start
-    warm_wall = time.perf_counter() - warm_start
+    sync = device_sync("torch", gpu)
+    first, warm_wall = warm_up(step, spec["warmup"], sync)
     memory["warm"] = peak_rss_mb()
-    times, cpu_times, loss = [], [], None
-    start_all = time.perf_counter()
-    for _ in range(spec["steps"]):
-        cpu = time.process_time()
-        start = time.perf_counter()
-        loss = float(step())
-        sync()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu)
-    fit_wall = time.perf_counter() - start_all
+    timed = time_calls(step, spec["steps"], sync)
     if first is None:
-        first = times[0]
+        first = timed.times[0]
     n_params = sum(p.numel() for p in student_params)
     notes = (
         f"torch {torch.__version__}, eager, torch threads: {torch.get_num_threads()}, "
@@ -1293,18 +922,8 @@ def _measure_reference(spec):
         + (f", autocast {autocast_dtype}" if autocast_dtype else "")
         + ("; " + "; ".join(ref["fallbacks"]) if ref["fallbacks"] else "")
     )
-    result = _finish(
-        spec,
-        times,
-        cpu_times,
-        first,
-        fit_wall,
-        loss,
-        memory,
-        gpu or "cpu",
-        "eager",
-        notes,
-    )
+    loss = float(timed.output)
+    result = _finish(spec, timed, first, loss, memory, gpu or "cpu", "eager", notes)
     if "tensorflow" in sys.modules:
         notes += "; TensorFlow got imported, which inflates the peak RSS"
         result["notes"] = notes

@@ -28,12 +28,14 @@ Run it on an otherwise idle machine: GEMM rates on a busy one are low and the bo
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench.images import source_images  # noqa: E402
+from bench.machine import load_average, machine_info  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 
 MODELS = {"tiny": "dinov2_vit_tiny4", "small": "dinov2_vit_small14", "base": "dinov2_vit_base14"}
 
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=15,
                         help="timed calls per matrix product, median reported (default: 15)")
     parser.add_argument("--inference-only", action="store_true",
-                        help="skip compiling the training step (saves ~30 s and ~4 GB)")
+                        help="skip compiling the training step (saves time and memory: docs/performance.md)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this file")
     args = parser.parse_args(argv)
     for name in ("batch_size", "image_size", "train_batch", "prototypes", "repeats"):
@@ -65,17 +67,6 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, "
                          f"received {getattr(args, name)}")
     return args
-
-
-def _median_seconds(call, repeats):
-    call()
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def gemm_rates(shapes, repeats):
@@ -96,12 +87,12 @@ def gemm_rates(shapes, repeats):
         flops = 2.0 * m * k * n
         # Arguments, not closure constants: XLA would fold a constant product at compile time.
         ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
-        xla = flops / _median_seconds(
+        xla = flops / median_seconds(
             lambda ja=ja, jb=jb: product(ja, jb).block_until_ready(), repeats)
         torch_rate = None
         if torch is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            torch_rate = flops / _median_seconds(lambda ta=ta, tb=tb: torch.mm(ta, tb), repeats)
+            torch_rate = flops / median_seconds(lambda ta=ta, tb=tb: torch.mm(ta, tb), repeats)
         rates[(m, k, n)] = {"xla": xla / 1e9,
                             "torch": None if torch_rate is None else torch_rate / 1e9}
         print(f"  {m:>6} x {k:>5} x {n:>6}: XLA {xla / 1e9:6.1f} GFLOP/s"
@@ -150,7 +141,6 @@ def train_step_flops(model_name, batch_size, prototypes):
     import keras
     import numpy as np
     from benchmark_train_step import MODELS as TRAIN_MODELS
-    from benchmark_train_step import _source_images
 
     from keras_dinov2 import DINOv2Backbone, DINOv2Pretrainer, SSLConfig
     from keras_dinov2.config import DataConfig, HeadConfig, ModelConfig, OptimConfig
@@ -167,7 +157,7 @@ def train_step_flops(model_name, batch_size, prototypes):
         layer_scale_init=1e-5)
     model = DINOv2Pretrainer(backbone, config)
     model.compile()
-    images, _ = _source_images(max(batch_size, 8))
+    images, _ = source_images(max(batch_size, 8))
     dataset = multicrop_dataset(images, batch_size=batch_size, config=config, seed=0)
     batch = {k: np.asarray(v) for k, v in next(iter(dataset)).items()}
     # One fit step builds the optimizer's variables (the step's state).
@@ -190,7 +180,6 @@ def main(argv=None):
     if keras.backend.backend() != "jax":
         sys.exit(f"compute_ceiling.py needs the jax backend (KERAS_BACKEND={keras.backend.backend()}).")
     import jax
-    from benchmark_common import load_average, machine_info
 
     from keras_dinov2 import DINOv2Backbone
 
