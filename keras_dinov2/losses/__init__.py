@@ -17,10 +17,20 @@ and the loss bookkeeping of `train/ssl_meta_arch.py`.
 from keras_dinov2.losses.centering import sinkhorn_knopp, softmax_center, update_center
 from keras_dinov2.losses.cross_entropy import dino_cross_entropy, ibot_cross_entropy
 from keras_dinov2.losses.dinov2 import dinov2_loss
+from keras_dinov2.losses.features import (
+    FEATURE_LOSSES,
+    feature_distillation_loss,
+    standardize_tokens,
+    token_regression,
+)
 from keras_dinov2.losses.regularizers import koleo
 from keras_dinov2.losses.replicas import CrossReplica
 
 __all__ = [
+    "FEATURE_LOSSES",
+    "feature_distillation_loss",
+    "standardize_tokens",
+    "token_regression",
     "CrossReplica",
     "softmax_center",
     "sinkhorn_knopp",

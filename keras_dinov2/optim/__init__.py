@@ -18,12 +18,13 @@ Reference: facebookresearch/dinov2 `utils/param_groups.py`, `train/ssl_meta_arch
 
 from keras_dinov2.optim.adamw import DINOv2AdamW
 from keras_dinov2.optim.clipping import clip_by_global_norm, clip_by_part
-from keras_dinov2.optim.groups import ParamGroup, ParamGroups, param_groups
+from keras_dinov2.optim.groups import ParamGroup, ParamGroups, merge_param_groups, param_groups
 
 __all__ = [
     "ParamGroup",
     "ParamGroups",
     "param_groups",
+    "merge_param_groups",
     "DINOv2AdamW",
     "clip_by_global_norm",
     "clip_by_part",

@@ -313,3 +313,25 @@ def param_groups(backbone, heads=(), layer_decay=0.9, patch_embed_lr_mult=0.2):
             section = "last_layer" if is_last else "mlp"
             add(part, variable, num_layers + 1, 1.0, is_last, owners.get(id(variable)), section)
     return ParamGroups(entries)
+
+
+def merge_param_groups(named_groups):
+    """One `ParamGroups` from several models' groups, each part renamed "<prefix>/<part>" (several students).
+
+    Args:
+        named_groups: sequence of (prefix str, ParamGroups built with variables).
+
+    Returns:
+        `ParamGroups` whose clipping units stay per model: "student_0/backbone", "student_1/dino_head", ...
+
+    Example:
+    >>> groups = merge_param_groups([("student_0", param_groups(small)), ("student_1", param_groups(base))])
+    """
+    entries = []
+    for prefix, groups in named_groups:
+        for variable, group in groups.items():
+            if variable is None:
+                raise ValueError(f"{prefix}'s groups were restored from a config; merge groups built from variables.")
+            renamed = dataclasses.replace(group, name=f"{prefix}/{group.name}", part=f"{prefix}/{group.part}")
+            entries.append((variable, f"{prefix}/{variable.path}", renamed))
+    return ParamGroups(entries)

@@ -1,6 +1,11 @@
 """The projection heads of the student and the teacher, as a `HeadConfig` describes them."""
 
+import collections
+
 from keras_dinov2.layers.dino_head import DINOHead
+
+# One student's trainable parts: its backbone, its DINO head and its iBOT head (the DINO head itself when tied).
+StudentParts = collections.namedtuple("StudentParts", ["backbone", "dino_head", "ibot_head"])
 
 
 def build_head(heads, name, prototypes, bottleneck, input_dim, dtype):

@@ -19,7 +19,7 @@ from keras_dinov2.pretrainer.batches import (
     unpack,
     view_major,
 )
-from keras_dinov2.pretrainer.heads import projection_heads
+from keras_dinov2.pretrainer.heads import StudentParts, projection_heads
 from keras_dinov2.pretrainer.registry import trainer_module
 from keras_dinov2.pretrainer.teacher import EMATeacher, collapse_signals
 from keras_dinov2.schedules import schedules_from_config
@@ -277,13 +277,19 @@ class DINOv2Pretrainer(keras.Model):
             reduction: optional `CrossReplica`. Default `self.reduction`.
 
         Returns:
-            (loss of this micro-batch, dict of its float32 loss parts). The update's loss is the
-            mean over its micro-batches, which equals the large batch's loss except for KoLeo,
-            whose nearest neighbours are searched within a micro-batch (the reference has no
-            accumulation; within a micro-batch is what its per-GPU KoLeo does on a GPU of that
-            batch), and for batch norm in the heads (`HeadConfig.use_bn`), whose student-side
-            statistics are a micro-batch's.
+            (loss of this micro-batch, dict of its float32 loss parts). The update's loss is the mean over its
+            micro-batches, which equals the large batch's loss except for KoLeo, whose nearest neighbours are
+            searched within a micro-batch (the reference has no accumulation; within a micro-batch is what its
+            per-GPU KoLeo does on a GPU of that batch), and for batch norm in the heads (`HeadConfig.use_bn`),
+            whose student-side statistics are a micro-batch's.
         """
+        return self.objective(StudentParts(self.student, self.student_dino_head, self.student_ibot_head), data,
+                              targets, index=index, training=training, reduction=reduction)
+
+    def objective(self, parts, data, targets, index=0, training=True, reduction=None, mask_inputs=True):
+        """`student_loss` of one student's `StudentParts` (backbone, DINO head, iBOT head): the DINO, iBOT and KoLeo
+        loss. `mask_inputs=False` (distillation, as DINOv3's code): the student sees whole global crops and iBOT
+        still scores the collated mask positions."""
         config = self.config
         reduction = reduction or self.reduction
         k = self.accumulation_steps
@@ -291,7 +297,8 @@ class DINOv2Pretrainer(keras.Model):
         masks = data[MASKS]
         two_b = global_crops.shape[0]
         shards = replica_count(data)
-        student = self.student({"images": global_crops, "masks": masks}, training=training)
+        inputs = {"images": global_crops, "masks": masks} if mask_inputs else {"images": global_crops}
+        student = parts.backbone(inputs, training=training)
         student_cls = view_major(student["cls_token"], shards, 2)
         dino = {}
         if self.do_dino:
@@ -299,11 +306,11 @@ class DINOv2Pretrainer(keras.Model):
             local_crops = data.get(LOCAL_CROPS)
             if local_crops is not None and local_crops.shape[0]:
                 n_local = local_crops.shape[0] // (two_b // 2)
-                local = self.student({"images": local_crops}, training=training)
-                dino["student_local_logits"] = self.student_dino_head(
+                local = parts.backbone({"images": local_crops}, training=training)
+                dino["student_local_logits"] = parts.dino_head(
                     view_major(local["cls_token"], shards, n_local), reduction=reduction)
                 dino["n_local_crops"] = n_local
-            dino["student_global_logits"] = self.student_dino_head(student_cls,
+            dino["student_global_logits"] = parts.dino_head(student_cls,
                                                                    reduction=reduction)
             dino["teacher_global_probs"] = teacher_probs
             if self.do_koleo:
@@ -316,7 +323,7 @@ class DINOv2Pretrainer(keras.Model):
                                                       masks.shape[1])
             masks_weight = ops.cast(data[MASKS_WEIGHT], "float32")
             patches = gather_rows(student["patch_tokens"], mask_indices)
-            ibot["student_patch_logits"] = self.student_ibot_head(
+            ibot["student_patch_logits"] = parts.ibot_head(
                 patches, row_weights=masks_weight > 0, reduction=reduction)
             ibot["teacher_patch_probs"] = micro_rows(targets["ibot"], index, k, shards)
             ibot["masks_weight"] = masks_weight

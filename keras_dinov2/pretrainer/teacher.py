@@ -38,6 +38,27 @@ class EMATeacher:
             t.assign(ops.cast(momentum, t.dtype) * t + ops.cast(1.0 - momentum, t.dtype) * s)
 
 
+class FrozenTeacher:
+    """A teacher that never changes (distillation), with the spare EMA of the students that the run exports.
+
+    Args:
+        parts: the teacher's layers (backbone, heads). They are made non-trainable and `update` never touches them.
+        ema: optional `EMATeacher` over (student, EMA copy) pairs, moved by `update`.
+    """
+
+    def __init__(self, parts, ema=None):
+        self.parts = list(parts)
+        for part in self.parts:
+            part.trainable = False
+        self.ema = ema
+        self.pairs = [] if ema is None else ema.pairs
+
+    def update(self, momentum):
+        """Moves the students' EMA copies only: the teacher stays bit-identical."""
+        if self.ema is not None:
+            self.ema.update(momentum)
+
+
 def collapse_signals(teacher_probs, reduction=None):
     """Entropy diagnostics of the teacher targets (B, K), in float32.
 
