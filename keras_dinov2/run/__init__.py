@@ -18,9 +18,12 @@ from keras_dinov2.run.directory import RunDirectory, latest_checkpoint
 from keras_dinov2.run.errors import ResumeError, RunError, RunInterrupted, TrainingDiverged
 from keras_dinov2.run.plot import plot_metrics
 from keras_dinov2.run.resume import RESUME_CHANGEABLE, data_position, resumed_config
+from keras_dinov2.run.teacher import load_teacher, teacher_from_run
 from keras_dinov2.run.training import pretrain
 
 __all__ = [
+    "load_teacher",
+    "teacher_from_run",
     "RESUME_CHANGEABLE",
     "CheckpointCallback",
     "ProgressBar",
