@@ -4,6 +4,8 @@ The teacher stays bit-identical through `fit`, the students and their EMAs move,
 independent NumPy formulas, several students do not interact, and bad inputs fail early with clear messages.
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -282,3 +284,40 @@ def test_bad_inputs_raise():
         DistillationPretrainer(teacher, heads, [student, student], config)
     with pytest.raises(ValueError, match="same backbone twice"):
         FeatureDistiller(teacher, [student, student], config)
+
+
+@pytest.mark.once
+def test_load_teacher_reads_a_run_directory_with_its_heads(tmp_path):
+    """A pretraining run directory gives its newest checkpoint's EMA teacher and teacher heads, not fresh ones."""
+    import json
+
+    from keras_dinov2.backbone import build_backbone
+    from keras_dinov2.run import RunDirectory, load_teacher, save_checkpoint
+
+    config = tiny_config()
+    keras.utils.set_random_seed(3)
+    model = DINOv2Pretrainer(build_backbone("dinov2_vit_tiny4", config), config)
+    model.compile()
+    model.optimizer.build(model.trainable_variables)  # as after training: the checkpoint holds its moments
+    rng = np.random.default_rng(0)
+    for variable in model.teacher.weights + model.teacher_dino_head.weights + model.teacher_ibot_head.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    run = RunDirectory(str(tmp_path / "run"))
+    run.create()
+    with open(run.config_path, "w") as f:
+        json.dump({"ssl": config.to_dict(), "model": "dinov2_vit_tiny4", "data": "digits"}, f)
+    save_checkpoint(model, run.checkpoint_path(1), {"epoch": 1})
+    teacher, heads, loaded_config = load_teacher(run.path)
+    assert loaded_config.heads == config.heads
+    pairs = [(teacher, model.teacher), (heads["dino_head"], model.teacher_dino_head),
+             (heads["ibot_head"], model.teacher_ibot_head)]
+    assert heads["ibot_head"] is not heads["dino_head"]
+    for loaded, saved in pairs:
+        for a, b in zip(loaded.weights, saved.weights):
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    with pytest.raises(ValueError, match="not a pretraining run"):
+        os.makedirs(tmp_path / "empty" / "x", exist_ok=True)
+        RunDirectory(str(tmp_path / "empty")).create()
+        with open(tmp_path / "empty" / "config.json", "w") as f:
+            json.dump({"ssl": config.to_dict(), "model": "dinov2_vit_tiny4"}, f)
+        load_teacher(str(tmp_path / "empty"))
