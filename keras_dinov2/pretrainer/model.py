@@ -310,8 +310,7 @@ class DINOv2Pretrainer(keras.Model):
                 dino["student_local_logits"] = parts.dino_head(
                     view_major(local["cls_token"], shards, n_local), reduction=reduction)
                 dino["n_local_crops"] = n_local
-            dino["student_global_logits"] = parts.dino_head(student_cls,
-                                                                   reduction=reduction)
+            dino["student_global_logits"] = parts.dino_head(student_cls, reduction=reduction)
             dino["teacher_global_probs"] = teacher_probs
             if self.do_koleo:
                 dino["student_global_cls"] = student_cls
