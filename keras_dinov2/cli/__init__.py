@@ -1,4 +1,4 @@
-"""The `keras-dinov2` command line: pretrain, evaluate, export, convert, visualize.
+"""The `keras-dinov2` command line: pretrain, distill, evaluate, export, convert, visualize.
 
 The only place that turns exceptions into one-line messages and exit statuses (see `cli.errors`): the
 library raises, `main` reports.

@@ -6,7 +6,7 @@ import sys
 import warnings
 
 from keras_dinov2.cli.errors import UPLOAD_FAILED, is_user_error, one_line
-from keras_dinov2.run import RunDirectory, plot_metrics, pretrain
+from keras_dinov2.run import RunDirectory, distill, plot_metrics, pretrain
 
 
 def run_convert(args):
@@ -96,7 +96,7 @@ def run_export(args):
     if args.preset is not None:
         check_preset_spec("--preset", args.preset)
     try:
-        source = load_run(args.run) if args.run else args.preset
+        source = load_run(args.run, student=args.student_index) if args.run else args.preset
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExportWarning)  # export prints them itself
             export(source, args.out, format=args.format, heads=args.heads,
@@ -168,6 +168,17 @@ def run_pretrain(args):
     return 0
 
 
+def run_distill(args):
+    """`keras-dinov2 distill`: a resumable distillation run (its errors propagate to `main`)."""
+    if not args.resume:
+        if args.teacher is not None:
+            check_preset_spec("--teacher", args.teacher)
+        for name in filter(None, [args.student] + (args.students or "").split(",")):
+            check_preset_spec("--student" if args.student else "--students", name.strip())
+    distill(args)
+    return 0
+
+
 # Subcommand name -> its body.
 COMMANDS = {"evaluate": run_evaluate, "export": run_export, "visualize": run_visualize,
-            "pretrain": run_pretrain, "convert": run_convert}
+            "pretrain": run_pretrain, "distill": run_distill, "convert": run_convert}

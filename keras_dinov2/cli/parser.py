@@ -68,6 +68,59 @@ MAX_IMAGE_PIXELS_HELP = (
 )
 
 
+def _add_run_flags(parser, command):
+    """The flags `pretrain` and `distill` share: data, recipe, schedule, run directory, resume, devices."""
+    parser.add_argument("--data", default=None,
+                        help="digits (bundled, no download), an image FOLDER, or "
+                             "tfds:NAME[:SPLIT] (default: digits)")
+    parser.add_argument("--recipe", default=None,
+                        choices=["digits", "reference_default", "vitl14", "vitg14"],
+                        help="named SSLConfig recipe (default: digits for --data digits, "
+                             "reference_default otherwise)")
+    parser.add_argument("--epochs", type=_integer(1), default=None, help="epochs (recipe default)")
+    parser.add_argument("--steps-per-epoch", type=_integer(1), default=None,
+                        help="optimizer steps per epoch (default: one pass over the data)")
+    parser.add_argument("--batch-size", type=_integer(1), default=None,
+                        help="source images per step and replica (recipe default)")
+    parser.add_argument("--accumulation", type=_integer(1), default=None,
+                        help="micro-batches per optimizer update (gradient accumulation)")
+    parser.add_argument("--lr", type=_positive_float, default=None,
+                        help="base learning rate, for a global batch of 1024 (recipe default)")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                        help="weight decay at the start of its cosine schedule (recipe default)")
+    parser.add_argument("--weight-decay-end", type=_non_negative_float, default=None,
+                        help="weight decay at the end of its cosine schedule (recipe default)")
+    parser.add_argument("--seed", type=_integer(0), default=None, help="random seed (default 0)")
+    parser.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485,
+                        help=MAX_IMAGE_PIXELS_HELP)
+    parser.add_argument("--knn-every", type=_integer(0), default=2,
+                        help=("k-NN of the teacher" if command == "pretrain" else
+                              "k-NN of every student and of its EMA (the teacher's once)")
+                        + " on held-out digits every N epochs (digits only; 0 disables; default 2)")
+    parser.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
+    # Defaults of None: a resumed run tells a flag given from one left out (see `--resume`).
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint, with its "
+                             "config; --lr, --weight-decay, --weight-decay-end, --epochs (to "
+                             "extend a run) and --batch-size may change it (recorded in "
+                             "config.json), other differing flags are refused")
+    parser.add_argument("--distribution", default="auto",
+                        choices=["auto", "none", "data", "model"],
+                        help="several devices: data parallel over all of them (jax, tensorflow; "
+                             "torch under torchrun), or 'model' (jax) to also shard the large "
+                             "kernels over a model axis; auto: data when several devices or "
+                             "torchrun processes are visible (default auto)")
+    parser.add_argument("--model-axis-size", type=_integer(1), default=None,
+                        help="devices per model-axis group for --distribution model "
+                             "(default: the devices of one host)")
+    parser.add_argument("--multi-host", action="store_true",
+                        help="jax: join the other hosts first (keras.distribution.initialize; "
+                             "TPU pods, or KERAS_DISTRIBUTION_* variables)")
+    parser.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
+                        help="Keras fit verbosity (default 1: progress bar)")
+
+
+
 def build_parser():
     """The `keras-dinov2` parser: one subparser per command (`args.command` is None when none is given)."""
     parser = _Parser(
@@ -87,32 +140,13 @@ def build_parser():
                     "backbone's.",
     )
     # Defaults of None: a resumed run tells a flag given from one left out (see `--resume`).
-    pretrain.add_argument("--data", default=None,
-                          help="digits (bundled, no download), an image FOLDER, or "
-                               "tfds:NAME[:SPLIT] (default: digits)")
     pretrain.add_argument("--model", default=None,
                           help="architecture preset (e.g. dinov2_vit_small14) or preset folder; "
                                "a folder exported with `export --heads` also restores its heads "
                                "and centers (their sizes replace the recipe's) to continue "
                                "pretraining; default dinov2_vit_tiny4 for digits, "
                                "dinov2_vit_small14 otherwise")
-    pretrain.add_argument("--recipe", default=None,
-                          choices=["digits", "reference_default", "vitl14", "vitg14"],
-                          help="named SSLConfig recipe (default: digits for --data digits, "
-                               "reference_default otherwise)")
-    pretrain.add_argument("--epochs", type=_integer(1), default=None, help="epochs (recipe default)")
-    pretrain.add_argument("--steps-per-epoch", type=_integer(1), default=None,
-                          help="optimizer steps per epoch (default: one pass over the data)")
-    pretrain.add_argument("--batch-size", type=_integer(1), default=None,
-                          help="source images per step and replica (recipe default)")
-    pretrain.add_argument("--accumulation", type=_integer(1), default=None,
-                          help="micro-batches per optimizer update (gradient accumulation)")
-    pretrain.add_argument("--lr", type=_positive_float, default=None,
-                          help="base learning rate, for a global batch of 1024 (recipe default)")
-    pretrain.add_argument("--weight-decay", type=_non_negative_float, default=None,
-                          help="weight decay at the start of its cosine schedule (recipe default)")
-    pretrain.add_argument("--weight-decay-end", type=_non_negative_float, default=None,
-                          help="weight decay at the end of its cosine schedule (recipe default)")
+    _add_run_flags(pretrain, "pretrain")
     pretrain.add_argument("--drop-path", type=float, default=None, dest="drop_path_rate",
                           help="student stochastic-depth rate (recipe default: 0.3, 0.4 for "
                                "vitl14 / vitg14, 0.1 for digits)")
@@ -122,32 +156,40 @@ def build_parser():
                                "DINOv2 configs (default for the DINOv2 recipes); "
                                "--no-drop-path-uniform ramps it linearly from 0 in the first "
                                "block (the digits recipe's rule)")
-    pretrain.add_argument("--seed", type=_integer(0), default=None, help="random seed (default 0)")
-    pretrain.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485,
-                          help=MAX_IMAGE_PIXELS_HELP)
-    pretrain.add_argument("--knn-every", type=_integer(0), default=2,
-                          help="k-NN of the teacher on held-out digits every N epochs (digits "
-                               "only; 0 disables; default 2)")
-    pretrain.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
-    pretrain.add_argument("--resume", action="store_true",
-                          help="continue the run in --out from its last checkpoint, with its "
-                               "config; --lr, --weight-decay, --weight-decay-end, --epochs (to "
-                               "extend a run) and --batch-size may change it (recorded in "
-                               "config.json), other differing flags are refused")
-    pretrain.add_argument("--distribution", default="auto",
-                          choices=["auto", "none", "data", "model"],
-                          help="several devices: data parallel over all of them (jax, tensorflow; "
-                               "torch under torchrun), or 'model' (jax) to also shard the large "
-                               "kernels over a model axis; auto: data when several devices or "
-                               "torchrun processes are visible (default auto)")
-    pretrain.add_argument("--model-axis-size", type=_integer(1), default=None,
-                          help="devices per model-axis group for --distribution model "
-                               "(default: the devices of one host)")
-    pretrain.add_argument("--multi-host", action="store_true",
-                          help="jax: join the other hosts first (keras.distribution.initialize; "
-                               "TPU pods, or KERAS_DISTRIBUTION_* variables)")
-    pretrain.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
-                          help="Keras fit verbosity (default 1: progress bar)")
+
+    distill = commands.add_parser(
+        "distill", help="distil a large frozen teacher into small students",
+        description="Train one or several small students from a frozen teacher through model.fit, "
+                    "writing a run directory as pretrain does (config.json, metrics.csv, epochs.csv, "
+                    "metrics.png, checkpoints, --resume) and, at the end, each student's EMA backbone "
+                    "as a preset (student_preset/, or student_I_preset/ for several). A teacher with "
+                    "heads (a pretraining run directory, an export made with --heads) is distilled with "
+                    "DINOv2's recipe: its DINO/iBOT targets, the students unmasked and without "
+                    "stochastic depth, with new heads of the teacher's prototype counts. A teacher "
+                    "without heads (a preset, a transformers folder, a torch-hub .pth file, a keras-hub "
+                    "preset) is distilled by feature regression: each student, through a small "
+                    "projector, learns the teacher's standardized CLS and patch tokens (other patch "
+                    "sizes are matched by interpolation). Several students share one teacher forward per "
+                    "batch. On digits the k-NN of the teacher, of each student and of its EMA is logged "
+                    "every --knn-every epochs. Example: keras-dinov2 distill --teacher runs/teacher "
+                    "--student dinov2_vit_micro4 --out runs/student",
+    )
+    distill.add_argument("--teacher", default=None,
+                         help="pretraining run directory (its newest checkpoint's EMA teacher and heads), "
+                              "preset folder (with heads if exported with --heads), transformers folder, "
+                              "torch-hub .pth file, keras-hub preset or hf:// URI (required for a new run)")
+    distill.add_argument("--student", default=None,
+                         help="student architecture (e.g. dinov2_vit_small14) or preset folder to start "
+                              "from (default dinov2_vit_micro4 for digits)")
+    distill.add_argument("--students", default=None, metavar="A,B,C",
+                         help="several students in one run, comma-separated (instead of --student)")
+    distill.add_argument("--mode", default="auto", choices=["auto", "heads", "features"],
+                         help="heads: DINOv2's distillation through the teacher's heads; features: "
+                              "regression of the teacher's tokens (any teacher); auto: heads when the "
+                              "teacher has them (default auto)")
+    distill.add_argument("--feature-loss", default=None, choices=["cosine", "smooth_l1"],
+                         help="loss of --mode features (default cosine)")
+    _add_run_flags(distill, "distill")
 
     evaluate = commands.add_parser(
         "evaluate", help="k-NN and linear probe of a backbone's frozen features",
@@ -196,11 +238,14 @@ def build_parser():
                     "`hf auth login`.",
     )
     export_source = export.add_mutually_exclusive_group(required=True)
-    export_source.add_argument("--run", help="run directory (its newest checkpoint's teacher)")
+    export_source.add_argument("--run", help="run directory (its newest checkpoint's teacher; of a distill run, "
+                                             "its EMA student)")
     export_source.add_argument("--preset", help="preset folder, hf:// URI or architecture name")
     export.add_argument("--format", choices=["keras_dinov2", "keras_hub", "transformers"],
                         default="keras_dinov2", help="output format (default keras_dinov2)")
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--student-index", type=_integer(0), default=0,
+                        help="--run of a distill run with several students: which one (from 0; default 0)")
     export.add_argument("--heads", action="store_true",
                         help="keras_dinov2 format from a run: also save the teacher's DINO / "
                              "iBOT heads and centers, to continue pretraining")

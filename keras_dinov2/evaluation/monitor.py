@@ -14,7 +14,7 @@ class KNNMonitor(keras.callbacks.Callback):
 
     At the end of every `every_n_epochs`-th epoch the backbone's features of `train_data` (the reference set) and
     `test_data` (the queries) go through `knn_classify` (reference protocol, final-norm CLS), and the top-1
-    accuracy for `k` is written into the epoch's `logs` as `knn_top1`, so `History`, the progress bar and
+    accuracy for `k` is written into the epoch's `logs` as `name` (`knn_top1`), so `History`, the progress bar and
     `CSVLogger` record it (place this callback before a `CSVLogger` in the list; Keras runs callbacks in order).
     With `compare_random_init=True` a randomly initialized backbone of the same architecture
     (`random_init_backbone`, seeded) is evaluated once at train begin and logged as `knn_top1_random_init` next
@@ -36,6 +36,8 @@ class KNNMonitor(keras.callbacks.Callback):
             logged like a computed one (and nothing is computed).
         batch_size: int or None, default None. For NumPy data (None means 256).
         verbose: int, default 1. 1 prints each result; 0 is silent.
+        name: str, default "knn_top1". The log key of the accuracy (several monitors in one run, one per
+            backbone, need their own); the baseline is logged as `knn_top1_random_init` either way.
         dtype: str, default "float32". Precision of the k-NN (see `knn_classify`). A fresh backbone with
             LayerScale 1e-5 (the recipes' init) has a nearly image-independent CLS token: in float32 its
             baseline is chance, "float64" measures it.
@@ -56,8 +58,9 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def __init__(self, train_data, test_data, backbone_fn=None, k=20, temperature=0.07, every_n_epochs=1,
                  compare_random_init=False, batch_size=None, verbose=1, dtype="float32",
-                 random_init_accuracy=None):
+                 random_init_accuracy=None, name="knn_top1"):
         super().__init__()
+        self.log_name = str(name)
         self.train_data = train_data
         self.test_data = test_data
         self.backbone_fn = backbone_fn
@@ -126,11 +129,12 @@ class KNNMonitor(keras.callbacks.Callback):
         accuracy = self._evaluate(self.feature_extractor)
         self.history.append((epoch, accuracy))
         if logs is not None:
-            logs["knn_top1"] = accuracy
+            logs[self.log_name] = accuracy
             if self.random_init_accuracy is not None:
                 logs["knn_top1_random_init"] = self.random_init_accuracy
         if self.verbose:
             extra = ""
             if self.random_init_accuracy is not None:
                 extra = f" (random init: {self.random_init_accuracy:.2f}%)"
-            print(f"Epoch {epoch + 1}: k-NN top-1 (k={self.k}) = {accuracy:.2f}%{extra}")
+            label = "" if self.log_name == "knn_top1" else f" of {self.log_name.removeprefix('knn_top1_')}"
+            print(f"Epoch {epoch + 1}: k-NN top-1{label} (k={self.k}) = {accuracy:.2f}%{extra}")

@@ -187,6 +187,9 @@ def export(source, out_dir, format="keras_dinov2", heads=False, tolerance=1e-4,
     if verbose:
         if src.info.get("kind") == "run":
             what = f"the teacher of {src.info.get('checkpoint') or 'teacher_preset'} in {src.info['path']}"
+        elif src.info.get("kind") == "distillation":
+            what = (f"the EMA student {src.info['model']} of {src.info.get('checkpoint') or 'its final preset'} in "
+                    f"{src.info['path']}")
         else:
             what = src.info.get("path") or "the backbone"
         print(f"Exporting {what} as {format} to {out_dir}; checking against the source:")

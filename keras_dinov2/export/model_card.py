@@ -41,7 +41,38 @@ def _architecture(backbone):
     return "\n".join(["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+def _distillation(info):
+    ssl = info.get("ssl") or {}
+    optim = ssl.get("optim", {})
+    lines = [
+        f"- distilled from the teacher `{info.get('teacher')}` ({info.get('mode')} distillation, "
+        "`keras-dinov2 distill`); this is the EMA of the student",
+        f"- student: `{info.get('model')}`; data: `{info.get('data')}`; backend: {info.get('backend')}",
+        f"- checkpoint: `{info.get('checkpoint')}` (epoch {info.get('epoch')}, {info.get('steps')} optimizer steps)"
+        if info.get("checkpoint") else "- checkpoint: none (the run's final student preset)",
+        f"- batch {ssl.get('batch_size')}; {optim.get('epochs')} epochs of {optim.get('steps_per_epoch')} steps "
+        f"planned; AdamW, base lr {optim.get('base_lr')}",
+    ]
+    knn = info.get("knn") or {}
+    student = knn.get("student") or {}
+    if student:
+        k = "20" if "20" in student else sorted(student, key=int)[0]
+        text = f"- k-NN top-1 (k={k}) of this backbone's CLS token: {float(student[k]):.1f}%"
+        teacher = (knn.get("teacher") or {}).get(k)
+        if teacher is not None:
+            text += f" (the teacher: {float(teacher):.1f}%)"
+        text += f", from `{knn['source']}`"
+        if info.get("data") == "digits":
+            text += " on the 450 held-out images of the bundled digits"
+        lines.append(text)
+    else:
+        lines.append("- k-NN accuracy: not recorded in the run directory")
+    return "\n".join(lines)
+
+
 def _training(info):
+    if info.get("kind") == "distillation":
+        return _distillation(info)
     if info.get("kind") != "run":
         origin = (f"the preset `{info.get('path')}`" if info.get("kind") == "preset"
                   else "a DINOv2Backbone object")

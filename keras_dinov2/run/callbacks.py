@@ -51,6 +51,25 @@ class StepLogger(keras.callbacks.Callback):
         self._fields = self.run.append_step(row, self._fields)
 
 
+class ConstantLogs(keras.callbacks.Callback):
+    """Adds fixed values to the logs of every `every_n_epochs`-th epoch (e.g. a frozen teacher's k-NN, measured
+    once, beside its students' in epochs.csv). Place it before the `StepLogger`.
+
+    Args:
+        values: dict of log key -> number.
+        every_n_epochs: int, default 1.
+    """
+
+    def __init__(self, values, every_n_epochs=1):
+        super().__init__()
+        self.values = dict(values)
+        self.every_n_epochs = int(every_n_epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and not (epoch + 1) % self.every_n_epochs:
+            logs.update(self.values)
+
+
 def _format_duration(seconds):
     seconds = int(round(seconds))
     if seconds < 60:

@@ -1,4 +1,4 @@
-"""The run directory of `keras-dinov2 pretrain`: every file of a run is named here, and only here."""
+"""The run directory of `keras-dinov2 pretrain` and `distill`: every file of a run is named here, and only here."""
 
 import csv
 import json
@@ -33,7 +33,9 @@ class RunDirectory:
     - `metrics.png`: the plot of both CSVs.
     - `checkpoint-NNNNN.npz`: the full training state after epoch NNNNN.
     - `teacher_preset/`: the final teacher backbone (`DINOv2Backbone.from_preset`).
-    - `knn.json`: the final k-NN of the teacher and of the random-init baseline (digits runs).
+    - `student_preset/` (`student_I_preset/` for several students): a distillation run's final EMA students.
+    - `knn.json`: the final k-NN of the teacher and of the random-init baseline (digits runs); of a distillation
+      run, of the teacher and every EMA student.
 
     Files that are replaced are written under a temporary name and moved into place; a kill
     between the two leaves the temporary file, which `remove_interrupted_files` deletes.
@@ -235,6 +237,26 @@ class RunDirectory:
         with open(self.knn_path, "w") as f:
             json.dump({"teacher": teacher, "random_init": random_init, "minutes": round(minutes, 2)}, f,
                       indent=2)
+
+
+    def write_results(self, results):
+        """Writes knn.json of a distillation run: `results` (the teacher's and every EMA student's {k: top-1 %},
+        the students' presets and parameter counts, the minutes)."""
+        write_json(self.knn_path, results)
+
+
+def is_run_directory(path):
+    """Whether `path` is a folder written by `pretrain` or `distill` (its config.json holds an SSLConfig; a
+    transformers folder has a config.json too)."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return False
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(stored, dict) and "ssl" in stored
 
 
 def latest_checkpoint(run_dir):

@@ -34,12 +34,15 @@ def plot_metrics(csv_path, png_path, keys=None):
         raise ValueError(f"{csv_path} has no rows to plot.")
     epochs_path = RunDirectory(os.path.dirname(csv_path)).epochs_path
     epoch_columns = read(epochs_path) if os.path.exists(epochs_path) else {}
+    # A distillation run adds per-student losses ("student_1/loss") and one k-NN column per backbone.
+    student_losses = [k for k in columns if k.startswith("student_") and k.endswith("/loss")]
+    knn = [k for k in list(columns) + list(epoch_columns) if k.startswith("knn_top1")]
     groups = keys or [
-        ["loss", "dino_local", "dino_global", "ibot", "koleo"],
+        ["loss", "dino_local", "dino_global", "ibot", "koleo", "cls", "patch"] + student_losses,
         ["lr", "wd"],
         ["momentum", "teacher_temp"],
         ["teacher_entropy", "teacher_kl_uniform", "teacher_marginal_entropy"],
-        ["knn_top1", "knn_top1_random_init"],
+        sorted(set(knn), key=knn.index),
     ]
     groups = [[k for k in g if k in columns or k in epoch_columns] for g in groups]
     groups = [g for g in groups if g]

@@ -49,7 +49,7 @@ def _replace(config, field, value):
     return dataclasses.replace(config, **{head: _replace(getattr(config, head), rest, value)})
 
 
-def _same_location(given, stored):
+def same_location(given, stored):
     # A folder may be named by another (relative, absolute) path on resume.
     if given == stored:
         return True
@@ -71,13 +71,16 @@ def _stored_recipe(stored):
     return None
 
 
-def resumed_config(args, stored, run_dir):
+def resumed_config(args, stored, run_dir, fixed=None):
     """The stored config of the run in `run_dir` with the changes the flags ask for.
 
     Args:
-        args: argparse.Namespace of `keras-dinov2 pretrain` (None where a flag was not given).
+        args: argparse.Namespace of `keras-dinov2 pretrain` or `distill` (None where a flag was not given).
         stored: dict. The run's config.json.
         run_dir: str. The run directory (named in the error).
+        fixed: list of (flag, given value, the run's value, comparison or None for ==) that a resume cannot
+            change, besides --steps-per-epoch, --accumulation and --seed; default pretrain's (--data, --model,
+            --recipe).
 
     Returns:
         (SSLConfig, changes), changes a dict field -> (old, new) over `RESUME_CHANGEABLE`'s fields.
@@ -89,10 +92,11 @@ def resumed_config(args, stored, run_dir):
     >>> config, changes = resumed_config(args, json.load(open("runs/x/config.json")), "runs/x")
     """
     config = SSLConfig.from_dict(stored["ssl"])
-    fixed = [
-        ("--data", args.data, stored["data"], _same_location),
-        ("--model", args.model, stored["model"], _same_location),
-        ("--recipe", args.recipe, _stored_recipe(stored), None),
+    if fixed is None:
+        fixed = [("--data", args.data, stored["data"], same_location),
+                 ("--model", args.model, stored["model"], same_location),
+                 ("--recipe", args.recipe, _stored_recipe(stored), None)]
+    fixed = list(fixed) + [
         ("--steps-per-epoch", args.steps_per_epoch, config.optim.steps_per_epoch, None),
         ("--accumulation", args.accumulation, config.optim.gradient_accumulation_steps, None),
         ("--seed", args.seed, config.seed, None),
@@ -169,7 +173,14 @@ def resolve_config(args, run):
                           "--resume to start a new run there.")
     data = _data_default(args)
     recipe = args.recipe or ("digits" if data == "digits" else "reference_default")
-    config = SSLConfig.recipe(recipe)
+    config = apply_flags(SSLConfig.recipe(recipe), args)
+    model = args.model or ("dinov2_vit_tiny4" if data == "digits" else "dinov2_vit_small14")
+    return config, model, data, recipe, None
+
+
+def apply_flags(config, args):
+    """`config` with the values of the flags of a new run (epochs, accumulation, lr, weight decay, steps per
+    epoch, drop path, batch size, seed) where they are given; the seed defaults to 0."""
     optim = {}
     if args.epochs is not None:
         optim["epochs"] = args.epochs
@@ -194,5 +205,4 @@ def resolve_config(args, run):
         batch_size=config.batch_size if args.batch_size is None else args.batch_size,
         seed=_seed_default(args),
     )
-    model = args.model or ("dinov2_vit_tiny4" if data == "digits" else "dinov2_vit_small14")
-    return config, model, data, recipe, None
+    return config

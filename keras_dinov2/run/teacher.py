@@ -6,7 +6,7 @@ from keras_dinov2.backbone import build_backbone
 from keras_dinov2.config import SSLConfig
 from keras_dinov2.pretrainer import DINOv2Pretrainer
 from keras_dinov2.run.checkpoint import load_checkpoint
-from keras_dinov2.run.directory import RunDirectory
+from keras_dinov2.run.directory import RunDirectory, is_run_directory
 
 
 def teacher_from_run(run_dir):
@@ -47,7 +47,7 @@ def load_teacher(source):
     from keras_dinov2.interop.checks import HEADS_CONFIG_FILE
 
     path = os.fspath(source)
-    if os.path.isdir(path) and RunDirectory(path).read_config() is not None:
+    if is_run_directory(path):
         return teacher_from_run(path)
     backbone = load_backbone(source)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, HEADS_CONFIG_FILE)):
