@@ -164,8 +164,8 @@ def test_distill_refuses_bad_input_before_training(teacher_run, tmp_path, capsys
     _error(capsys, ["distill", "--out", out], "--teacher is required")
     _error(capsys, ["distill", "--teacher", headless, "--mode", "heads", "--out", out],
            "--mode heads needs a teacher with DINO/iBOT heads", "--mode features")
-    _error(capsys, ["distill", "--teacher", teacher_dir, "--students", "dinov2_vit_micro4,,dinov2_vit_micro4", "--out", out],
-           "empty name")
+    _error(capsys, ["distill", "--teacher", teacher_dir, "--students", "dinov2_vit_micro4,,dinov2_vit_micro4",
+                    "--out", out], "empty name")
     _error(capsys, ["distill", "--teacher", teacher_dir, "--student", "no_such_arch", "--out", out], "--student")
     _error(capsys, ["distill", "--teacher", teacher_dir, "--data", str(tmp_path), "--out", out],
            "--student ARCH")

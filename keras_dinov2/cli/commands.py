@@ -173,8 +173,9 @@ def run_distill(args):
     if not args.resume:
         if args.teacher is not None:
             check_preset_spec("--teacher", args.teacher)
-        for name in filter(None, [args.student] + (args.students or "").split(",")):
-            check_preset_spec("--student" if args.student else "--students", name.strip())
+        flag, given = ("--students", args.students) if args.students else ("--student", args.student)
+        for name in filter(None, (given or "").split(",")):
+            check_preset_spec(flag, name.strip())
     distill(args)
     return 0
 

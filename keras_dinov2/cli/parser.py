@@ -182,7 +182,7 @@ def build_parser():
                          help="student architecture (e.g. dinov2_vit_small14) or preset folder to start "
                               "from (default dinov2_vit_micro4 for digits)")
     distill.add_argument("--students", default=None, metavar="A,B,C",
-                         help="several students in one run, comma-separated (instead of --student)")
+                         help="several students in one run, comma-separated (the same as --student A,B,C)")
     distill.add_argument("--mode", default="auto", choices=["auto", "heads", "features"],
                          help="heads: DINOv2's distillation through the teacher's heads; features: "
                               "regression of the teacher's tokens (any teacher); auto: heads when the "

@@ -28,15 +28,15 @@ DEFAULT_DIGITS_STUDENT = "dinov2_vit_micro4"
 
 
 def student_names(args):
-    """The students' architectures (or preset folders): --students a,b,c, else --student, else the digits one."""
-    if getattr(args, "students", None):
-        names = [name.strip() for name in args.students.split(",")]
+    """The students' architectures (or preset folders): --students a,b,c, else --student (commas allowed too),
+    else the digits one."""
+    given = getattr(args, "students", None) or getattr(args, "student", None)
+    if given:
+        names = [name.strip() for name in given.split(",")]
         if not all(names):
-            raise ValueError(f"--students {args.students!r} has an empty name; give architectures separated by "
+            raise ValueError(f"--students {given!r} has an empty name; give architectures separated by "
                              "commas, e.g. --students dinov2_vit_micro4,dinov2_vit_tiny4.")
         return names
-    if getattr(args, "student", None):
-        return [args.student]
     if (args.data or "digits") == "digits":
         return [DEFAULT_DIGITS_STUDENT]
     raise ValueError("--student ARCH (or --students a,b,c) is required: the architecture of the small backbone "
