@@ -185,3 +185,23 @@ def test_distill_refuses_bad_input_before_training(teacher_run, tmp_path, capsys
            "--teacher")
     _error(capsys, ["distill", "--out", run.path, "--resume", "--mode", "features"], "--mode")
     _error(capsys, ["distill", "--out", run.path, "--resume"], "no checkpoint")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the data-parallel run uses JAX's virtual CPU devices")
+def test_distill_runs_data_parallel_on_two_devices(teacher_run, tmp_path):
+    """The distribution engines carry distillation unchanged: two replicas, one teacher pass per replica's shard."""
+    import subprocess
+    import sys
+
+    teacher_dir, _ = teacher_run
+    run = str(tmp_path / "parallel")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, "-m", "keras_dinov2.cli", "distill", "--teacher", teacher_dir, "--out", run,
+                          "--epochs", "1", "--knn-every", "0", "--verbose", "0", "--distribution", "data"] + FAST,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "batch 8 per replica x 2 replicas" in out.stdout, out.stdout
+    rows = _rows(os.path.join(run, "metrics.csv"))
+    assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert DINOv2Backbone.from_preset(os.path.join(run, "student_preset")).count_params() == 89_424
