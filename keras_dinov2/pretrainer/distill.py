@@ -13,13 +13,11 @@ from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.data.batch import GLOBAL_CROPS
 from keras_dinov2.layers.dino_head import DINOHead
-from keras_dinov2.ops import active_replicas
-from keras_dinov2.optim import DINOv2AdamW, merge_param_groups, param_groups
+from keras_dinov2.optim import merge_param_groups, param_groups
 from keras_dinov2.pretrainer.heads import StudentParts, build_head
 from keras_dinov2.pretrainer.model import DINOv2Pretrainer
 from keras_dinov2.pretrainer.registry import trainer_module
 from keras_dinov2.pretrainer.teacher import EMATeacher, FrozenTeacher
-from keras_dinov2.schedules import schedules_from_config
 
 
 def as_students(students):
@@ -175,28 +173,14 @@ class DistillationPretrainer(DINOv2Pretrainer):
             inputs = inputs[GLOBAL_CROPS]
         return self.ema_students[0](inputs, training=False)
 
-    def compile(self, optimizer=None, global_batch_size=None, total_steps=None, **kwargs):
-        """As `DINOv2Pretrainer.compile`, with every student's parameter groups in one AdamW.
-
-        Each student's groups keep their own layer-wise decay (by its depth) and clipping unit
-        ("student_i/backbone", "student_i/dino_head", "student_i/ibot_head").
-        """
+    def build_param_groups(self):
+        """Every student's parameter groups in one AdamW: each keeps its own layer-wise decay (by its depth) and
+        clipping units ("student_i/backbone", "student_i/dino_head", "student_i/ibot_head")."""
         optim = self.config.optim
-        if global_batch_size is None:
-            global_batch_size = self.config.batch_size * self.accumulation_steps * active_replicas()
-        if total_steps is None:
-            total_steps = optim.epochs * self.steps_per_epoch
-        self.schedules = schedules_from_config(optim, total_steps, self.steps_per_epoch, global_batch_size)
-        groups = []
-        for i, student in enumerate(self.students):
-            groups.append((f"student_{i}", param_groups(student, heads=self.student_heads(i),
-                                                        layer_decay=optim.layer_decay,
-                                                        patch_embed_lr_mult=optim.patch_embed_lr_mult)))
-        self.param_groups = merge_param_groups(groups)
-        if optimizer is None:
-            optimizer = DINOv2AdamW.from_schedules(self.schedules, self.param_groups, beta_1=optim.adamw_beta1,
-                                                   beta_2=optim.adamw_beta2)
-        keras.Model.compile(self, optimizer=optimizer, **kwargs)
+        groups = [(f"student_{i}", param_groups(student, heads=self.student_heads(i), layer_decay=optim.layer_decay,
+                                                patch_embed_lr_mult=optim.patch_embed_lr_mult))
+                  for i, student in enumerate(self.students)]
+        return merge_param_groups(groups)
 
     def student_heads(self, i):
         """{part name: layer} of student `i`'s trainable heads (its clipping units besides the backbone)."""

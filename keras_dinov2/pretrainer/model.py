@@ -174,20 +174,23 @@ class DINOv2Pretrainer(keras.Model):
         if total_steps is None:
             total_steps = optim.epochs * self.steps_per_epoch
         self.schedules = schedules_from_config(optim, total_steps, self.steps_per_epoch, global_batch_size)
-        heads = {}
-        if self.student_dino_head.trainable:
-            heads["dino_head"] = self.student_dino_head
-        if self.student_ibot_head is not self.student_dino_head:
-            heads["ibot_head"] = self.student_ibot_head
-        self.param_groups = param_groups(self.student, heads=heads,
-                                         layer_decay=optim.layer_decay,
-                                         patch_embed_lr_mult=optim.patch_embed_lr_mult)
+        self.param_groups = self.build_param_groups()
         if optimizer is None:
             optimizer = DINOv2AdamW.from_schedules(
                 self.schedules, self.param_groups,
                 beta_1=optim.adamw_beta1, beta_2=optim.adamw_beta2,
             )
         super().compile(optimizer=optimizer, **kwargs)
+
+    def build_param_groups(self):
+        """The AdamW parameter groups of the student and its trainable heads (a distiller: every student's)."""
+        optim, heads = self.config.optim, {}
+        if self.student_dino_head.trainable:
+            heads["dino_head"] = self.student_dino_head
+        if self.student_ibot_head is not self.student_dino_head:
+            heads["ibot_head"] = self.student_ibot_head
+        return param_groups(self.student, heads=heads, layer_decay=optim.layer_decay,
+                            patch_embed_lr_mult=optim.patch_embed_lr_mult)
 
     # ------------------------------------------------------------------ the step
 
