@@ -1,73 +1,16 @@
-"""DINOv2Backbone: the reference DinoVisionTransformer as a functional keras-hub Backbone."""
+"""DINOv2Backbone: the reference DinoVisionTransformer as a functional keras-hub Backbone.
+
+The same class is DINO v1's VisionTransformer (the `dino_vit_*` architectures): no LayerScale, no
+registers, its own CLS-token init; the named architectures live in `keras_dinov2.config.architectures`.
+"""
 
 import keras
 import keras_hub
 from keras import ops
 
+from keras_dinov2.config.architectures import ARCHITECTURES
 from keras_dinov2.layers.block import TransformerBlock
 from keras_dinov2.layers.embeddings import DINOv2Embeddings
-
-OFFICIAL_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2"
-
-_SIZES = {
-    # name: (hidden_dim, num_layers, num_heads, ffn_type, official hub name)
-    "small14": (384, 12, 6, "mlp", "vits14"),
-    "base14": (768, 12, 12, "mlp", "vitb14"),
-    "large14": (1024, 24, 16, "mlp", "vitl14"),
-    "giant14": (1536, 40, 24, "swiglu", "vitg14"),
-}
-
-
-def _architectures():
-    table = {}
-    for size, (dim, depth, heads, ffn, hub) in _SIZES.items():
-        for registers in (0, 4):
-            name = f"dinov2_vit_{size}" + ("_reg4" if registers else "")
-            table[name] = {
-                "config": {
-                    "patch_size": 14,
-                    "hidden_dim": dim,
-                    "num_layers": depth,
-                    "num_heads": heads,
-                    "mlp_ratio": 4.0,
-                    "ffn_type": ffn,
-                    "num_register_tokens": registers,
-                    # The released models were trained at 518 px: a 37 x 37 position grid.
-                    "image_size": 518,
-                    "interpolation": "registers" if registers else "original",
-                    "layer_scale_init": 1.0,
-                },
-                "hub_name": f"dinov2_{hub}",
-                "weights": f"dinov2_{hub}" + ("_reg4" if registers else "") + "_pretrain.pth",
-            }
-    table["dinov2_vit_tiny4"] = {
-        # For tests and the CPU default on 32 x 32 images (an 8 x 8 patch grid).
-        "config": {
-            "patch_size": 4,
-            "hidden_dim": 96,
-            "num_layers": 4,
-            "num_heads": 3,
-            "mlp_ratio": 4.0,
-            "ffn_type": "mlp",
-            "num_register_tokens": 0,
-            "image_size": 32,
-            "interpolation": "transformers",
-            "layer_scale_init": 1e-5,
-        },
-        "hub_name": None,
-        "weights": None,
-    }
-    # The digits distillation student: under a fifth of dinov2_vit_tiny4's parameters (89,424 against 456,768 at
-    # the digits recipe's 24 px), for `keras-dinov2 distill --student dinov2_vit_micro4`.
-    table["dinov2_vit_micro4"] = {
-        "config": {**table["dinov2_vit_tiny4"]["config"], "hidden_dim": 48, "num_layers": 3, "num_heads": 3},
-        "hub_name": None,
-        "weights": None,
-    }
-    return table
-
-
-ARCHITECTURES = _architectures()
 
 
 @keras.saving.register_keras_serializable(package="keras_dinov2")
@@ -100,6 +43,8 @@ class DINOv2Backbone(keras_hub.models.Backbone):
             (the reference's 0.02). Small models trained from scratch on small images learn
             faster from about the patch embeddings' scale (the digits recipe uses 1.0): at 0.02
             the untrained network hardly sees where a patch is.
+        cls_token_init_std: float, default 1e-6. Std of the CLS token's normal init: DINOv2's
+            1e-6, or DINO v1's 0.02 (its trunc-normal at the position table's scale).
         drop_path_rate: float, default 0.0. Stochastic depth rate of the last block.
         drop_path_uniform: bool, default False. Same rate in every block instead of a linear
             ramp from 0, as the reference's `drop_path_uniform`.
@@ -113,6 +58,7 @@ class DINOv2Backbone(keras_hub.models.Backbone):
     >>> backbone = DINOv2Backbone.from_preset("dinov2_vit_small14", load_weights=False)
     >>> out = backbone({"images": np.zeros((2, 224, 224, 3), "float32")})
     >>> out["cls_token"].shape   # (2, 384)
+    >>> DINOv2Backbone.from_preset("dino_vit_small16", load_weights=False)   # DINO v1's ViT-S/16
     """
 
     def __init__(
@@ -128,6 +74,7 @@ class DINOv2Backbone(keras_hub.models.Backbone):
         interpolation="original",
         layer_scale_init=1e-5,
         position_embedding_init_std=0.02,
+        cls_token_init_std=1e-6,
         drop_path_rate=0.0,
         drop_path_uniform=False,
         subset_drop_path=True,
@@ -153,6 +100,7 @@ class DINOv2Backbone(keras_hub.models.Backbone):
             num_register_tokens=num_register_tokens,
             interpolation=interpolation,
             position_embedding_init_std=position_embedding_init_std,
+            cls_token_init_std=cls_token_init_std,
             dtype=dtype,
             name="embeddings",
         )
@@ -209,6 +157,7 @@ class DINOv2Backbone(keras_hub.models.Backbone):
         self.interpolation = interpolation
         self.layer_scale_init = layer_scale_init
         self.position_embedding_init_std = float(position_embedding_init_std)
+        self.cls_token_init_std = float(cls_token_init_std)
         self.drop_path_rate = drop_path_rate
         self.drop_path_uniform = drop_path_uniform
         self.subset_drop_path = subset_drop_path
@@ -252,6 +201,7 @@ class DINOv2Backbone(keras_hub.models.Backbone):
                 "interpolation": self.interpolation,
                 "layer_scale_init": self.layer_scale_init,
                 "position_embedding_init_std": self.position_embedding_init_std,
+                "cls_token_init_std": self.cls_token_init_std,
                 "drop_path_rate": self.drop_path_rate,
                 "drop_path_uniform": self.drop_path_uniform,
                 "subset_drop_path": self.subset_drop_path,
@@ -322,11 +272,12 @@ class DINOv2Backbone(keras_hub.models.Backbone):
         """Builds a backbone from an architecture name, a local preset folder or a hub URI.
 
         Architecture names (`dinov2_vit_small14`, `_base14`, `_large14`, `_giant14`, each also
-        with `_reg4`, and `dinov2_vit_tiny4`) build the reference's dimensions. With
+        with `_reg4`, `dinov2_vit_tiny4`, and DINO v1's `dino_vit_small16`, `_small8`,
+        `_base16`, `_base8`) build the reference's dimensions. With
         `load_weights=True` they download the official torch-hub checkpoint once (into the
         Keras cache) and convert it; this needs network access to Meta's file server. A folder
         may be one written by `save_to_preset`, a keras-hub DINOV2Backbone preset (imported), a
-        transformers Dinov2 folder (converted) or a finished run directory (its teacher_preset/);
+        transformers Dinov2 or ViT (DINO v1) folder (converted) or a finished run directory (its teacher_preset/);
         `hf://user/repo` and `kaggle://...` go to keras-hub's loader.
 
         The weight readers live a layer above the backbone (`keras_dinov2.interop`): this

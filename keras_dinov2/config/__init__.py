@@ -16,6 +16,8 @@ Modules (this package imports nothing else of keras_dinov2):
 - ssl: ``SSLConfig``, every section of a run; ``upgrade_layout`` for config.json files of older runs;
   ``data_and_patch_size``, what a data pipeline takes from a DataConfig or a run config.
 - recipes: ``DATA_RECIPES`` and ``SSL_RECIPES`` (``DataConfig.recipe(name)``, ``SSLConfig.recipe(name)``).
+- architectures: ``ARCHITECTURES``, the named backbones (DINOv2Backbone arguments, official weight URLs) of
+  DINOv2 and DINO v1.
 """
 
 from keras_dinov2.config.data import (

@@ -1,7 +1,8 @@
 """Every weight format the library reads, bounds-checked, and one `load_backbone(source)`.
 
-Readers of official torch-hub `.pth` state dicts (read without torch: an unpickler that only
-rebuilds tensors), Hugging Face transformers folders (safetensors or pytorch_model.bin),
+Readers of official torch-hub `.pth` state dicts of DINOv2 and DINO v1 (read without torch: an
+unpickler that only rebuilds tensors), Hugging Face transformers folders (Dinov2 and DINO v1's
+ViT; safetensors or pytorch_model.bin),
 keras-hub DINOV2Backbone presets, and our own presets with their heads. Every tensor is first
 renamed to the torch-hub layout, then copied into a `DINOv2Backbone` with its shape checked.
 
@@ -70,6 +71,7 @@ from keras_dinov2.interop.torch_file import read_torch_state_dict
 from keras_dinov2.interop.torch_hub import (
     assign_torch_hub_weights,
     backbone_from_parts,
+    complete_dino_v1,
     load_torch_hub_checkpoint,
     torch_hub_layout,
     torch_hub_parts,
@@ -78,6 +80,7 @@ from keras_dinov2.interop.transformers import (
     load_transformers_checkpoint,
     transformers_config_to_backbone_config,
     transformers_parts,
+    vit_config_to_backbone_config,
 )
 
 __all__ = [
@@ -101,6 +104,7 @@ __all__ = [
     "check_keras_hub_preset",
     "check_preset_folder",
     "check_source",
+    "complete_dino_v1",
     "exported_head_config",
     "folder_file",
     "import_keras_hub_preset",
@@ -123,4 +127,5 @@ __all__ = [
     "torch_hub_parts",
     "transformers_config_to_backbone_config",
     "transformers_parts",
+    "vit_config_to_backbone_config",
 ]

@@ -31,7 +31,9 @@ def tensor_architecture(tensors, where):
 
     Returns a dict: hidden_dim, patch_size, grid (side of the position grid), registers,
     num_layers, ffn_type, ffn_hidden (hidden width of the feed-forward, per SwiGLU half),
-    layer_scale (bool). An empty `register_tokens` (1, 0, D) is dropped from `tensors`.
+    layer_scale (bool), mask_token (bool) and family: "dino_v1" for DINO v1's layout (no
+    LayerScale gammas, no mask token, no registers), else "dinov2". An empty `register_tokens`
+    (1, 0, D) is dropped from `tensors`.
     """
     def need(key, rank):
         if key not in tensors:
@@ -95,6 +97,7 @@ def tensor_architecture(tensors, where):
         ffn, hidden = "mlp", int(need("blocks.0.mlp.fc1.weight", 2).shape[0])
     else:
         raise CheckpointError(f"{where}: block 0 has neither 'mlp.fc1' nor 'mlp.w12' weights.")
+    layer_scale, mask_token = "blocks.0.ls1.gamma" in tensors, "mask_token" in tensors
     return {
         "hidden_dim": dim,
         "patch_size": patch,
@@ -103,7 +106,9 @@ def tensor_architecture(tensors, where):
         "num_layers": depth,
         "ffn_type": ffn,
         "ffn_hidden": hidden,
-        "layer_scale": "blocks.0.ls1.gamma" in tensors,
+        "layer_scale": layer_scale,
+        "mask_token": mask_token,
+        "family": "dinov2" if layer_scale or mask_token or registers else "dino_v1",
     }
 
 
@@ -128,6 +133,7 @@ _FLOAT_FIELDS = {
     "mlp_ratio": (0.0, MAX_MLP_RATIO),
     "layer_norm_epsilon": (0.0, 1.0),
     "position_embedding_init_std": (0.0, 10.0),
+    "cls_token_init_std": (0.0, 10.0),
 }
 
 
@@ -204,6 +210,10 @@ def check_backbone_config(config, where, names=None):
 def check_config_against_tensors(config, arch, where, names=None):
     """Checks a full DINOv2Backbone config against the architecture its tensors show.
 
+    Every field that disagrees is named in the one message, and when the tensors are of the
+    other family (a DINO v1 state dict given a DINOv2 architecture, or the reverse) the message
+    says so: patch size, LayerScale gammas and position grid differ together then.
+
     Args:
         config: dict of DINOv2Backbone arguments (already within bounds).
         arch: dict from the tensors (`tensor_architecture`).
@@ -211,17 +221,22 @@ def check_config_against_tensors(config, arch, where, names=None):
         names: optional dict, our field name -> the source's field name.
 
     Raises:
-        CheckpointError: naming the first field that disagrees, its value, and what the
-            tensors hold.
+        CheckpointError: naming each field that disagrees, its value, and what the tensors hold.
+
+    Example:
+    >>> v2 = ARCHITECTURES["dinov2_vit_small14"]["config"]
+    >>> check_config_against_tensors(v2, tensor_architecture(v1_tensors, "x.pth"), "x.pth")
+    CheckpointError: x.pth: patch_size=14 does not match the tensors, which hold a 16 x 16 ...
     """
     names = names or {}
+    problems = []
 
     def fail(field, says):
         value = config[field]
         if field == "ffn_type" and names.get(field) == "use_swiglu_ffn":
             value = value == "swiglu"
         shown = f"{names.get(field, field)}={show_value(value)}"
-        raise CheckpointError(f"{where}: {shown} does not match the tensors, which {says}.")
+        problems.append(f"{shown} does not match the tensors, which {says}")
 
     if config["hidden_dim"] != arch["hidden_dim"]:
         fail("hidden_dim", f"are {arch['hidden_dim']} wide")
@@ -239,9 +254,23 @@ def check_config_against_tensors(config, arch, where, names=None):
         fail("ffn_type", f"hold a {arch['ffn_type']} feed-forward")
     if ffn_hidden({"mlp_ratio": 4.0, "ffn_type": "mlp", **config}) != arch["ffn_hidden"]:
         fail("mlp_ratio", f"hold a feed-forward {arch['ffn_hidden']} wide")
-    if (config.get("layer_scale_init", 1e-5) is not None) != arch["layer_scale"]:
+    layer_scale = config.get("layer_scale_init", 1e-5) is not None
+    if layer_scale != arch["layer_scale"]:
         fail("layer_scale_init", "have " + ("" if arch["layer_scale"] else "no ") +
-             "LayerScale gammas")
+             "LayerScale gammas (blocks.N.ls1.gamma, ls2.gamma)")
+    if not problems:
+        return
+    message = f"{where}: {'; '.join(problems)}."
+    family = arch.get("family")
+    if family == "dino_v1" and layer_scale:
+        message += (" The tensors are a DINO v1 backbone (no LayerScale, no mask token; patch "
+                    "16 or 8 at 224 px), the configuration a DINOv2 one: load the file without "
+                    "overrides, or as a dino_vit_* architecture.")
+    elif family == "dinov2" and not layer_scale and arch["layer_scale"]:
+        message += (" The tensors are a DINOv2 backbone (LayerScale gammas, a mask token), the "
+                    "configuration a DINO v1 one (no LayerScale): load the file without "
+                    "overrides, or as a dinov2_vit_* architecture.")
+    raise CheckpointError(message)
 
 
 def backbone_variable_shapes(config):

@@ -3,7 +3,7 @@
 The command line, the exporter and `DINOv2Backbone.from_preset` all come here (from_preset through
 the backbone's preset-loader registry, which this module fills when it is imported). A source is
 told apart without reading it first: an architecture name, a local folder (our preset, a keras-hub
-DINOV2Backbone preset, a transformers Dinov2 folder, or a finished run directory), or a URI that
+DINOV2Backbone preset, a transformers Dinov2 or ViT (DINO v1) folder, or a finished run directory), or a URI that
 keras-hub's preset loader resolves (`hf://`, `kaggle://`).
 """
 
@@ -12,12 +12,7 @@ import os
 
 import keras
 
-from keras_dinov2.backbone import (
-    ARCHITECTURES,
-    OFFICIAL_WEIGHTS_URL,
-    DINOv2Backbone,
-    register_preset_loader,
-)
+from keras_dinov2.backbone import ARCHITECTURES, DINOv2Backbone, register_preset_loader
 from keras_dinov2.interop.checks import KERAS_HUB_CLASS, check_preset_folder
 from keras_dinov2.interop.files import CheckpointError, reading
 from keras_dinov2.interop.keras_hub import import_keras_hub_preset
@@ -63,9 +58,11 @@ def check_source(source):
 def load_architecture(name, load_weights=True, **overrides):
     """A backbone of a named architecture: random weights, or the official release's.
 
-    With `load_weights=True` the official torch-hub checkpoint is downloaded once (into the Keras
-    cache) and read by `load_torch_hub_checkpoint`; only the architecture's own arguments and
-    `dtype` are taken from `overrides` then.
+    With `load_weights=True` the official torch-hub checkpoint (DINOv2's, or DINO v1's for the
+    `dino_vit_*` names) is downloaded once (into the Keras cache) and read by
+    `load_torch_hub_checkpoint` with the architecture's arguments, so a file of the other family
+    is refused with every difference named; only the architecture's own arguments and `dtype`
+    are taken from `overrides` then.
 
     Raises:
         ValueError: the architecture has no released weights, or the download failed.
@@ -81,7 +78,7 @@ def load_architecture(name, load_weights=True, **overrides):
             f"The architecture preset {name!r} has no released weights; pass "
             "`load_weights=False`."
         )
-    url = f"{OFFICIAL_WEIGHTS_URL}/{entry['hub_name']}/{entry['weights']}"
+    url = entry["url"]
     try:
         path = keras.utils.get_file(entry["weights"], url, cache_subdir="keras_dinov2")
     except Exception as error:
@@ -139,7 +136,7 @@ def load_backbone(source, load_weights=True, **overrides):
     Args:
         source: str or path. An architecture name (`ARCHITECTURES`: random weights, or the
             official release downloaded), a folder (our preset, a keras-hub DINOV2Backbone
-            preset, a transformers Dinov2 folder, a finished run directory) or an `hf://` /
+            preset, a transformers Dinov2 or ViT folder, a finished run directory) or an `hf://` /
             `kaggle://` handle of our format.
         load_weights: bool, default True. False builds the source's architecture with random
             weights.

@@ -2,7 +2,8 @@
 
 `torch_hub_layout` pairs every DINOv2Backbone variable with its key in the reference's state
 dict; every reader renames its tensors to those keys and copies them in with
-`assign_torch_hub_weights`, every key and shape checked.
+`assign_torch_hub_weights`, every key and shape checked. DINO v1's state dicts share the layout
+less the mask token and the LayerScale gammas, and are recognized by that.
 """
 
 import os
@@ -53,7 +54,26 @@ def _infer_torch_hub_config(arch):
         "image_size": arch["grid"] * arch["patch_size"],
         "interpolation": "registers" if registers else "original",
         "layer_scale_init": 1.0 if arch["layer_scale"] else None,
+        # Only a new training run from these weights would draw a CLS token; v1 drew it at 0.02.
+        "cls_token_init_std": 0.02 if arch["family"] == "dino_v1" else 1e-6,
     }
+
+
+def complete_dino_v1(tensors, arch):
+    """Adds the zero mask token a DINO v1 state dict lacks (v1 never masks patches).
+
+    DINOv2Backbone always holds a mask token (iBOT masking, the Dinov2 export formats); a zero
+    one that no input uses leaves every output of the v1 model unchanged.
+
+    Args:
+        tensors: dict of torch-hub-named arrays, changed in place.
+        arch: dict from `tensor_architecture(tensors, ...)`.
+
+    Example:
+    >>> complete_dino_v1(tensors, tensor_architecture(tensors, "dino_deitsmall16_pretrain.pth"))
+    """
+    if arch["family"] == "dino_v1" and "mask_token" not in tensors:
+        tensors["mask_token"] = np.zeros((1, arch["hidden_dim"]), "float32")
 
 
 def _linear(prefix):
@@ -170,13 +190,18 @@ def load_torch_hub_checkpoint(path, **overrides):
     from the patch projection, depth from the block indices, heads = width / 64 (as every
     released model), SwiGLU from `mlp.w12` keys, registers from `register_tokens`, the base
     grid from the position table, and the interpolation rule of the release ("registers"
-    with registers, "original" without). Keyword arguments override any of it (for example
-    `drop_path_rate=0.3` to continue pretraining, or `dtype="mixed_bfloat16"`). The result
-    is checked against the tensors before the model is built.
+    with registers, "original" without). A state dict with neither mask token nor LayerScale
+    gammas is DINO v1's (`dino_deitsmall16_pretrain.pth` and the other v1 releases): it loads
+    without LayerScale, with a zero mask token, and with v1's CLS-token init for any further
+    training. Keyword arguments override any of it (for example `drop_path_rate=0.3` to
+    continue pretraining, or `dtype="mixed_bfloat16"`). The result is checked against the
+    tensors before the model is built: a DINOv2 architecture forced on a v1 file (or the
+    reverse) is refused with every field that differs named.
 
     Args:
-        path: str. A `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth` file or any state dict in
-            that layout (prefixes `module.`, `backbone.`, `teacher.backbone.` are dropped).
+        path: str. A `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth` or DINO v1
+            `dino_{deitsmall,vitbase}{16,8}_pretrain.pth` file, or any state dict in that
+            layout (prefixes `module.`, `backbone.`, `teacher.backbone.` are dropped).
         **overrides: DINOv2Backbone constructor arguments.
 
     Returns:
@@ -226,4 +251,5 @@ def torch_hub_parts(path, **overrides):
     config = {**_infer_torch_hub_config(arch), **overrides}
     check_backbone_config(config, where)
     check_config_against_tensors(config, arch, where)
+    complete_dino_v1(tensors, arch)
     return config, tensors, where

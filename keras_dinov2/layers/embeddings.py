@@ -81,6 +81,8 @@ class DINOv2Embeddings(keras.layers.Layer):
             grids; see `keras_dinov2.layers.interpolation.resample_grid`.
         position_embedding_init_std: float, default 0.02. Std of the position table's normal
             init (the reference's 0.02).
+        cls_token_init_std: float, default 1e-6. Std of the CLS token's normal init (DINOv2's
+            1e-6; DINO v1 uses 0.02).
 
     Example:
     >>> emb = DINOv2Embeddings(384, 14, 224, num_register_tokens=4)
@@ -95,6 +97,7 @@ class DINOv2Embeddings(keras.layers.Layer):
         num_register_tokens=0,
         interpolation="original",
         position_embedding_init_std=0.02,
+        cls_token_init_std=1e-6,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -114,11 +117,11 @@ class DINOv2Embeddings(keras.layers.Layer):
         self.num_register_tokens = int(num_register_tokens)
         self.interpolation = interpolation
         self.position_embedding_init_std = float(position_embedding_init_std)
-        if not self.position_embedding_init_std > 0:
-            raise ValueError(
-                "`position_embedding_init_std` must be positive, received "
-                f"{position_embedding_init_std!r}."
-            )
+        self.cls_token_init_std = float(cls_token_init_std)
+        for name, value in (("position_embedding_init_std", position_embedding_init_std),
+                            ("cls_token_init_std", cls_token_init_std)):
+            if not float(value) > 0:
+                raise ValueError(f"`{name}` must be positive, received {value!r}.")
         self.grid_size = self.image_size // self.patch_size
         self.patch_embedding = PatchEmbedding(
             hidden_dim, patch_size, dtype=self.dtype_policy, name="patch_embedding"
@@ -129,7 +132,8 @@ class DINOv2Embeddings(keras.layers.Layer):
         num_positions = self.grid_size * self.grid_size + 1
         self.cls_token = self.add_weight(
             shape=(1, 1, self.hidden_dim),
-            initializer=keras.initializers.RandomNormal(stddev=1e-6),
+            # DINO v1's trunc_normal_(std=0.02) is in effect untruncated too.
+            initializer=keras.initializers.RandomNormal(stddev=self.cls_token_init_std),
             name="cls_token",
         )
         self.mask_token = self.add_weight(
@@ -239,6 +243,7 @@ class DINOv2Embeddings(keras.layers.Layer):
                 "num_register_tokens": self.num_register_tokens,
                 "interpolation": self.interpolation,
                 "position_embedding_init_std": self.position_embedding_init_std,
+                "cls_token_init_std": self.cls_token_init_std,
             }
         )
         return config
