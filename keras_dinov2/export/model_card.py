@@ -54,20 +54,23 @@ def _distillation(info):
         f"planned; AdamW, base lr {optim.get('base_lr')}",
     ]
     knn = info.get("knn") or {}
-    student = knn.get("student") or {}
-    if student:
-        k = "20" if "20" in student else sorted(student, key=int)[0]
-        text = f"- k-NN top-1 (k={k}) of this backbone's CLS token: {float(student[k]):.1f}%"
-        teacher = (knn.get("teacher") or {}).get(k)
-        if teacher is not None:
-            text += f" (the teacher: {float(teacher):.1f}%)"
-        text += f", from `{knn['source']}`"
-        if info.get("data") == "digits":
-            text += " on the 450 held-out images of the bundled digits"
-        lines.append(text)
-    else:
-        lines.append("- k-NN accuracy: not recorded in the run directory")
+    lines.append(_knn_line(info, knn.get("student"), "this backbone's", knn.get("teacher"), "the teacher"))
     return "\n".join(lines)
+
+
+def _knn_line(info, accuracy, whose, other, other_name):
+    """The model card's k-NN line: `accuracy` ({k: top-1 %}) at k=20 where present, beside `other`'s."""
+    if not accuracy:
+        return "- k-NN accuracy: not recorded in the run directory"
+    k = "20" if "20" in accuracy else sorted(accuracy, key=int)[0]
+    text = f"- k-NN top-1 (k={k}) of {whose} CLS token: {float(accuracy[k]):.1f}%"
+    compared = (other or {}).get(k)
+    if compared is not None:
+        text += f" ({other_name}: {float(compared):.1f}%)"
+    text += f", from `{(info.get('knn') or {}).get('source')}`"
+    if info.get("data") == "digits":
+        text += " on the 450 held-out images of the bundled digits"
+    return text
 
 
 def _training(info):
@@ -102,20 +105,9 @@ def _training(info):
         f"{'untied' if heads.get('ibot_separate_head') else 'shared'} iBOT head; "
         f"targets by {loss.get('centering')}",
     ]
-    knn = info.get("knn")
-    if knn and knn.get("teacher"):
-        teacher = knn["teacher"]
-        k = "20" if "20" in teacher else sorted(teacher, key=int)[0]
-        text = f"- k-NN top-1 (k={k}) of the teacher's CLS token: {float(teacher[k]):.1f}%"
-        random = (knn.get("random_init") or {}).get(k)
-        if random is not None:
-            text += f" (randomly initialized backbone: {float(random):.1f}%)"
-        text += f", from `{knn['source']}`"
-        if info.get("data") == "digits":
-            text += " on the 450 held-out images of the bundled digits"
-        lines.append(text)
-    else:
-        lines.append("- k-NN accuracy: not recorded in the run directory")
+    knn = info.get("knn") or {}
+    lines.append(_knn_line(info, knn.get("teacher"), "the teacher's", knn.get("random_init"),
+                           "randomly initialized backbone"))
     return "\n".join(lines)
 
 
