@@ -17,15 +17,19 @@ TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOOLS)
 
 import benchmark_data  # noqa: E402
+import benchmark_dedup  # noqa: E402
+import benchmark_distill  # noqa: E402
 import benchmark_distributed  # noqa: E402
 import benchmark_drop_path  # noqa: E402
 import benchmark_inference  # noqa: E402
 import benchmark_train_step  # noqa: E402
 import compute_ceiling  # noqa: E402
+import distill_digits  # noqa: E402
+import plot_knn_curves  # noqa: E402
 from bench import cli, images, report, timing, workers  # noqa: E402
 
-BENCHMARKS = [benchmark_data, benchmark_distributed, benchmark_drop_path, benchmark_inference,
-              benchmark_train_step, compute_ceiling]
+BENCHMARKS = [benchmark_data, benchmark_dedup, benchmark_distill, benchmark_distributed, benchmark_drop_path,
+              benchmark_inference, benchmark_train_step, compute_ceiling, distill_digits, plot_knn_curves]
 
 
 @pytest.mark.once
@@ -35,6 +39,22 @@ def test_every_benchmark_prints_its_help(module, capsys):
         module.main(["--help"])
     assert exit_.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.once
+def test_knn_curves_are_drawn_from_epochs_csv(tmp_path, capsys):
+    for name, values in (("a", [50.0, 70.0, 80.0]), ("b", [98.0, 98.0, 98.0])):
+        os.makedirs(tmp_path / name)
+        rows = ["epoch,step,knn_top1"] + [f"{i + 1},{i * 10},{v}" for i, v in enumerate(values)]
+        (tmp_path / name / "epochs.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "curves.png")
+    plot_knn_curves.main(["--out", out, "--curve", f"student={tmp_path / 'a'}:knn_top1",
+                          "--curve", f"teacher={tmp_path / 'b'}:knn_top1"])
+    assert os.path.getsize(out) > 1000
+    with pytest.raises(SystemExit, match="no 'knn_top1_ema_student' values"):
+        plot_knn_curves.main(["--out", out, "--curve", f"x={tmp_path / 'a'}:knn_top1_ema_student"])
+    with pytest.raises(SystemExit, match="LABEL=RUN_DIR:COLUMN"):
+        plot_knn_curves.main(["--out", out, "--curve", "nolabel"])
 
 
 @pytest.mark.once

@@ -15,7 +15,7 @@ import time
 import keras
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="a digits pretraining run directory (with checkpoints)")
     parser.add_argument("--student", default="dinov2_vit_micro4", help="student architecture (patch 4)")
@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--students", type=int, default=1, help="students in one run (same architecture)")
     parser.add_argument("--out", default=None, help="append one JSON line per run to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from keras_dinov2.backbone import build_backbone
     from keras_dinov2.config import SSLConfig

@@ -26,13 +26,13 @@ def read_curve(run_dir, column):
     return [int(float(r["epoch"])) for r in rows], [float(r[column]) for r in rows]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--curve", action="append", required=True, metavar="LABEL=RUN_DIR:COLUMN",
                         help="one curve; repeat for several")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--title", default="k-NN top-1 (k=20) on the 450 held-out digits")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import matplotlib
 
