@@ -62,7 +62,7 @@ def teacher_run(tmp_path_factory):
 def test_distill_run_resumes_on_the_same_trajectory_and_exports_the_ema_student(teacher_run, tmp_path, capsys):
     teacher_dir, teacher_model = teacher_run
     run = str(tmp_path / "student")
-    assert main(["distill", "--teacher", teacher_dir, "--out", run, "--epochs", "2", "--knn-every", "1",
+    assert main(["distill", "--teacher", teacher_dir, "--out", run, "--epochs", "2", "--knn-every", "2",
                  "--verbose", "0"] + FAST) == 0
     out = capsys.readouterr().out
     assert "heads mode" in out and "k-NN top-1 (k=20) of the teacher" in out
@@ -77,7 +77,7 @@ def test_distill_run_resumes_on_the_same_trajectory_and_exports_the_ema_student(
     config = SSLConfig.from_dict(stored["ssl"])
     assert config.heads == _teacher_config().heads and config.model.drop_path_rate == 0.0
     epochs = _rows(os.path.join(run, "epochs.csv"))
-    assert len(epochs) == 2
+    assert len(epochs) == 2 and epochs[0]["knn_top1_student"] == ""  # every 2 epochs: not after the first
     for column in ("knn_top1_teacher", "knn_top1_student", "knn_top1_ema_student"):
         assert 0.0 <= float(epochs[-1][column]) <= 100.0, column
     with open(os.path.join(run, "knn.json")) as f:
@@ -93,7 +93,8 @@ def test_distill_run_resumes_on_the_same_trajectory_and_exports_the_ema_student(
     # Lose the last epoch as a kill would, then resume: the redone steps and the final EMA student match.
     os.remove(os.path.join(run, "checkpoint-00002.npz"))
     shutil.rmtree(os.path.join(run, "student_preset"))
-    assert main(["distill", "--out", run, "--resume", "--knn-every", "1", "--verbose", "0"]) == 0
+    # (No k-NN this time: the monitors' compiles are the slow part of this test, and the trajectory is the point.)
+    assert main(["distill", "--out", run, "--resume", "--knn-every", "0", "--verbose", "0"]) == 0
     redone = _rows(os.path.join(run, "metrics.csv"))
     assert [int(r["step"]) for r in redone] == [0, 1, 2, 3]
     for first, again in zip(rows[2:], redone[2:]):
@@ -119,6 +120,8 @@ def test_distill_run_resumes_on_the_same_trajectory_and_exports_the_ema_student(
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
+@pytest.mark.skipif(keras.backend.backend() == "jax",
+                    reason="features mode trains on jax in test_distill.py; the jax job is CI's longest")
 def test_distill_features_from_a_transformers_folder_into_two_students(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("torch")
