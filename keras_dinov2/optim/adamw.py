@@ -218,8 +218,10 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
         new_variable = variable * (1.0 - lr * weight_decay) - update
         if freezable:
             keep = self.iterations < self.frozen_last_layer_steps
-            new_m, new_v = ops.where(keep, m.value, new_m), ops.where(keep, v.value, new_v)
-            new_variable = ops.where(keep, variable.value, new_variable)
+            # Tensors of the variables: JAX's stateless step refuses a Variable inside `where`.
+            old_m, old_v, old_variable = (ops.convert_to_tensor(x) for x in (m, v, variable))
+            new_m, new_v = ops.where(keep, old_m, new_m), ops.where(keep, old_v, new_v)
+            new_variable = ops.where(keep, old_variable, new_variable)
         self.assign(m, new_m)
         self.assign(v, new_v)
         self.assign(variable, new_variable)
