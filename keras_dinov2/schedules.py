@@ -7,7 +7,8 @@ shape of `step` (a scalar for a scalar step). `schedule.value_at(step)` gives th
 for logging and tests. Schedules serialize with `keras.saving.serialize_keras_object`.
 
 Reference: facebookresearch/dinov2 `utils/utils.py` (CosineScheduler), `train/train.py` (build_schedulers) and
-`configs/ssl_default_config.yaml` (the defaults of `dinov2_schedules`).
+`configs/ssl_default_config.yaml` (the defaults of `dinov2_schedules`); DINO v1's rules (linear lr scaling, the
+teacher temperature per epoch, no zero-lr last layer) from facebookresearch/dino `main_dino.py`.
 """
 
 import dataclasses
@@ -22,6 +23,7 @@ __all__ = [
     "OFFICIAL_EPOCH_LENGTH",
     "CosineSchedule",
     "FrozenStartSchedule",
+    "EpochTableSchedule",
     "DINOv2Schedules",
     "scaled_learning_rate",
     "dinov2_schedules",
@@ -204,6 +206,48 @@ class FrozenStartSchedule(_LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_dinov2")
+class EpochTableSchedule(_LearningRateSchedule):
+    """A warmup table per epoch: DINO v1's teacher temperature, constant within an epoch.
+
+    For epoch e = floor(step / `steps_per_epoch`): `linspace(start_value, final_value, warmup_epochs)[e]` while
+    e < `warmup_epochs`, else `final_value` (main_dino.py's `teacher_temp_schedule`, indexed by the epoch).
+
+    Args:
+        final_value: float. The value after the warmup.
+        start_value: float. The value of epoch 0.
+        warmup_epochs: int >= 0. Entries of the linspace (0: `final_value` from the start).
+        steps_per_epoch: int >= 1.
+
+    Example:
+    >>> EpochTableSchedule(0.07, 0.04, warmup_epochs=30, steps_per_epoch=100).value_at(150)   # epoch 1
+    """
+
+    def __init__(self, final_value, start_value, warmup_epochs, steps_per_epoch):
+        self.final_value = _check_float("final_value", final_value)
+        self.start_value = _check_float("start_value", start_value)
+        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs)
+        self.steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+
+    def _slope(self):
+        return (self.final_value - self.start_value) / max(self.warmup_epochs - 1, 1)
+
+    def __call__(self, step):
+        epoch = ops.floor(ops.cast(step, "float32") / float(self.steps_per_epoch))
+        warm = self.start_value + self._slope() * epoch
+        return ops.cast(ops.where(epoch < self.warmup_epochs, warm, self.final_value), "float32")
+
+    def value_at(self, step):
+        """The schedule's value at `step` (int or integer array) in float64 NumPy."""
+        epoch = np.floor_divide(np.asarray(step), self.steps_per_epoch).astype(np.float64)
+        value = np.where(epoch < self.warmup_epochs, self.start_value + self._slope() * epoch, self.final_value)
+        return float(value) if value.ndim == 0 else value
+
+    def get_config(self):
+        return {"final_value": self.final_value, "start_value": self.start_value,
+                "warmup_epochs": self.warmup_epochs, "steps_per_epoch": self.steps_per_epoch}
+
+
 @dataclasses.dataclass(frozen=True)
 class DINOv2Schedules:
     """The five per-step schedules of a DINOv2 run (see `dinov2_schedules`).
@@ -213,7 +257,8 @@ class DINOv2Schedules:
         last_layer_learning_rate: `FrozenStartSchedule`. Lr of the heads' prototype layers.
         weight_decay: `CosineSchedule`. AdamW weight decay (times each group's wd multiplier).
         teacher_momentum: `CosineSchedule`. EMA momentum of the teacher.
-        teacher_temperature: `CosineSchedule`. Softmax temperature of the teacher's outputs.
+        teacher_temperature: `CosineSchedule` (per step) or `EpochTableSchedule` (per epoch). Softmax temperature
+            of the teacher's outputs.
 
     Example:
     >>> s = dinov2_schedules(total_steps=125000, steps_per_epoch=1250, global_batch_size=1024)
@@ -224,7 +269,7 @@ class DINOv2Schedules:
     last_layer_learning_rate: FrozenStartSchedule
     weight_decay: CosineSchedule
     teacher_momentum: CosineSchedule
-    teacher_temperature: CosineSchedule
+    teacher_temperature: CosineSchedule | EpochTableSchedule
 
     def values(self, step):
         """Every schedule's value at `step` as Python floats (NumPy evaluation), keyed by field name."""
@@ -241,12 +286,14 @@ class DINOv2Schedules:
 def scaled_learning_rate(base_lr, global_batch_size, scaling_rule="sqrt_wrt_1024"):
     """The peak learning rate for a global batch size under the reference's scaling rule.
 
-    Reference: `lr = base_lr * sqrt(global_batch_size / 1024)` ("sqrt_wrt_1024", the only rule it implements).
+    Reference: `lr = base_lr * sqrt(global_batch_size / 1024)` ("sqrt_wrt_1024", the only rule it implements);
+    DINO v1's main_dino.py: `lr = base_lr * global_batch_size / 256` ("linear_wrt_256").
 
     Args:
-        base_lr: float. Learning rate for a global batch of 1024 (the reference's `optim.base_lr`, 0.004).
+        base_lr: float. Learning rate for a global batch of 1024 (the reference's `optim.base_lr`, 0.004), or of
+            256 under "linear_wrt_256" (v1's `--lr`, 0.0005).
         global_batch_size: int. Images per optimizer step, summed over all replicas.
-        scaling_rule: str or None, default "sqrt_wrt_1024". None returns `base_lr` unchanged.
+        scaling_rule: str or None, default "sqrt_wrt_1024". "linear_wrt_256" for v1; None returns `base_lr`.
 
     Example:
     >>> scaled_learning_rate(0.004, 256)   # 0.002
@@ -257,7 +304,9 @@ def scaled_learning_rate(base_lr, global_batch_size, scaling_rule="sqrt_wrt_1024
         return base_lr
     if scaling_rule == "sqrt_wrt_1024":
         return base_lr * math.sqrt(global_batch_size / 1024.0)
-    raise ValueError(f'`scaling_rule` must be "sqrt_wrt_1024" or None, received {scaling_rule!r}.')
+    if scaling_rule == "linear_wrt_256":
+        return base_lr * global_batch_size / 256.0
+    raise ValueError(f'`scaling_rule` must be "sqrt_wrt_1024", "linear_wrt_256" or None, received {scaling_rule!r}.')
 
 
 def dinov2_schedules(
@@ -276,6 +325,8 @@ def dinov2_schedules(
     warmup_teacher_temp_epochs=30,
     freeze_last_layer_epochs=1,
     scaling_rule="sqrt_wrt_1024",
+    teacher_temp_per_epoch=False,
+    freeze_last_layer_mode="zero_lr",
 ):
     """The reference's five schedules (build_schedulers), for a run of `total_steps` optimizer steps.
 
@@ -307,6 +358,10 @@ def dinov2_schedules(
         warmup_teacher_temp_epochs: float, default 30.
         freeze_last_layer_epochs: float, default 1.
         scaling_rule: str or None, default "sqrt_wrt_1024". None uses `base_lr` as the peak lr.
+        teacher_temp_per_epoch: bool, default False. True: the temperature is `EpochTableSchedule` (DINO v1), the
+            warmup epochs rounded to whole epochs.
+        freeze_last_layer_mode: str, default "zero_lr". "drop_grad" (DINO v1): the last layer's lr is the lr
+            itself, since the optimizer drops its gradients instead (`DINOv2AdamW(frozen_last_layer_steps=...)`).
 
     Returns:
         `DINOv2Schedules`.
@@ -331,19 +386,23 @@ def dinov2_schedules(
     frozen_steps = _steps_from_epochs(
         "freeze_last_layer_epochs", freeze_last_layer_epochs, steps_per_epoch
     )
+    if freeze_last_layer_mode not in ("zero_lr", "drop_grad"):
+        raise ValueError('`freeze_last_layer_mode` must be "zero_lr" or "drop_grad", '
+                         f"received {freeze_last_layer_mode!r}.")
     learning_rate = CosineSchedule(peak_lr, min_lr, total_steps, warmup_steps=warmup_steps)
+    if teacher_temp_per_epoch:
+        temperature = EpochTableSchedule(teacher_temp, warmup_teacher_temp,
+                                         int(round(warmup_teacher_temp_epochs)), steps_per_epoch)
+    else:
+        temperature = CosineSchedule(teacher_temp, teacher_temp, temp_steps, warmup_steps=temp_steps,
+                                     start_warmup_value=warmup_teacher_temp)
     return DINOv2Schedules(
         learning_rate=learning_rate,
-        last_layer_learning_rate=FrozenStartSchedule(learning_rate, frozen_steps),
+        last_layer_learning_rate=FrozenStartSchedule(
+            learning_rate, frozen_steps if freeze_last_layer_mode == "zero_lr" else 0),
         weight_decay=CosineSchedule(weight_decay, weight_decay_end, total_steps),
         teacher_momentum=CosineSchedule(momentum_teacher, final_momentum_teacher, total_steps),
-        teacher_temperature=CosineSchedule(
-            teacher_temp,
-            teacher_temp,
-            temp_steps,
-            warmup_steps=temp_steps,
-            start_warmup_value=warmup_teacher_temp,
-        ),
+        teacher_temperature=temperature,
     )
 
 
@@ -364,4 +423,7 @@ def schedules_from_config(optim, total_steps, steps_per_epoch, global_batch_size
         warmup_teacher_temp=optim.warmup_teacher_temp,
         warmup_teacher_temp_epochs=optim.warmup_teacher_temp_epochs,
         freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
+        scaling_rule=getattr(optim, "lr_scaling", "sqrt_wrt_1024"),
+        teacher_temp_per_epoch=getattr(optim, "teacher_temp_per_epoch", False),
+        freeze_last_layer_mode=getattr(optim, "freeze_last_layer_mode", "zero_lr"),
     )

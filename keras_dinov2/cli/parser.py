@@ -4,6 +4,7 @@ import argparse
 import math
 
 from keras_dinov2.cli.errors import USAGE_ERROR
+from keras_dinov2.config.recipes import SSL_RECIPES
 
 DESCRIPTION = """\
 DINOv2 self-supervised pretraining of Vision Transformers on Keras 3.
@@ -74,8 +75,8 @@ def _add_run_flags(parser, command):
                         help="digits (bundled, no download), an image FOLDER, or "
                              "tfds:NAME[:SPLIT] (default: digits)")
     parser.add_argument("--recipe", default=None,
-                        choices=["digits", "reference_default", "vitl14", "vitg14"],
-                        help="named SSLConfig recipe (default: digits for --data digits, "
+                        choices=list(SSL_RECIPES),
+                        help="named SSLConfig recipe; dino* are DINO v1's (default: digits for --data digits, "
                              "reference_default otherwise)")
     parser.add_argument("--epochs", type=_integer(1), default=None, help="epochs (recipe default)")
     parser.add_argument("--steps-per-epoch", type=_integer(1), default=None,
@@ -85,7 +86,8 @@ def _add_run_flags(parser, command):
     parser.add_argument("--accumulation", type=_integer(1), default=None,
                         help="micro-batches per optimizer update (gradient accumulation)")
     parser.add_argument("--lr", type=_positive_float, default=None,
-                        help="base learning rate, for a global batch of 1024 (recipe default)")
+                        help="base learning rate, for a global batch of 1024 (of 256 for the dino "
+                             "recipes) (recipe default)")
     parser.add_argument("--weight-decay", type=_non_negative_float, default=None,
                         help="weight decay at the start of its cosine schedule (recipe default)")
     parser.add_argument("--weight-decay-end", type=_non_negative_float, default=None,

@@ -20,6 +20,9 @@ __all__ = [
     "INTERPOLATIONS",
     "CENTERING_MODES",
     "KOLEO_SCOPES",
+    "LR_SCALING_RULES",
+    "CLIP_MODES",
+    "FREEZE_LAST_LAYER_MODES",
     "Rule",
     "Int",
     "Number",
@@ -50,6 +53,10 @@ BLUR_PROBABILITY_PRESETS = {
 INTERPOLATIONS = ("bilinear", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic", "nearest")
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
 KOLEO_SCOPES = ("global", "replica")
+# DINOv2's rules first (the defaults), then DINO v1's (main_dino.py).
+LR_SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256")
+CLIP_MODES = ("per_part", "per_parameter")
+FREEZE_LAST_LAYER_MODES = ("zero_lr", "drop_grad")
 
 
 def _is_number(value):
@@ -294,6 +301,7 @@ FIELD_RULES: dict[str, dict[str, Rule]] = {
         "ibot_num_prototypes": Int(1),
         "ibot_bottleneck_dim": Int(1),
         "use_bn": Bool(),
+        "norm_last_layer": Bool(),
     },
     "LossConfig": {
         "dino_weight": NON_NEGATIVE,
@@ -324,6 +332,10 @@ FIELD_RULES: dict[str, dict[str, Rule]] = {
         "adamw_beta1": Number(0, 1, high_open=True),
         "adamw_beta2": Number(0, 1, high_open=True),
         "gradient_accumulation_steps": Int(1),
+        "lr_scaling": Choice(LR_SCALING_RULES),
+        "clip_mode": Choice(CLIP_MODES),
+        "freeze_last_layer_mode": Choice(FREEZE_LAST_LAYER_MODES),
+        "teacher_temp_per_epoch": Bool(),
     },
     "SSLConfig": {
         "batch_size": Int(1),

@@ -23,6 +23,9 @@ class HeadConfig(ConfigBase):
         ibot_bottleneck_dim: int, default 256. iBOT head bottleneck when untied.
         use_bn: bool, default False. Batch normalization in the heads' MLPs (`dino.head_use_bn`
             style; see `DINOHead`). Off in the reference's configs.
+        norm_last_layer: bool, default False. Fix the prototypes' norms `weight_g` at 1 (not trained), so each
+            logit is a cosine: DINO v1's `--norm_last_layer` (True by default there). DINOv2's head is v1's with
+            False.
     """
 
     num_prototypes: int = 65536
@@ -33,6 +36,7 @@ class HeadConfig(ConfigBase):
     ibot_num_prototypes: int = 65536
     ibot_bottleneck_dim: int = 256
     use_bn: bool = False
+    norm_last_layer: bool = False
 
 
 @dataclasses.dataclass
@@ -74,7 +78,7 @@ class OptimConfig(ConfigBase):
     Args:
         epochs: int, default 100.
         steps_per_epoch: int, default 1250.
-        base_lr: float, default 0.004. Scaled by sqrt(global batch / 1024).
+        base_lr: float, default 0.004. Scaled by the global batch (`lr_scaling`).
         min_lr: float, default 1e-6.
         warmup_epochs: float, default 10.
         weight_decay: float, default 0.04. Cosine to `weight_decay_end`.
@@ -85,12 +89,23 @@ class OptimConfig(ConfigBase):
         warmup_teacher_temp: float, default 0.04.
         warmup_teacher_temp_epochs: float, default 30.
         freeze_last_layer_epochs: float, default 1.
-        clip_grad: float, default 3.0. Per part (backbone, each head); 0 disables.
+        clip_grad: float, default 3.0. Per part (backbone, each head) or per parameter (`clip_mode`); 0 disables.
         layer_decay: float, default 0.9.
         patch_embed_lr_mult: float, default 0.2.
         adamw_beta1: float, default 0.9.
         adamw_beta2: float, default 0.999.
         gradient_accumulation_steps: int, default 1. Micro-batches per optimizer update.
+        lr_scaling: str, default "sqrt_wrt_1024". The peak lr from `base_lr` and the global batch B:
+            "sqrt_wrt_1024" (DINOv2, base_lr * sqrt(B / 1024)) or "linear_wrt_256" (DINO v1, base_lr * B / 256).
+        clip_mode: str, default "per_part". "per_part" clips each part's (backbone, each head) global gradient norm
+            at `clip_grad` (DINOv2); "per_parameter" caps each variable's gradient norm at `clip_grad` (DINO v1).
+        freeze_last_layer_mode: str, default "zero_lr". How the heads' last layers stay frozen for
+            `freeze_last_layer_epochs`: "zero_lr" gives them lr 0 while AdamW's moments still take their
+            gradients (DINOv2); "drop_grad" drops their gradients, so AdamW keeps no state for them (moments and
+            step count start after the freeze) and leaves them untouched, weight decay included (DINO v1).
+        teacher_temp_per_epoch: bool, default False. The teacher temperature's warmup as a table per epoch
+            (constant within an epoch, linspace(warmup_teacher_temp, teacher_temp, warmup epochs), DINO v1)
+            instead of per step (DINOv2).
     """
 
     epochs: int = 100
@@ -112,3 +127,7 @@ class OptimConfig(ConfigBase):
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     gradient_accumulation_steps: int = 1
+    lr_scaling: str = "sqrt_wrt_1024"
+    clip_mode: str = "per_part"
+    freeze_last_layer_mode: str = "zero_lr"
+    teacher_temp_per_epoch: bool = False

@@ -18,19 +18,22 @@ class WeightNormPrototypes(keras.layers.Layer):
     The reference's `weight_norm(nn.Linear(bottleneck, K, bias=False))`. The variables are `weight_v`
     (bottleneck, K), the direction, initialized like torch's default Linear (uniform in +-1/sqrt(bottleneck)),
     and `weight_g` (K,), the per-prototype norm, initialized to 1. Like the reference, `weight_g` is trainable
-    (the reference fills it with 1 but does not freeze it, and its weight decay applies to it); a recipe that
-    wants unit-norm prototypes can set `weight_g.trainable = False`.
+    (the reference fills it with 1 but does not freeze it, and its weight decay applies to it). With
+    `fixed_norm`, `weight_g` stays 1 and is not trainable, so each output is a cosine (DINO v1's default
+    `norm_last_layer`).
 
     Args:
         units: int. Number of prototypes K.
+        fixed_norm: bool, default False. `weight_g` non-trainable (fixed at its initial 1).
 
     Example:
     >>> WeightNormPrototypes(1024)(ops.zeros((4, 256))).shape   # (4, 1024)
     """
 
-    def __init__(self, units, **kwargs):
+    def __init__(self, units, fixed_norm=False, **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
+        self.fixed_norm = bool(fixed_norm)
 
     def build(self, input_shape):
         fan_in = int(input_shape[-1])
@@ -40,7 +43,8 @@ class WeightNormPrototypes(keras.layers.Layer):
             shape=(fan_in, self.units),
             initializer=keras.initializers.RandomUniform(-limit, limit),
         )
-        self.weight_g = self.add_weight(name="weight_g", shape=(self.units,), initializer="ones")
+        self.weight_g = self.add_weight(name="weight_g", shape=(self.units,), initializer="ones",
+                                        trainable=not self.fixed_norm)
         self.built = True
 
     def effective_kernel(self):
@@ -58,7 +62,7 @@ class WeightNormPrototypes(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"units": self.units})
+        config.update({"units": self.units, "fixed_norm": self.fixed_norm})
         return config
 
 
@@ -106,6 +110,8 @@ class DINOHead(keras.layers.Layer):
             together) and over the global batch: with a `reduction` (each replica running its
             own program) the sums behind the mean and the variance cover every replica's rows,
             as DINO's SyncBatchNorm, so N replicas normalize as one device with the global batch.
+        norm_last_layer: bool, default False. The prototypes' norms fixed at 1 (`weight_g` not trained), each
+            logit a cosine: DINO v1's `norm_last_layer` (its default True). DINOv2 trains them.
 
     Call arguments:
         x: (N, in_dim) tensor.
@@ -130,6 +136,7 @@ class DINOHead(keras.layers.Layer):
         use_bias=True,
         epsilon=1e-12,
         use_bn=False,
+        norm_last_layer=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -148,6 +155,7 @@ class DINOHead(keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self.epsilon = float(epsilon)
         self.use_bn = bool(use_bn)
+        self.norm_last_layer = bool(norm_last_layer)
 
         widths = [self.hidden_dim] * (self.num_layers - 1) + [self.bottleneck_dim]
         self.mlp_layers = [
@@ -167,7 +175,7 @@ class DINOHead(keras.layers.Layer):
         else:
             last_policy = self.dtype_policy
         self.last_layer = WeightNormPrototypes(
-            self.num_prototypes, dtype=last_policy, name="last_layer"
+            self.num_prototypes, fixed_norm=self.norm_last_layer, dtype=last_policy, name="last_layer"
         )
 
     def build(self, input_shape):
@@ -242,6 +250,7 @@ class DINOHead(keras.layers.Layer):
                 "use_bias": self.use_bias,
                 "epsilon": self.epsilon,
                 "use_bn": self.use_bn,
+                "norm_last_layer": self.norm_last_layer,
             }
         )
         return config

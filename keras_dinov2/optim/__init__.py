@@ -13,11 +13,12 @@ paths: a student and a teacher backbone have identical paths, and user-chosen la
 optimization.
 
 Reference: facebookresearch/dinov2 `utils/param_groups.py`, `train/ssl_meta_arch.py` (get_params_groups),
-`train/train.py` (apply_optim_scheduler, clip_grad_norm_ per part), torch.optim.AdamW.
+`train/train.py` (apply_optim_scheduler, clip_grad_norm_ per part), torch.optim.AdamW; DINO v1's main_dino.py
+and utils.py (clipping per parameter, the last layer's gradients dropped in the first epoch).
 """
 
 from keras_dinov2.optim.adamw import DINOv2AdamW
-from keras_dinov2.optim.clipping import clip_by_global_norm, clip_by_part
+from keras_dinov2.optim.clipping import clip_by_global_norm, clip_by_part, clip_gradients, clip_per_parameter
 from keras_dinov2.optim.groups import ParamGroup, ParamGroups, merge_param_groups, param_groups
 
 __all__ = [
@@ -28,4 +29,6 @@ __all__ = [
     "DINOv2AdamW",
     "clip_by_global_norm",
     "clip_by_part",
+    "clip_per_parameter",
+    "clip_gradients",
 ]

@@ -57,6 +57,11 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
     the whole update, not the gradient. A variable with lr 0 (the last layer in the first epoch) does not move,
     but its moments still accumulate, as in the reference.
 
+    With `frozen_last_layer_steps` = F > 0 (DINO v1, which sets the last layer's gradients to None in its first
+    epoch), the last-layer variables' gradients are dropped for t < F: their moments, their values and their
+    weight decay stay untouched, and their own step count (torch keeps one per parameter, started at its first
+    gradient) is t + 1 - F from then on, in the bias corrections.
+
     The schedules are evaluated inside the update from the step variable, so one compiled train step serves
     the whole run on every backend, including JAX's `stateless_apply`. With `param_groups=None` every
     variable gets multipliers 1 (a plain AdamW); with groups, every variable the optimizer is built on must be
@@ -71,6 +76,7 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
         beta_1: float, default 0.9.
         beta_2: float, default 0.999.
         epsilon: float, default 1e-8 (torch's AdamW default; Keras's AdamW uses 1e-7).
+        frozen_last_layer_steps: int, default 0. Leading steps whose last-layer gradients are dropped.
         name: str, default "dinov2_adamw".
         **kwargs: other `keras.optimizers.Optimizer` arguments (e.g. `gradient_accumulation_steps`,
             `loss_scale_factor`). Its own `weight_decay` mechanism is not used.
@@ -90,6 +96,7 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
         beta_1=0.9,
         beta_2=0.999,
         epsilon=1e-8,
+        frozen_last_layer_steps=0,
         name="dinov2_adamw",
         **kwargs,
     ):
@@ -116,6 +123,10 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
         self.beta_1 = float(beta_1)
         self.beta_2 = float(beta_2)
         self.epsilon = float(epsilon)
+        frozen = frozen_last_layer_steps
+        if isinstance(frozen, bool) or not isinstance(frozen, numbers.Integral) or frozen < 0:
+            raise ValueError(f"`frozen_last_layer_steps` must be an integer >= 0, received {frozen!r}.")
+        self.frozen_last_layer_steps = int(frozen)
 
     @classmethod
     def from_schedules(cls, schedules, param_groups=None, **kwargs):
@@ -191,6 +202,10 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
         weight_decay = weight_decay * wd_multiplier
         gradient = ops.cast(gradient, dtype)
         step = ops.cast(self.iterations + 1, dtype)
+        freezable = is_last_layer and self.frozen_last_layer_steps > 0
+        if freezable:
+            # The variable's own step count starts at its first kept gradient (clamped while dropped).
+            step = ops.maximum(step - float(self.frozen_last_layer_steps), 1.0)
         bias_correction_1 = _bias_correction(self.beta_1, step)
         bias_correction_2 = _bias_correction(self.beta_2, step)
 
@@ -198,11 +213,18 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
         v = self._velocities[index]
         new_m = m + (1.0 - self.beta_1) * (gradient - m)
         new_v = self.beta_2 * v + (1.0 - self.beta_2) * ops.square(gradient)
-        self.assign(m, new_m)
-        self.assign(v, new_v)
         denominator = ops.sqrt(new_v) / ops.sqrt(bias_correction_2) + self.epsilon
         update = (lr / bias_correction_1) * new_m / denominator
-        self.assign(variable, variable * (1.0 - lr * weight_decay) - update)
+        new_variable = variable * (1.0 - lr * weight_decay) - update
+        if freezable:
+            keep = self.iterations < self.frozen_last_layer_steps
+            # Tensors of the variables: JAX's stateless step refuses a Variable inside `where`.
+            old_m, old_v, old_variable = (ops.convert_to_tensor(x) for x in (m, v, variable))
+            new_m, new_v = ops.where(keep, old_m, new_m), ops.where(keep, old_v, new_v)
+            new_variable = ops.where(keep, old_variable, new_variable)
+        self.assign(m, new_m)
+        self.assign(v, new_v)
+        self.assign(variable, new_variable)
 
     def get_config(self):
         config = super().get_config()
@@ -218,6 +240,7 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
                 "beta_1": self.beta_1,
                 "beta_2": self.beta_2,
                 "epsilon": self.epsilon,
+                "frozen_last_layer_steps": self.frozen_last_layer_steps,
             }
         )
         return config

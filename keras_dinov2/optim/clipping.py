@@ -1,4 +1,5 @@
-"""Gradient clipping by global norm, over all gradients or per part (backbone, each head), as the reference does."""
+"""Gradient clipping by global norm, over all gradients or per part (backbone, each head), as the reference does,
+or per parameter tensor, as DINO v1 does."""
 
 import math
 import numbers
@@ -75,3 +76,55 @@ def clip_by_part(grads, variables, param_groups, max_norm=3.0):
         for i, g in zip(part_indices, part_grads):
             clipped[i] = g
     return clipped, norms
+
+
+def clip_per_parameter(grads, variables, param_groups, max_norm=3.0):
+    """Caps each gradient tensor's own L2 norm at `max_norm`: DINO v1's `clip_gradients` (main_dino.py).
+
+    Every gradient g is multiplied by min(max_norm / (||g|| + 1e-6), 1), its norm computed in float32. The
+    returned norms are each part's global norm before clipping (for the logs, the keys of `clip_by_part`).
+
+    Args:
+        grads: list of tensors or None, aligned with `variables`.
+        variables: list of variables (the ones `param_groups` was built from).
+        param_groups: `ParamGroups`. Each variable's `part` names its norm in the logs.
+        max_norm: float, default 3.0 (v1's `--clip_grad`).
+
+    Returns:
+        (list of clipped gradients aligned with `variables`, dict {part: float32 norm before clipping}).
+
+    Example:
+    >>> grads, norms = clip_per_parameter(grads, model.trainable_variables, groups, 3.0)
+    """
+    grads, variables = list(grads), list(variables)
+    if len(grads) != len(variables):
+        raise ValueError(
+            f"`grads` and `variables` must have the same length, received {len(grads)} and {len(variables)}."
+        )
+    clipped, squares = [], {}
+    for g, variable in zip(grads, variables):
+        part = param_groups[variable].part
+        if g is None:
+            clipped.append(None)
+            continue
+        square = ops.sum(ops.square(ops.cast(g, "float32")))
+        squares.setdefault(part, []).append(square)
+        clipped.append(g * ops.cast(ops.minimum(max_norm / (ops.sqrt(square) + 1e-6), 1.0), g.dtype))
+    norms = {part: ops.sqrt(ops.sum(ops.stack(values))) for part, values in squares.items()}
+    return clipped, norms
+
+
+def clip_gradients(grads, variables, param_groups, max_norm, mode="per_part", loss_scale=None):
+    """Clipping by `mode` ("per_part": `clip_by_part`; "per_parameter": `clip_per_parameter`) of the unscaled
+    gradients: under loss scaling (`loss_scale`, the LossScaleOptimizer's current scale) the gradients are unscaled,
+    clipped, and handed back scaled. Returns (gradients, {part: norm before clipping})."""
+    clip = {"per_part": clip_by_part, "per_parameter": clip_per_parameter}.get(mode)
+    if clip is None:
+        raise ValueError(f'`mode` must be "per_part" or "per_parameter", received {mode!r}.')
+    if loss_scale is not None:
+        loss_scale = ops.convert_to_tensor(loss_scale)
+        grads = [None if g is None else g / ops.cast(loss_scale, g.dtype) for g in grads]
+    grads, norms = clip(grads, variables, param_groups, max_norm)
+    if loss_scale is not None:
+        grads = [None if g is None else g * ops.cast(loss_scale, g.dtype) for g in grads]
+    return grads, norms

@@ -12,7 +12,8 @@ def build_head(heads, name, prototypes, bottleneck, input_dim, dtype):
     """One built `DINOHead` with the config's hidden width and depth, `prototypes` outputs."""
     layer = DINOHead(
         num_prototypes=prototypes, hidden_dim=heads.hidden_dim, bottleneck_dim=bottleneck,
-        num_layers=heads.num_layers, use_bn=heads.use_bn, dtype=dtype, name=name,
+        num_layers=heads.num_layers, use_bn=heads.use_bn, norm_last_layer=heads.norm_last_layer, dtype=dtype,
+        name=name,
     )
     layer.build((None, input_dim))
     return layer

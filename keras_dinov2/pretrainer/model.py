@@ -8,7 +8,7 @@ from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.data.batch import GLOBAL_CROPS, LOCAL_CROPS, MASK_INDICES, MASKS, MASKS_WEIGHT
 from keras_dinov2.ops import active_replicas
-from keras_dinov2.optim import DINOv2AdamW, clip_by_part, param_groups
+from keras_dinov2.optim import DINOv2AdamW, clip_gradients, param_groups
 from keras_dinov2.pretrainer.batches import (
     batch_layout,
     gather_rows,
@@ -38,9 +38,10 @@ class DINOv2Pretrainer(keras.Model):
     teacher follows the student by EMA with the scheduled momentum.
 
     During the frozen first epoch the heads' last layers get learning rate 0, as the
-    reference's DINOv2 does (their gradients still reach AdamW's moments; dropping them is DINO
-    v1's rule). A loss term whose weight is 0 is switched off as in the reference: no DINO,
-    iBOT or KoLeo computation, and no separate iBOT head without iBOT.
+    reference's DINOv2 does (their gradients still reach AdamW's moments), or their gradients are
+    dropped (`optim.freeze_last_layer_mode="drop_grad"`, DINO v1's rule). A loss term whose
+    weight is 0 is switched off as in the reference: no DINO, iBOT or KoLeo computation, and no
+    separate iBOT head without iBOT.
 
     Differences from the reference, on purpose: gradient accumulation is available, and k
     micro-batches of b images take the step of one batch of k * b (the teacher sees the whole
@@ -160,7 +161,7 @@ class DINOv2Pretrainer(keras.Model):
                 biases, norms and LayerScale) and per-step schedules.
             global_batch_size: optional int. Images per optimizer update across replicas
                 (micro-batch x accumulation x replicas); scales the learning rate by
-                sqrt(batch / 1024), as the reference scales by its global batch. Default:
+                `config.optim.lr_scaling` (sqrt(batch / 1024); v1: batch / 256). Default:
                 `config.batch_size * gradient_accumulation_steps * replicas`, the replicas
                 of the active distribution (`keras_dinov2.ops.active_replicas`).
             total_steps: optional int. Optimizer updates in the whole run. Default:
@@ -176,10 +177,11 @@ class DINOv2Pretrainer(keras.Model):
         self.schedules = schedules_from_config(optim, total_steps, self.steps_per_epoch, global_batch_size)
         self.param_groups = self.build_param_groups()
         if optimizer is None:
+            # DINO v1 drops the last layers' gradients in the frozen epochs instead of giving them lr 0.
+            frozen = round(optim.freeze_last_layer_epochs * self.steps_per_epoch)
             optimizer = DINOv2AdamW.from_schedules(
-                self.schedules, self.param_groups,
-                beta_1=optim.adamw_beta1, beta_2=optim.adamw_beta2,
-            )
+                self.schedules, self.param_groups, beta_1=optim.adamw_beta1, beta_2=optim.adamw_beta2,
+                frozen_last_layer_steps=frozen if optim.freeze_last_layer_mode == "drop_grad" else 0)
         super().compile(optimizer=optimizer, **kwargs)
 
     def build_param_groups(self):
@@ -414,17 +416,11 @@ class DINOv2Pretrainer(keras.Model):
         logs["lr"] = self.schedules.learning_rate(step)
         logs["wd"] = self.schedules.weight_decay(step)
         logs["momentum"] = self.schedules.teacher_momentum(step)
-        clip = self.config.optim.clip_grad
-        if clip:
-            # Under loss scaling (mixed_float16) the gradients carry the scale: clip the
-            # unscaled values and hand them back scaled to the LossScaleOptimizer.
-            scale = getattr(optimizer, "dynamic_scale", None)
-            if scale is not None:
-                scale = ops.convert_to_tensor(scale)
-                grads = [None if g is None else g / ops.cast(scale, g.dtype) for g in grads]
-            grads, norms = clip_by_part(grads, self.trainable_variables, self.param_groups, clip)
-            if scale is not None:
-                grads = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
+        optim = self.config.optim
+        if optim.clip_grad:
+            # Under loss scaling (mixed_float16) the unscaled gradients are clipped.
+            grads, norms = clip_gradients(grads, self.trainable_variables, self.param_groups, optim.clip_grad,
+                                          optim.clip_mode, getattr(optimizer, "dynamic_scale", None))
             for part, norm in norms.items():
                 logs[f"grad_norm_{part}"] = norm
         optimizer.apply(grads, self.trainable_variables)

@@ -174,7 +174,9 @@ def resolve_config(args, run):
     data = _data_default(args)
     recipe = args.recipe or ("digits" if data == "digits" else "reference_default")
     config = apply_flags(SSLConfig.recipe(recipe), args)
-    model = args.model or ("dinov2_vit_tiny4" if data == "digits" else "dinov2_vit_small14")
+    # DINO v1's recipes (patch 16) train its ViT-S/16 unless the data are the digits.
+    default = "dino_vit_small16" if recipe.startswith("dino") else "dinov2_vit_small14"
+    model = args.model or ("dinov2_vit_tiny4" if data == "digits" else default)
     return config, model, data, recipe, None
 
 
