@@ -61,12 +61,14 @@ def test_recipes_hold_main_dino_defaults_and_the_readme_runs():
     expected = {**MAIN_DINO_DEFAULTS, "epochs": 300, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30,
                 "norm_last_layer": False}
     assert recipe_values(boosted) == expected
-    for config in (dino, boosted, SSLConfig.recipe("dino_digits")):
+    digits = SSLConfig.recipe("dino_digits")
+    for config in (dino, boosted, digits):
         o = config.optim
         # v1's mechanics: DINO with centering only; the head of 3 layers; no layer-wise decay; v1's rules.
         assert (config.loss.ibot_weight, config.loss.koleo_weight, config.loss.centering) == (0, 0, "centering")
         assert (config.loss.student_temp, config.loss.center_momentum) == (0.1, 0.9)
-        assert config.heads.num_layers == 3 and not config.heads.use_bn
+        assert config.heads.num_layers == 3
+        assert config.heads.use_bn == (config is digits)  # main_dino.py's --use_bn_in_head, for the digits
         assert (o.layer_decay, o.patch_embed_lr_mult, o.adamw_beta1, o.adamw_beta2) == (1.0, 1.0, 0.9, 0.999)
         assert (o.lr_scaling, o.clip_mode, o.freeze_last_layer_mode, o.teacher_temp_per_epoch) == (
             "linear_wrt_256", "per_parameter", "drop_grad", True)

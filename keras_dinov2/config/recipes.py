@@ -116,19 +116,23 @@ def _dino_v1_recipe(epochs=100, steps_per_epoch=2502, teacher_temp=0.04, warmup_
 
 
 def _dino_v1_digits_recipe():
-    # DINO v1's mechanics (every field _dino_v1_recipe sets as v1 does) sized for the bundled digits on a CPU:
-    # the digits recipe's crops, patch 4 and position init, 1024 prototypes on a 512-wide head, 14 epochs of 42
-    # steps at batch 32. base_lr 0.005 is 6.25e-4 at batch 32 under the linear rule (the digits recipe's peak is
-    # 7.1e-4). A constant teacher momentum of 0.99, as the digits recipe: the cosine to 1 would freeze the teacher
-    # for the second half of so short a run. Sized to run, not tuned.
-    config = _dino_v1_recipe(epochs=14, steps_per_epoch=42)
-    digits = _digits_recipe()
+    # DINO v1's mechanics (every field _dino_v1_recipe sets as v1 does) at the digits recipe's sizes, for a CPU:
+    # its crops, patch 4 and position init, and its head (256 prototypes, 512 wide, bottleneck 128, batch norm:
+    # main_dino.py's --use_bn_in_head) at its fixed teacher temperature of 0.02; 14 epochs of 42 steps at batch
+    # 32. base_lr 0.005 is 6.25e-4 at batch 32 under the linear rule (the digits recipe's peak is 7.1e-4). A
+    # constant teacher momentum of 0.99, as the digits recipe: the cosine to 1 would freeze the teacher for the
+    # second half of so short a run. v1's own head and temperature collapse here (seed 0, JAX): 1024 prototypes
+    # without batch norm at 0.04 reach uniform targets by epoch 5 (k-NN 87.1%); 256 at 0.02 without batch norm
+    # by epoch 14 (86.7%); with batch norm 0.04 stays flat (teacher entropy 6.1 of 6.9, 86.4%), 0.02 learns (88.7%).
+    config = _dino_v1_recipe(epochs=14, steps_per_epoch=42, teacher_temp=0.02)
+    digits = _digits_ssl_recipe()
     config.batch_size = 32
-    config.heads = HeadConfig(num_prototypes=1024, hidden_dim=512, bottleneck_dim=128, norm_last_layer=True)
-    config.optim.base_lr, config.optim.warmup_epochs = 0.005, 1
+    config.heads = HeadConfig(num_prototypes=256, hidden_dim=512, bottleneck_dim=128, use_bn=True,
+                              norm_last_layer=True)
+    config.optim.base_lr, config.optim.warmup_epochs, config.optim.warmup_teacher_temp = 0.005, 1, 0.02
     config.optim.momentum_teacher = config.optim.final_momentum_teacher = 0.99
-    config.data = _dino_v1_data(digits.crops)
-    config.data.augmentation.blur_kernel_size = digits.augmentation.blur_kernel_size
+    config.data = _dino_v1_data(digits.data.crops)
+    config.data.augmentation.blur_kernel_size = digits.data.augmentation.blur_kernel_size
     config.model = ModelConfig(patch_size=4, drop_path_rate=0.1, drop_path_uniform=False, layer_scale_init=None,
                                position_embedding_init_std=1.0)
     return config
