@@ -23,13 +23,16 @@ import benchmark_distributed  # noqa: E402
 import benchmark_drop_path  # noqa: E402
 import benchmark_inference  # noqa: E402
 import benchmark_train_step  # noqa: E402
+import compare_dino_versions  # noqa: E402
 import compute_ceiling  # noqa: E402
 import distill_digits  # noqa: E402
 import plot_knn_curves  # noqa: E402
+import reference_step_v1  # noqa: E402
 from bench import cli, images, report, timing, workers  # noqa: E402
 
 BENCHMARKS = [benchmark_data, benchmark_dedup, benchmark_distill, benchmark_distributed, benchmark_drop_path,
-              benchmark_inference, benchmark_train_step, compute_ceiling, distill_digits, plot_knn_curves]
+              benchmark_inference, benchmark_train_step, compare_dino_versions, compute_ceiling, distill_digits,
+              plot_knn_curves, reference_step_v1]
 
 
 @pytest.mark.once
@@ -39,6 +42,29 @@ def test_every_benchmark_prints_its_help(module, capsys):
         module.main(["--help"])
     assert exit_.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.once
+def test_compare_dino_versions_judges_collapse_from_the_last_epoch(tmp_path):
+    log_k = float(np.log(256))
+    cases = {  # name: (teacher_entropy, teacher_marginal_entropy) of the last epoch
+        "healthy": (3.0, 5.0),
+        "uniform": (log_k - 0.001, log_k),
+        "one_prototype": (0.1, 0.1),
+    }
+    for name, (entropy, marginal) in cases.items():
+        os.makedirs(tmp_path / name)
+        rows = ["step,epoch,teacher_entropy,teacher_kl_uniform,teacher_marginal_entropy"]
+        rows.append(f"0,1,3.0,{log_k - 3.0},5.0")  # a healthy first epoch does not count
+        rows += [f"{i},2,{entropy},{log_k - entropy},{marginal}" for i in (1, 2)]
+        (tmp_path / name / "metrics.csv").write_text("\n".join(rows) + "\n")
+    judged = {name: compare_dino_versions.collapsed(str(tmp_path / name))[:2] for name in cases}
+    assert judged == {"healthy": (False, ""), "uniform": (True, "uniform"),
+                      "one_prototype": (True, "one-prototype")}
+    row = {"method": "DINO v1", "batch": 8, "knn20": 90.0, "linear": 91.0, "seconds_per_epoch": 10.0,
+           "collapsed": True, "monitor_warned": True}
+    table = compare_dino_versions.table([row, {**row, "knn20": 80.0, "collapsed": False, "monitor_warned": False}])
+    assert "| DINO v1 | 8 | 2 | 85.0 (80.0-90.0) | 91.0 (91.0-91.0) | 10.0 | 1 of 2 | 1 of 2 |" in table
 
 
 @pytest.mark.once
