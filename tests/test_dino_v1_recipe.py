@@ -260,3 +260,27 @@ def test_fit_dino_digits_recipe_drops_the_last_layer_gradient_in_its_first_epoch
     assert np.abs(to_numpy(weight_v) - before).max() > 0  # epoch 1: it trains
     np.testing.assert_array_equal(to_numpy(head.last_layer.weight_g), 1.0)  # norm_last_layer
     assert not model.do_ibot and not model.do_koleo
+
+
+def test_pretrain_command_trains_the_v1_recipe(tmp_path, capsys):
+    import csv
+    import json
+    import os
+
+    from keras_dinov2.cli import main
+
+    run = str(tmp_path / "run")
+    assert main(["pretrain", "--recipe", "dino_digits", "--out", run, "--epochs", "2", "--steps-per-epoch", "2",
+                 "--batch-size", "4", "--knn-every", "0", "--verbose", "0"]) == 0
+    with open(os.path.join(run, "config.json")) as f:
+        optim = json.load(f)["ssl"]["optim"]
+    assert (optim["lr_scaling"], optim["clip_mode"], optim["freeze_last_layer_mode"]) == (
+        "linear_wrt_256", "per_parameter", "drop_grad")
+    with open(os.path.join(run, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert all(float(r["ibot"]) == 0 and float(r["koleo"]) == 0 for r in rows)  # DINO with centering only
+    # The linear rule: the peak lr (end of the 1-epoch warm-up) is base_lr x 4 / 256.
+    np.testing.assert_allclose(float(rows[2]["lr"]), 0.005 * 4 / 256, rtol=1e-5)
+    backbone = DINOv2Backbone.from_preset(os.path.join(run, "teacher_preset"))
+    assert backbone.get_config()["layer_scale_init"] is None
