@@ -37,10 +37,17 @@ def ids_path(folder, shard):
     return os.path.join(folder, f"shard_{shard:05d}.ids.npy")
 
 
+def temporary_file(folder):
+    """(handle, path) of a new temporary file in `folder`, readable by all as the file it will replace."""
+    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.chmod(temporary, 0o644)
+    return handle, temporary
+
+
 def save_atomic(path, array):
     """`np.save(path, array)` through a temporary file in the same folder, renamed over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    handle, temporary = temporary_file(folder)
     try:
         with os.fdopen(handle, "wb") as f:
             np.save(f, array)
@@ -54,7 +61,7 @@ def save_atomic(path, array):
 def write_json_atomic(path, value):
     """`value` as indented JSON at `path`, through a temporary file renamed over it."""
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    handle, temporary = temporary_file(folder)
     with os.fdopen(handle, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
     os.replace(temporary, path)
@@ -85,7 +92,7 @@ def write_files_table(folder, num_images, positions, paths):
     """files.csv: every pool position, its file (or ""), and whether it was read (1) or was unreadable (0)."""
     readable = np.zeros(num_images, bool)
     readable[positions] = True
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    handle, temporary = temporary_file(folder)
     with os.fdopen(handle, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["position", "path", "readable"])

@@ -100,6 +100,7 @@ def write_manifest(path, index, kept, reason, source="", paths=None, clusters=()
             writer.writerow([int(index[i]), source, file, int(kept[i]), reason[i]]
                             + [int(c[i]) for c in clusters])
         temporary = f.name
+    os.chmod(temporary, 0o644)  # a temporary file is private to its owner; the manifest is not
     os.replace(temporary, path)
 
 
