@@ -21,6 +21,7 @@ import benchmark_dedup  # noqa: E402
 import benchmark_distill  # noqa: E402
 import benchmark_distributed  # noqa: E402
 import benchmark_drop_path  # noqa: E402
+import benchmark_embed  # noqa: E402
 import benchmark_inference  # noqa: E402
 import benchmark_train_step  # noqa: E402
 import compute_ceiling  # noqa: E402
@@ -29,7 +30,8 @@ import plot_knn_curves  # noqa: E402
 from bench import cli, images, report, timing, workers  # noqa: E402
 
 BENCHMARKS = [benchmark_data, benchmark_dedup, benchmark_distill, benchmark_distributed, benchmark_drop_path,
-              benchmark_inference, benchmark_train_step, compute_ceiling, distill_digits, plot_knn_curves]
+              benchmark_embed, benchmark_inference, benchmark_train_step, compute_ceiling, distill_digits,
+              plot_knn_curves]
 
 
 @pytest.mark.once
