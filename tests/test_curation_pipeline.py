@@ -243,6 +243,14 @@ def test_embed_pool_writes_shards_and_resumes_only_what_is_missing(tmp_path, mon
     np.testing.assert_array_equal(np.load(os.path.join(out, "shard_00000.npy")), first)
     np.testing.assert_array_equal(np.load(os.path.join(out, "shard_00002.npy")), last)
     np.testing.assert_array_equal(np.asarray(resumed.embeddings), np.asarray(pool.embeddings))
+    # Two worker processes share the shards of one folder; the last to finish completes it.
+    shared = str(tmp_path / "shared")
+    assert curation.embed_pool(folder, backbone, shared, batch_size=8, shard_size=16, verbose=False,
+                               num_workers=2, worker_index=1) is None
+    assert sorted(n for n in os.listdir(shared) if n.endswith(".npy")) == ["shard_00001.ids.npy", "shard_00001.npy"]
+    both = curation.embed_pool(folder, backbone, shared, batch_size=8, shard_size=16, verbose=False,
+                               num_workers=2, worker_index=0)
+    np.testing.assert_array_equal(np.asarray(both.embeddings), np.asarray(pool.embeddings))
     # Another backbone in the same folder is refused.
     with pytest.raises(ValueError, match="another backbone"):
         curation.embed_pool(folder, tiny_backbone(seed=1), out, batch_size=8, shard_size=16, verbose=False)
