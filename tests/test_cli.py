@@ -24,7 +24,7 @@ def test_help_lists_every_command_and_the_command_starts_quietly():
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     result = subprocess.run([sys.executable, "-m", "keras_dinov2.cli", "--help"],
                             capture_output=True, text=True, check=True, env=env)
-    for command in ("pretrain", "evaluate", "export", "convert", "visualize"):
+    for command in ("pretrain", "distill", "curate", "evaluate", "export", "convert", "visualize"):
         assert command in result.stdout
     # TensorFlow's start-up lines (cuda drivers, cuInit, absl) are not shown.
     assert result.stderr == "", result.stderr

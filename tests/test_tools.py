@@ -21,6 +21,7 @@ import benchmark_dedup  # noqa: E402
 import benchmark_distill  # noqa: E402
 import benchmark_distributed  # noqa: E402
 import benchmark_drop_path  # noqa: E402
+import benchmark_embed  # noqa: E402
 import benchmark_inference  # noqa: E402
 import benchmark_train_step  # noqa: E402
 import compare_dino_versions  # noqa: E402
@@ -31,8 +32,8 @@ import reference_step_v1  # noqa: E402
 from bench import cli, images, report, timing, workers  # noqa: E402
 
 BENCHMARKS = [benchmark_data, benchmark_dedup, benchmark_distill, benchmark_distributed, benchmark_drop_path,
-              benchmark_inference, benchmark_train_step, compare_dino_versions, compute_ceiling, distill_digits,
-              plot_knn_curves, reference_step_v1]
+              benchmark_embed, benchmark_inference, benchmark_train_step, compare_dino_versions, compute_ceiling,
+              distill_digits, plot_knn_curves, reference_step_v1]
 
 
 @pytest.mark.once

@@ -1,4 +1,4 @@
-"""The `keras-dinov2` command line: pretrain, distill, evaluate, export, convert, visualize.
+"""The `keras-dinov2` command line: pretrain, distill, curate, evaluate, export, convert, visualize.
 
 The only place that turns exceptions into one-line messages and exit statuses (see `cli.errors`): the
 library raises, `main` reports.
@@ -8,6 +8,7 @@ import os
 import sys
 
 from keras_dinov2.cli.commands import COMMANDS
+from keras_dinov2.cli.curate import run_curate
 from keras_dinov2.cli.errors import DIVERGED, INTERRUPTED, USAGE_ERROR, is_user_error, one_line
 from keras_dinov2.cli.parser import build_parser
 from keras_dinov2.run import RunInterrupted, TrainingDiverged
@@ -37,7 +38,7 @@ def main(argv=None):
         )
         return USAGE_ERROR
     try:
-        return COMMANDS[args.command](args)
+        return {**COMMANDS, "curate": run_curate}[args.command](args)
     except RunInterrupted as interrupted:
         print(f"\n{interrupted}")
         return INTERRUPTED
@@ -54,7 +55,8 @@ def main(argv=None):
             from keras_dinov2.export.hub import redact_secrets
 
             message = redact_secrets(message, secrets=[os.environ.get("HF_TOKEN", "")])
-        print(f"keras-dinov2 {args.command}: error: {message}", file=sys.stderr)
+        command = args.command + (f" {args.curate_command}" if args.command == "curate" else "")
+        print(f"keras-dinov2 {command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
 
 

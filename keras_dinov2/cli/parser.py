@@ -123,6 +123,112 @@ def _add_run_flags(parser, command):
 
 
 
+def _threshold(text):
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in (0, 1], received {text!r}")
+    return value
+
+
+def _levels(text):
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"expected cluster counts like 100,10 (bottom level first), received {text!r}")
+    return tuple(levels)
+
+
+def _add_curate(commands):
+    curate = commands.add_parser(
+        "curate", help="curate an image pool: embed it, then deduplicate, decontaminate, retrieve, cluster",
+        description="Curate a pool of images as DINOv2 built LVD-142M, in two steps. `curate embed` runs every "
+                    "image through a frozen backbone (CLS token) into resumable shards; `curate select` "
+                    "deduplicates, removes images close to evaluation data, keeps the neighbours of seed "
+                    "images and samples evenly over hierarchical k-means clusters, writing manifest.csv (which "
+                    "`pretrain --data OUT` reads), report.json and two PNGs. Example: keras-dinov2 curate "
+                    "embed --data photos/ --model dinov2_vit_small14 --out emb && keras-dinov2 curate select "
+                    "--embeddings emb --dedup-threshold 0.95 --levels 1000,100 --total 50000 --out curated",
+    )
+    steps = curate.add_subparsers(dest="curate_command", metavar="STEP", required=True)
+    embed = steps.add_parser(
+        "embed", help="embed a pool into resumable shards (shard_00000.npy ...)",
+        description="Embed every image of --data with --model (resize, center crop, CLS token) into --out: "
+                    "shard_XXXXX.npy (+ .ids.npy), files.csv and embeddings.json (the backbone's identity). "
+                    "Rerunning the same command after a kill redoes only the missing shards. Unreadable files "
+                    "are skipped and listed in files.csv.",
+    )
+    embed.add_argument("--data", required=True,
+                       help="the pool: an image FOLDER, a .txt file listing image files, tfds:NAME[:SPLIT], "
+                            "digits[:SPLIT] or a manifest")
+    embed.add_argument("--model", required=True,
+                       help="backbone: preset name, preset folder, run directory or hf:// URI")
+    embed.add_argument("--random-weights", action="store_true",
+                       help="a built-in architecture with seeded random weights (to try the command offline)")
+    embed.add_argument("--out", required=True, help="embedding folder to write (or to resume)")
+    embed.add_argument("--batch-size", type=_integer(1), default=64, help="images per forward pass (default 64)")
+    embed.add_argument("--shard-size", type=_integer(1), default=65536,
+                       help="images per shard, the unit of resumption (default 65536)")
+    embed.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                       help="dtype on disk (default float16)")
+    embed.add_argument("--image-size", type=_integer(1), default=None,
+                       help="crop side in pixels (default: the backbone's image_size)")
+    embed.add_argument("--distribution", choices=["auto", "none", "data"], default="auto",
+                       help="jax: split every batch over all devices (data); auto: data when several devices "
+                            "are visible. Other backends: one device per process, see --num-workers")
+    embed.add_argument("--num-workers", type=_integer(1), default=1,
+                       help="processes embedding this pool into --out together (default 1)")
+    embed.add_argument("--worker-index", type=_integer(0), default=0,
+                       help="this process's index in [0, --num-workers): it takes shards s with "
+                            "s %% num_workers == index (default 0)")
+    embed.add_argument("--max-image-pixels", type=_max_image_pixels, default=89_478_485, help=MAX_IMAGE_PIXELS_HELP)
+    embed.add_argument("--verbose", type=int, choices=[0, 1], default=1, help="progress bar (default 1)")
+    select = steps.add_parser(
+        "select", help="deduplicate, decontaminate, retrieve and sample; write manifest.csv and a report",
+        description="Run the curation steps on the embeddings of `curate embed`, each on what the earlier ones "
+                    "kept: --dedup-threshold, --eval-data, --seeds with --k, --levels with --per-cluster or "
+                    "--total. Writes --out/manifest.csv (every pool image: kept 0/1, reason, cluster per "
+                    "level), report.json (images left after each step), cluster_sizes.png and "
+                    "cluster_members.png. --eval-data and --seeds take an embedding folder, or data that is "
+                    "then embedded with the pool's backbone (reloaded from its recorded name and checked "
+                    "against its fingerprint).",
+    )
+    select.add_argument("--embeddings", required=True, help="embedding folder of the pool (curate embed --out)")
+    select.add_argument("--out", required=True, help="folder for manifest.csv and the report")
+    select.add_argument("--dedup-threshold", type=_threshold, default=None,
+                        help="cosine similarity of near-copies; one image per group is kept (default: no "
+                             "deduplication; about 0.9-0.95 for DINOv2 embeddings)")
+    select.add_argument("--eval-data", default=None,
+                        help="evaluation images to stay away from: an embedding folder or a data spec")
+    select.add_argument("--decontamination-threshold", type=_threshold, default=0.95,
+                        help="pool images this similar to an evaluation image go, with their near-copies "
+                             "(default 0.95)")
+    select.add_argument("--seeds", default=None,
+                        help="seed images (an embedding folder or a data spec): keep the --k nearest pool "
+                             "images of each")
+    select.add_argument("--k", type=_integer(1), default=4, help="neighbours per seed image (default 4)")
+    select.add_argument("--levels", type=_levels, default=None,
+                        help="hierarchical k-means clusters per level, bottom first, e.g. 100,10")
+    budget = select.add_mutually_exclusive_group()
+    budget.add_argument("--per-cluster", type=_integer(1), default=None,
+                        help="with --levels: images kept per top-level cluster")
+    budget.add_argument("--total", type=_integer(1), default=None,
+                        help="with --levels: images kept in all, balanced over the clusters")
+    select.add_argument("--index", default="flat",
+                        help="faiss index of the searches: flat (exact), ivf, or a factory string such as "
+                             "IVF4096,PQ32 (default flat)")
+    select.add_argument("--model", default=None,
+                        help="backbone to embed --eval-data / --seeds specs with (default: the pool's "
+                             "recorded one); it must match the pool's fingerprint")
+    select.add_argument("--random-weights", action="store_true",
+                        help="the pool was embedded with --random-weights")
+    select.add_argument("--batch-size", type=_integer(1), default=64,
+                        help="images per forward pass when embedding --eval-data / --seeds (default 64)")
+    select.add_argument("--seed", type=_integer(0), default=0, help="seed of k-means and sampling (default 0)")
+    select.add_argument("--verbose", type=int, choices=[0, 1], default=1, help="progress bars (default 1)")
+
+
 def build_parser():
     """The `keras-dinov2` parser: one subparser per command (`args.command` is None when none is given)."""
     parser = _Parser(
@@ -309,4 +415,5 @@ def build_parser():
     visualize.add_argument("--random-weights", action="store_true",
                            help="with a built-in preset name: random weights instead of the "
                                 "official download (to try the command offline)")
+    _add_curate(commands)
     return parser

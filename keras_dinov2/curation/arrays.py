@@ -18,7 +18,8 @@ SIMILARITY_TOLERANCE = 1e-5
 
 
 def check_embeddings(name, embeddings):
-    """`embeddings` checked to be a non-empty 2-D float array; a memory map stays a memory map (nothing is read).
+    """`embeddings` checked to be a non-empty 2-D float array; a memory map stays a memory map, and a lazy view
+    (`keras_dinov2.curation.views`: shards end to end, a subset of rows) stays a view (nothing is read).
 
     Args:
         name: str. The argument's name, for the error message.
@@ -31,7 +32,7 @@ def check_embeddings(name, embeddings):
     >>> check_embeddings("pool", np.load("pool.npy", mmap_mode="r")).shape
     (1000000, 384)
     """
-    if not isinstance(embeddings, np.ndarray):
+    if not isinstance(embeddings, np.ndarray) and not getattr(embeddings, "lazy_rows", False):
         if hasattr(embeddings, "detach") and hasattr(embeddings, "cpu"):  # a torch tensor, possibly on a GPU
             embeddings = embeddings.detach().cpu()
         embeddings = np.asarray(embeddings)
@@ -113,7 +114,7 @@ def random_rows(num_rows, size, rng):
 class Progress:
     """A progress bar over rows when `verbose` (tqdm if installed, else keras.utils.Progbar); silent otherwise."""
 
-    def __init__(self, total, verbose, description):
+    def __init__(self, total, verbose, description, unit="row"):
         self.bar, self.done, self.total = None, 0, total
         if not verbose:
             return
@@ -122,10 +123,10 @@ class Progress:
         except ImportError:
             import keras
 
-            self.bar = keras.utils.Progbar(total, unit_name="row")
+            self.bar = keras.utils.Progbar(total, unit_name=unit)
             self.kind = "keras"
         else:
-            self.bar = tqdm(total=total, desc=description, unit="row")
+            self.bar = tqdm(total=total, desc=description, unit=unit)
             self.kind = "tqdm"
 
     def update(self, rows):

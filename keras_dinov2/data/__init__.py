@@ -27,13 +27,14 @@ from keras_dinov2.data.batch import (
     batch_spec,
     check_batch,
 )
-from keras_dinov2.data.eval_pipeline import eval_dataset
-from keras_dinov2.data.folder import IMAGE_EXTENSIONS, image_folder_source
+from keras_dinov2.data.eval_pipeline import eval_dataset, pool_dataset
+from keras_dinov2.data.folder import IMAGE_EXTENSIONS, file_list_source, image_folder_source
 from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS, image_header_size
 from keras_dinov2.data.image_source import ImageSource
+from keras_dinov2.data.manifest import MANIFEST_FILE, MANIFEST_SUFFIX, manifest_path, read_manifest, write_manifest
 from keras_dinov2.data.masking import block_masks, mask_buffer_size, mask_strata, sample_masks
 from keras_dinov2.data.pipeline import group_micro_batches, multicrop_dataset
-from keras_dinov2.data.sources import get_source
+from keras_dinov2.data.sources import get_source, manifest_source
 from keras_dinov2.data.tfds import tfds_source
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "MASK_INDICES",
     "N_MASKED_PATCHES",
     "IMAGE_EXTENSIONS",
+    "MANIFEST_FILE",
+    "MANIFEST_SUFFIX",
     "ImageSource",
     "MultiCropAugmentation",
     "array_source",
@@ -55,19 +58,25 @@ __all__ = [
     "color_jitter",
     "digits_source",
     "eval_dataset",
+    "file_list_source",
     "gaussian_blur",
     "group_micro_batches",
     "get_source",
     "image_folder_source",
     "image_header_size",
+    "manifest_path",
+    "manifest_source",
     "mask_buffer_size",
     "mask_strata",
     "multicrop_dataset",
     "normalize",
+    "pool_dataset",
     "random_resized_crop",
+    "read_manifest",
     "sample_masks",
     "solarize",
     "split_source",
     "tfds_source",
     "to_grayscale",
+    "write_manifest",
 ]

@@ -1,4 +1,6 @@
-"""The evaluation pipeline: labelled batches of resized, center-cropped, normalized images, in stored order."""
+"""The evaluation pipelines: batches of resized, center-cropped, normalized images in stored order, labelled
+(`eval_dataset`, for k-NN and linear probes) or with their positions in the source (`pool_dataset`, for
+embedding a curation pool, labelled or not)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 from keras_dinov2.data.skipping import SkipLog, decode_skipping, report_at_end
 from keras_dinov2.data.sources import get_source
 
-__all__ = ["eval_dataset", "resize_center_crop"]
+__all__ = ["eval_dataset", "pool_dataset", "resize_center_crop"]
 
 # Our map functions have no Python control flow on tensors: skipping AutoGraph saves tracing time.
 _plain = tf.autograph.experimental.do_not_convert
@@ -117,3 +119,71 @@ def eval_dataset(
         ds = ds.map(_plain(src.decode))
     ds = ds.map(_plain(prepare), num_parallel_calls=num_parallel_calls, deterministic=True)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def pool_dataset(
+    source,
+    image_size: int,
+    batch_size: int,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    resize_size: int | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    interpolation: str = "bicubic",
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> tf.data.Dataset:
+    """Batches of (images, positions) of the images `start` .. `stop` - 1 of a source, transformed as `eval_dataset`.
+
+    Labels are not needed: a curation pool is usually unlabelled. An image that cannot be decoded is left out (and
+    named in a warning at the end of the pass), so the positions (int64, the image's index in the source's stored
+    order) say which images each row of features belongs to, and the missing ones are the unreadable ones.
+
+    Args:
+        source: str, path-like, list of files, NumPy array or ImageSource (see `get_source`).
+        image_size: int. Side of the output images.
+        batch_size: int. Images per batch (the last one may be smaller).
+        start: int, default 0. First position read.
+        stop: int or None, default None (the end of the source). Position after the last one read.
+        resize_size, mean, std, interpolation, num_parallel_calls, max_image_pixels: as `eval_dataset`.
+
+    Returns:
+        `tf.data.Dataset` of (float32 (B, S, S, 3), int64 (B,)).
+
+    Example:
+        >>> images, positions = next(iter(pool_dataset("digits", 32, 64, start=64)))
+        >>> positions[:3].numpy()
+        array([64, 65, 66])
+    """
+    image_size = check_positive_int("image_size", image_size)
+    batch_size = check_positive_int("batch_size", batch_size)
+    resize_size = check_positive_int("resize_size", resize_size or int(image_size * 256 / 224))
+    src = get_source(source, max_image_pixels=max_image_pixels)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an integer >= 0; received {start!r}.")
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < start):
+        raise ValueError(f"stop must be None or an integer >= start ({start}); received {stop!r}.")
+    if src.random_access:
+        stop = src.num_examples if stop is None else min(stop, src.num_examples)
+        positions = tf.data.Dataset.range(start, max(stop, start))
+        records = positions.map(_plain(lambda i: (src.read(i), i)))
+    else:
+        records = src.stream().skip(start)
+        records = records.take(stop - start) if stop is not None else records
+        records = records.enumerate(start).map(_plain(lambda i, record: (record, i)))
+
+    def prepare(image, position):
+        image = resize_center_crop(image, resize_size, image_size, interpolation)
+        return normalize(image, mean, std), position
+
+    if src.can_fail:
+        log = SkipLog(src.name, refilled=False, explain=src.explain)
+        pass_id = tf.constant(start, tf.int64)
+        ds = decode_skipping(src, records, log, pass_id, num_parallel_calls, True)
+        ds = report_at_end(ds.map(_plain(lambda image, label, position: (image, position))), log, pass_id)
+    else:
+        ds = records.map(_plain(lambda record, position: (src.decode(record)[0], position)))
+    ds = ds.map(_plain(prepare), num_parallel_calls=num_parallel_calls, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

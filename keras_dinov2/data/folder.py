@@ -12,7 +12,7 @@ from keras_dinov2.data.decoding import decode_image_file, explain_image_size
 from keras_dinov2.data.image_headers import DEFAULT_MAX_IMAGE_PIXELS
 from keras_dinov2.data.image_source import ImageSource, tensorflow_for_input_only
 
-__all__ = ["IMAGE_EXTENSIONS", "image_folder_source"]
+__all__ = ["IMAGE_EXTENSIONS", "file_list_source", "files_source", "image_folder_source"]
 
 # What `tf.io.decode_image` reads (GIF: first frame).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -75,7 +75,13 @@ def image_folder_source(
         class_names = sorted({p[0] for p in parts})
         lookup = {name: i for i, name in enumerate(class_names)}
         labels = np.array([lookup[p[0]] for p in parts], np.int32)
-    path_table = tf.constant(paths)
+    return files_source(f"image folder {root}", paths, labels, class_names, max_image_pixels)
+
+
+def files_source(name, paths, labels=None, class_names=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """A random-access source over image files `paths` (with int `labels`, or unlabelled), read and decoded in
+    the pipeline; a file that cannot be decoded is skipped and named by its path (`ImageSource.describe`)."""
+    path_table = tf.constant(list(paths))
     label_table = tf.constant(labels if labels is not None else np.full(len(paths), -1, np.int32))
 
     def read(index):
@@ -85,7 +91,7 @@ def image_folder_source(
         return decode_image_file(record["path"], max_image_pixels), record["label"]
 
     return ImageSource(
-        f"image folder {root}",
+        name,
         len(paths),
         read=read,
         decode=decode,
@@ -93,4 +99,30 @@ def image_folder_source(
         class_names=class_names,
         describe=lambda record: record["path"],
         explain=explain_image_size(max_image_pixels),
+        paths=paths,
     )
+
+
+def file_list_source(paths, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
+    """Read the image files `paths` in the given order, unlabelled: a pool assembled from anywhere.
+
+    The files are not opened here: one that is missing or cannot be decoded is skipped by the pipelines and
+    named, as in a folder.
+
+    Args:
+        paths: non-empty sequence of str or path-like. Image files (any format `tf.io.decode_image` reads).
+        max_image_pixels: int or None, default 89,478,485 (PIL's limit). Largest width * height decoded.
+
+    Example:
+        >>> file_list_source(["/data/a.jpg", "/data/b.png"]).num_examples  # doctest: +SKIP
+        2
+    """
+    tensorflow_for_input_only()
+    max_image_pixels = check_max_image_pixels(max_image_pixels)
+    if isinstance(paths, (str, os.PathLike)) or not hasattr(paths, "__len__") or len(paths) == 0:
+        raise ValueError(f"paths must be a non-empty list of image files; received {paths!r}.")
+    try:
+        paths = [os.fspath(path) for path in paths]
+    except TypeError:
+        raise ValueError(f"paths must hold str or path-like file names; received {paths!r}.") from None
+    return files_source(f"file list ({len(paths)} files)", paths, max_image_pixels=max_image_pixels)

@@ -56,6 +56,8 @@ class ImageSource:
             record whose image cannot be decoded, and report it by this name. None: decoding cannot fail.
         explain: callable or None, default None. name (str, from `describe`) -> a short note on why that record
             was skipped ("" when unknown), added to the pipelines' report; Python, called only for failures.
+        paths: sequence of str or None, default None. The file of each example, by index, for sources read from
+            files (folders, file lists, manifests); curation lists them next to the embeddings.
 
     Example:
         >>> src = array_source(np.zeros([4, 8, 8], np.uint8))
@@ -75,6 +77,7 @@ class ImageSource:
         class_names=None,
         describe=None,
         explain=None,
+        paths=None,
     ):
         if (read is None) == (stream is None):
             raise ValueError("ImageSource needs exactly one of `read` (random access) or `stream`.")
@@ -87,6 +90,7 @@ class ImageSource:
         self.class_names = None if class_names is None else tuple(class_names)
         self._describe = describe
         self._explain = explain
+        self.paths = None if paths is None else tuple(paths)
 
     def __repr__(self):
         return f"ImageSource({self.name!r}, num_examples={self.num_examples}, num_classes={self.num_classes})"
