@@ -381,3 +381,74 @@ def test_jax_data_parallel_embedding_matches_one_device(tmp_path):
     assert report["devices"] == 4 and report["replicas"] == 4 and report["sharded_over"] == 4
     assert report["same_identity"] and report["rows"] == 450
     assert report["max_diff"] < 1e-4, report
+
+
+PROOF_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                          "curation_digits_proof.py")
+
+
+def load_proof_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("curation_digits_proof", PROOF_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.once
+def test_curation_proof_tool_plants_what_its_truth_file_says(tmp_path, capsys):
+    import collections
+    import csv
+
+    tool = load_proof_tool()
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--help"])
+    assert exit_.value.code == 0 and "--embed-model" in capsys.readouterr().out
+    out = str(tmp_path / "proof")
+    sizes = dict(copy_sources=3, copies=12, other=9, leaked=5, seed_images=10, seed=0)
+    tool.build_pool(out, **sizes)
+    with open(os.path.join(out, "pool_truth.csv"), newline="") as f:
+        truth = list(csv.DictReader(f))
+    assert sorted(os.listdir(os.path.join(out, "pool"))) == sorted(row["file"] for row in truth)
+    assert collections.Counter(row["kind"] for row in truth) == {"digit": 1347, "copy": 12, "noise": 3, "shape": 3,
+                                                                 "photo": 3, "leaked": 5}
+    train, test = digit_images("train"), digit_images("test")
+
+    def image(row, folder="pool"):
+        picture = np.asarray(Image.open(os.path.join(out, folder, row["file"])))
+        assert picture.shape == (32, 32, 3) and picture.dtype == np.uint8  # what the digits pipeline serves
+        return picture
+
+    by_kind = collections.defaultdict(list)
+    for row in truth:
+        by_kind[row["kind"]].append(row)
+    # The training split whole, each digit once; no held-out digit except the planted ones.
+    assert sorted(int(row["source"]) for row in by_kind["digit"]) == list(range(len(train)))
+    for row in by_kind["digit"][::50]:
+        np.testing.assert_array_equal(image(row), train[int(row["source"])])
+    # The contamination: exact copies of distinct held-out digits.
+    leaked = [int(row["source"]) for row in by_kind["leaked"]]
+    assert len(set(leaked)) == 5
+    for row in by_kind["leaked"]:
+        np.testing.assert_array_equal(image(row), test[int(row["source"])])
+    # The copies: three sources, four copies each; the exact ones equal their source.
+    assert sorted(collections.Counter(row["source"] for row in by_kind["copy"]).values()) == [4, 4, 4]
+    for row in by_kind["copy"]:
+        copy = image(row)
+        if row["detail"] == "exact":
+            np.testing.assert_array_equal(copy, train[int(row["source"])])
+    for row in by_kind["noise"] + by_kind["shape"] + by_kind["photo"]:
+        image(row)
+    # The order is shuffled: the planted images are not all at the end.
+    assert min(i for i, row in enumerate(truth) if row["kind"] != "digit") < len(truth) - 21
+    # The seeds: one training digit of each class.
+    seeds = sorted(os.listdir(os.path.join(out, "seeds")))
+    labels = digits_source("train").labels
+    assert len(seeds) == 10 and sorted(labels[int(name[len("seed_train"):-4])] for name in seeds) == list(range(10))
+    # Built once per folder: the same sizes reuse it, other sizes are refused.
+    stamp = os.stat(os.path.join(out, "pool_truth.csv")).st_mtime_ns
+    tool.build_pool(out, **sizes)
+    assert os.stat(os.path.join(out, "pool_truth.csv")).st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="pass another --out"):
+        tool.build_pool(out, **{**sizes, "copies": 13})

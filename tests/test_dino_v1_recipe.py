@@ -284,3 +284,19 @@ def test_pretrain_command_trains_the_v1_recipe(tmp_path, capsys):
     np.testing.assert_allclose(float(rows[2]["lr"]), 0.005 * 4 / 256, rtol=1e-5)
     backbone = DINOv2Backbone.from_preset(os.path.join(run, "teacher_preset"))
     assert backbone.get_config()["layer_scale_init"] is None
+
+
+@pytest.mark.once
+@pytest.mark.parametrize("recipe, data, model", [
+    ("digits", "/data/pool", "dinov2_vit_tiny4"), ("dino_digits", "/data/pool", "dinov2_vit_tiny4"),
+    ("dino", "/data/pool", "dino_vit_small16"), (None, "/data/pool", "dinov2_vit_small14"),
+    ("dino", "digits", "dinov2_vit_tiny4")])
+def test_pretrain_default_model_fits_the_recipe(tmp_path, recipe, data, model):
+    # A digits recipe (patch 4, 24 px crops) on a folder or a manifest trains the tiny ViT, not ViT-S/14.
+    from keras_dinov2.cli.parser import build_parser
+    from keras_dinov2.run.directory import RunDirectory
+    from keras_dinov2.run.resume import resolve_config
+
+    flags = ["pretrain", "--data", data, "--out", str(tmp_path)] + (["--recipe", recipe] if recipe else [])
+    args = build_parser().parse_args(flags)
+    assert resolve_config(args, RunDirectory(str(tmp_path)))[1] == model

@@ -252,7 +252,8 @@ def build_parser():
                           help="architecture preset (e.g. dinov2_vit_small14) or preset folder; "
                                "a folder exported with `export --heads` also restores its heads "
                                "and centers (their sizes replace the recipe's) to continue "
-                               "pretraining; default dinov2_vit_tiny4 for digits, "
+                               "pretraining; default dinov2_vit_tiny4 for digits or the digits "
+                               "recipes, dino_vit_small16 for the other dino recipes, "
                                "dinov2_vit_small14 otherwise")
     _add_run_flags(pretrain, "pretrain")
     pretrain.add_argument("--drop-path", type=float, default=None, dest="drop_path_rate",

@@ -151,7 +151,9 @@ def select_pool(pool, *, dedup_threshold=None, eval_embeddings=None, decontamina
         counts["after_decontamination"] = int(alive.sum())
     live = np.flatnonzero(alive)
     if not len(live):
-        raise ValueError("no pool image is left after deduplication and decontamination; lower the thresholds.")
+        raise ValueError("no pool image is left after deduplication and decontamination; raise --dedup-threshold / "
+                         "--decontamination-threshold (fewer pairs count as copies), or check that the embedding "
+                         "backbone tells the images apart (an untrained one gives every image the same features).")
     if "seed" in others:
         found = retrieve(RowSubset(rows, live), others["seed"].embeddings, k=min(k, len(live)), index=index,
                          seed=seed, verbose=verbose)

@@ -174,9 +174,11 @@ def resolve_config(args, run):
     data = _data_default(args)
     recipe = args.recipe or ("digits" if data == "digits" else "reference_default")
     config = apply_flags(SSLConfig.recipe(recipe), args)
-    # DINO v1's recipes (patch 16) train its ViT-S/16 unless the data are the digits.
+    # The digits recipes (patch 4, 24 px crops) train the tiny ViT on any data; DINO v1's other recipes (patch
+    # 16) its ViT-S/16.
     default = "dino_vit_small16" if recipe.startswith("dino") else "dinov2_vit_small14"
-    model = args.model or ("dinov2_vit_tiny4" if data == "digits" else default)
+    small_crops = data == "digits" or config.model.patch_size == 4
+    model = args.model or ("dinov2_vit_tiny4" if small_crops else default)
     return config, model, data, recipe, None
 
 
