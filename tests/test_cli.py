@@ -149,6 +149,8 @@ def test_evaluate_and_export_errors_are_one_line(tmp_path, capsys):
     assert_short_error(capsys, ["evaluate", "--preset", "dinov2_vit_tiny"], "did you mean dinov2_vit_tiny4")
     assert_short_error(capsys, ["evaluate", "--preset", "dinov2_vit_tiny4", "--batch-size", "0"],
                        "--batch-size")
+    assert_short_error(capsys, ["evaluate", "--preset", "dinov2_vit_tiny4", "--linear-lrs", "0.1,-1"],
+                       "--linear-lrs")
     assert_short_error(capsys, ["export", "--preset", "no_such_model", "--out", str(tmp_path / "x")],
                        "'no_such_model'")
     assert_short_error(capsys, ["export", "--run", str(tmp_path / "no_run"), "--out", str(tmp_path / "x")],
@@ -271,7 +273,7 @@ def test_pretrain_writes_a_run_directory_and_resumes_exactly(tmp_path, capsys, m
 
     # The run directory evaluates directly (its teacher_preset/), with the random-init comparison.
     report = str(tmp_path / "eval.json")
-    assert main(["evaluate", "--preset", run, "--linear", "--linear-epochs", "2",
+    assert main(["evaluate", "--preset", run, "--linear", "--linear-epochs", "2", "--linear-lrs", "0.01,1",
                  "--output", report]) == 0
     out = capsys.readouterr().out
     assert "k-NN k=20" in out and "random init" in out and "linear" in out
@@ -282,6 +284,7 @@ def test_pretrain_writes_a_run_directory_and_resumes_exactly(tmp_path, capsys, m
     assert set(result["knn"]) == {"10", "20", "100", "200"}
     assert result["num_train"] == 1347 and result["num_test"] == 450
     assert 0.0 <= result["linear"]["accuracy"] <= 100.0 and "knn" in result["random_init"]
+    assert set(result["linear"]["accuracies"]) == {"0.01", "1.0"}  # --linear-lrs is the probe's grid
 
 
 def test_convert_transformers_folder_to_preset(tmp_path, capsys):

@@ -69,7 +69,8 @@ def run_evaluate(args):
     result = evaluate_backbone(
         backbone, data=args.data, image_size=args.image_size, features=args.features,
         n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, linear=args.linear,
-        linear_epochs=args.linear_epochs, compare_random_init=not args.no_random_init,
+        linear_epochs=args.linear_epochs, linear_learning_rates=args.linear_lrs,
+        compare_random_init=not args.no_random_init,
         batch_size=args.batch_size, train_split=args.train_split, test_split=args.test_split,
         max_image_pixels=args.max_image_pixels,
     )

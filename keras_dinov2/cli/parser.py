@@ -46,6 +46,13 @@ def _positive_float(text):
     return value
 
 
+def _positive_floats(text):
+    values = [_positive_float(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, received {text!r}")
+    return tuple(values)
+
+
 def _non_negative_float(text):
     try:
         value = float(text)
@@ -328,6 +335,10 @@ def build_parser():
     evaluate.add_argument("--linear", action="store_true", help="also train a linear probe")
     evaluate.add_argument("--linear-epochs", type=_integer(1), default=100,
                           help="linear probe epochs (default 100)")
+    evaluate.add_argument("--linear-lrs", type=_positive_floats, default=None, metavar="LR,LR,...",
+                          help="linear probe learning rates for batch 256, one classifier each, the best "
+                               "reported (default 0.001,0.003,0.01,0.03,0.1); widen it when the best is "
+                               "at an end of the grid")
     evaluate.add_argument("--no-random-init", action="store_true",
                           help="skip the randomly initialized comparison backbone")
     evaluate.add_argument("--batch-size", type=_integer(1), default=256, help="images per batch (default 256)")

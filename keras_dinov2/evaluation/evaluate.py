@@ -42,7 +42,8 @@ def evaluate_digits(backbone, image_size=32, ks=DEFAULT_KS, temperature=0.07, ba
 
 
 def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, temperature=0.07, features="cls",
-                      n_last_blocks=1, avgpool=False, linear=False, linear_epochs=100, compare_random_init=True,
+                      n_last_blocks=1, avgpool=False, linear=False, linear_epochs=100, linear_learning_rates=None,
+                      compare_random_init=True,
                       batch_size=256, train_split=None, test_split=None, dtype="float32", verbose=True,
                       max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """k-NN (and optionally a linear probe) of a frozen backbone on labelled data, next to a random init.
@@ -56,6 +57,7 @@ def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, t
             the reference's linear features (CLS of the last 4 blocks, or all blocks if fewer, plus the mean patch).
         linear: bool, default False. Also run `linear_probe`.
         linear_epochs: int, default 100.
+        linear_learning_rates: sequence of float or None, default None: `linear_probe`'s grid.
         compare_random_init: bool, default True. Evaluate `random_init_backbone(backbone)` (seed 0) too.
         batch_size: int, default 256.
         train_split, test_split: optional split names, see `labelled_splits`.
@@ -88,8 +90,9 @@ def evaluate_backbone(backbone, data="digits", image_size=None, ks=DEFAULT_KS, t
             lin = feature_model(model, n_last_blocks=linear_blocks, avgpool=True)
             train_x, train_y = extract_features(lin, train, verbose=verbose)
             test_x, test_y = extract_features(lin, test, verbose=verbose)
+            grid = {} if linear_learning_rates is None else {"learning_rates": tuple(linear_learning_rates)}
             out["linear"] = linear_probe(train_x, train_y, test_x, test_y, epochs=linear_epochs,
-                                         num_classes=num_classes)
+                                         num_classes=num_classes, **grid)
         return out
 
     result = run(backbone)
