@@ -82,11 +82,12 @@ def one_run(recipe, batch, seed, epochs, out, env):
             "monitor_warned": warned}
 
 
-def evaluate(run_dir, log_path, env):
+def evaluate(run_dir, log_path, env, random_init=True):
     """`keras-dinov2 evaluate --linear` of a run into RUN/eval.json; returns its result."""
     eval_json = os.path.join(run_dir, "eval.json")
+    flags = [] if random_init else ["--no-random-init"]
     run([sys.executable, "-m", "keras_dinov2.cli", "evaluate", "--preset", run_dir, "--linear", "--linear-lrs",
-         LINEAR_LRS, "--output", eval_json], log_path, env)
+         LINEAR_LRS, "--output", eval_json] + flags, log_path, env)
     with open(eval_json) as f:
         return json.load(f)
 
@@ -146,7 +147,8 @@ def main(argv=None):
         env.setdefault("KERAS_BACKEND", "jax")
         for row in rows:
             name = f"{row['recipe']}_b{row['batch']}_s{row['seed']}"
-            evaluation = evaluate(os.path.join(args.out, name), os.path.join(args.out, f"{name}.eval.log"), env)
+            evaluation = evaluate(os.path.join(args.out, name), os.path.join(args.out, f"{name}.eval.log"), env,
+                                  random_init=False)  # the row keeps its random-init k-NN
             row.update(knn20=round(_knn20(evaluation), 2), linear=round(_linear(evaluation), 2),
                        linear_lr=evaluation["linear"]["learning_rate"])
             print(json.dumps(row), flush=True)
