@@ -411,10 +411,10 @@ def summarize(diffs):
     return worst
 
 
-def format_differences(worst, float32_error=None):
+def format_differences(worst, float32_error=None, quantities=None):
     float32_error = float32_error or {}
     lines = [f"  {'quantity':<22}{'ours vs ref':>12}{'ref f32/f64':>13}  worst at"]
-    for quantity in QUANTITIES:
+    for quantity in QUANTITIES if quantities is None else quantities:
         if quantity in worst:
             value, where = worst[quantity]
             own = float32_error.get(quantity)
@@ -1011,6 +1011,21 @@ def _reference_commit(folder):
 
 
 # ------------------------------------------------------------------------- command line
+# Shared with tools/reference_step_v1.py: a tool is a module with DESCRIPTION, HELP_EPILOG, CONFIGS, DESCRIPTIONS,
+# QUANTITIES, REFERENCE_NAME (the repository), REFERENCE_MARKER (a file a checkout holds), SEED_HELP,
+# check_reference_src(folder) -> error message or None, run_reference, replay and differences.
+
+DESCRIPTION = "Compare training steps of keras_dinov2 with the official DINOv2 code."
+REFERENCE_NAME = "facebookresearch/dinov2"
+REFERENCE_MARKER = os.path.join("dinov2", "train", "ssl_meta_arch.py")
+SEED_HELP = "weights, crops and masks. Default: 0."
+
+
+def check_reference_src(folder):
+    """None when `folder` looks like a checkout of the tool's reference, else what is wrong."""
+    if not os.path.isfile(os.path.join(folder, REFERENCE_MARKER)):
+        return f"{folder} holds no {REFERENCE_MARKER} (expected a checkout of {REFERENCE_NAME})."
+    return None
 
 
 def replay(path):
@@ -1027,11 +1042,12 @@ def over_tolerance(record, diffs):
 
 
 def _replay_worker(spec):
-    """Worker body: our side on this process's backend against a record file."""
+    """Worker body: our side on this process's backend against a record file (`spec["tool"]`'s replay)."""
     sys.path.insert(0, REPO_ROOT)
     import keras
 
-    record, ours, diffs = replay(spec["record"])
+    tool = _load_tool(spec["tool"])
+    record, ours, diffs = tool.replay(spec["record"])
     return {
         "backend": keras.backend.backend(),
         "worst": {k: list(v) for k, v in summarize(diffs).items()},
@@ -1040,30 +1056,35 @@ def _replay_worker(spec):
     }
 
 
+def _load_tool(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    return sys.modules.get(name) or importlib.import_module(name)
+
+
 def _float32_error_summary(record):
     errors = {k[len("float32_error/"):]: float(v) for k, v in record.items()
               if k.startswith("float32_error/")}
     return summarize(errors)
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Compare training steps of keras_dinov2 with the official DINOv2 code.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def parse_args(argv, tool=None):
+    tool = tool or sys.modules[__name__]
+    names = ", ".join(tool.CONFIGS)
+    parser = argparse.ArgumentParser(description=tool.DESCRIPTION, epilog=tool.HELP_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-src", metavar="DIR",
-                        help="a checkout of facebookresearch/dinov2 (the folder holding dinov2/).")
+                        help=f"a checkout of {tool.REFERENCE_NAME} (the folder holding "
+                        f"{tool.REFERENCE_MARKER}).")
     parser.add_argument("--replay", metavar="NPZ",
                         help="compare the active backend (KERAS_BACKEND) against a stored record "
                         "instead of running the reference.")
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated, of {', '.join(CONFIGS)}. Default: both.")
+    parser.add_argument("--configs", default=",".join(tool.CONFIGS),
+                        help=f"comma-separated, of {names}. Default: all.")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated Keras backends to compare, each in its own "
                         "process. Default: jax,tensorflow,torch.")
     parser.add_argument("--steps", type=int, default=3, help="training steps. Default: 3.")
-    parser.add_argument("--seed", type=int, default=0, help="weights, crops and masks. Default: 0.")
+    parser.add_argument("--seed", type=int, default=0, help=tool.SEED_HELP)
     parser.add_argument("--write-fixtures", metavar="DIR",
                         help="also write DIR/<config>.npz (last step's parameters only).")
     parser.add_argument("--json", metavar="FILE", help="write the differences as JSON.")
@@ -1077,8 +1098,8 @@ def parse_args(argv):
         parser.error("give exactly one of --reference-src DIR and --replay NPZ.")
     args.configs = [c for c in args.configs.split(",") if c]
     for name in args.configs:
-        if name not in CONFIGS:
-            parser.error(f"--configs: unknown configuration {name!r}; known: {', '.join(CONFIGS)}.")
+        if name not in tool.CONFIGS:
+            parser.error(f"--configs: unknown configuration {name!r}; known: {names}.")
     args.backends = [b for b in args.backends.split(",") if b]
     for backend in args.backends:
         if backend not in BACKENDS:
@@ -1089,11 +1110,9 @@ def parse_args(argv):
         parser.error("--write-fixtures needs --reference-src.")
     if args.reference_src:
         args.reference_src = os.path.abspath(os.path.expanduser(args.reference_src))
-        if not os.path.isfile(os.path.join(args.reference_src, "dinov2", "train",
-                                           "ssl_meta_arch.py")):
-            parser.error(f"--reference-src: {args.reference_src} holds no "
-                         "dinov2/train/ssl_meta_arch.py (expected a checkout of "
-                         "facebookresearch/dinov2).")
+        problem = tool.check_reference_src(args.reference_src)
+        if problem:
+            parser.error(f"--reference-src: {problem}")
     if args.replay and not os.path.isfile(args.replay):
         parser.error(f"--replay: no file {args.replay}.")
     return args
@@ -1104,42 +1123,50 @@ def _print_over(over):
         print(f"    OVER TOLERANCE {key}: {value:.2e} > {bound:.2e}")
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def _replay_and_print(tool, args):
+    sys.path.insert(0, REPO_ROOT)
+    import keras
+
+    record, ours, diffs = tool.replay(args.replay)
+    meta = record["meta"]
+    label = tool.REFERENCE_NAME.split("/")[-1]
+    print(f"{args.replay}: {meta['config']} ({meta['description']}), {meta['steps']} steps, "
+          f"keras_dinov2 on {keras.backend.backend()} against {label} "
+          f"{meta.get('reference_commit') or '?'} (float32)")
+    print(format_differences(summarize(diffs), _float32_error_summary(record), tool.QUANTITIES))
+    drift = key_bias_drift(ours)
+    print(f"  {'key bias drift':<22}{drift:>12.1e}{key_bias_drift(record):>13.1e}  "
+          "(not a difference: max key-bias move / summed lr, ours and the reference)")
+    over = over_tolerance(record, diffs)
+    if drift > KEY_BIAS_DRIFT_BOUND:
+        over["key_bias_drift"] = (drift, KEY_BIAS_DRIFT_BOUND)
+    _print_over(over)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"differences": diffs, "over": over}, f, indent=2)
+    return 1 if over else 0
+
+
+def main(argv=None, tool=None):
+    """The command line of this tool, or of `tool` (a module laid out as this one: see above)."""
+    tool = tool or sys.modules[__name__]
+    args = parse_args(sys.argv[1:] if argv is None else argv, tool)
     if args.worker:
         return worker_body(args.worker, _replay_worker)
     if args.replay:
-        sys.path.insert(0, REPO_ROOT)
-        import keras
+        return _replay_and_print(tool, args)
 
-        record, ours, diffs = replay(args.replay)
-        meta = record["meta"]
-        print(f"{args.replay}: {meta['config']} ({meta['description']}), {meta['steps']} steps, "
-              f"keras_dinov2 on {keras.backend.backend()} against dinov2 "
-              f"{meta.get('reference_commit') or '?'} (float32)")
-        print(format_differences(summarize(diffs), _float32_error_summary(record)))
-        drift = key_bias_drift(ours)
-        print(f"  {'key bias drift':<22}{drift:>12.1e}{key_bias_drift(record):>13.1e}  "
-              "(not a difference: max key-bias move / summed lr, ours and the reference)")
-        over = over_tolerance(record, diffs)
-        if drift > KEY_BIAS_DRIFT_BOUND:
-            over["key_bias_drift"] = (drift, KEY_BIAS_DRIFT_BOUND)
-        _print_over(over)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"differences": diffs, "over": over}, f, indent=2)
-        return 1 if over else 0
-
-    workdir = tempfile.mkdtemp(prefix="dinov2_reference_step_")
+    label = tool.REFERENCE_NAME.split("/")[-1]
+    workdir = tempfile.mkdtemp(prefix=f"{label}_reference_step_")
     results, own_errors, failures = {}, {}, []
     try:
         for name in args.configs:
-            print(f"Reference: {name} ({DESCRIPTIONS[name]}), {args.steps} steps, float32 and "
+            print(f"Reference: {name} ({tool.DESCRIPTIONS[name]}), {args.steps} steps, float32 and "
                   "float64 ...", flush=True)
-            record = run_reference(args.reference_src, name, steps=args.steps, seed=args.seed)
-            exact = run_reference(args.reference_src, name, steps=args.steps, seed=args.seed,
-                                  dtype="float64")
-            for key, value in differences(exact, record).items():
+            record = tool.run_reference(args.reference_src, name, steps=args.steps, seed=args.seed)
+            exact = tool.run_reference(args.reference_src, name, steps=args.steps, seed=args.seed,
+                                       dtype="float64")
+            for key, value in tool.differences(exact, record).items():
                 record[f"float32_error/{key}"] = np.float64(value)
             own_errors[name] = _float32_error_summary(record)
             own_errors[name]["key bias drift"] = (key_bias_drift(record), "whole run")
@@ -1153,10 +1180,11 @@ def main(argv=None):
             for backend in args.backends:
                 env = dict(os.environ, KERAS_BACKEND=backend)
                 env["PYTHONPATH"] = os.pathsep.join(
-                    [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+                    [REPO_ROOT, os.path.dirname(os.path.abspath(__file__))]
+                    + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
                 result, reason = run_in_subprocess(
-                    os.path.abspath(__file__), {"record": path}, workdir, f"{name}_{backend}",
-                    env, args.timeout, verbose=False)
+                    os.path.abspath(__file__), {"record": path, "tool": os.path.abspath(tool.__file__)},
+                    workdir, f"{name}_{backend}", env, args.timeout, verbose=False)
                 if result is None:
                     print(f"    {backend}: failed: {reason}", flush=True)
                     failures.append(f"{name} on {backend}: did not run")
@@ -1171,14 +1199,14 @@ def main(argv=None):
                     failures.append(f"{name} on {backend}: key bias drift {drift:.2e}")
         commit = _reference_commit(os.path.abspath(args.reference_src))
         print(f"\nWorst relative difference, ||ours - ref|| / ||ref|| per array, over "
-              f"{args.steps} steps; reference dinov2 {commit or '?'} on the CPU in float32. "
+              f"{args.steps} steps; reference {label} {commit or '?'} on the CPU in float32. "
               "'ref f32/f64': the reference's float32 run against its float64 run.")
         for name, per_backend in results.items():
             backends = list(per_backend)
-            print(f"\n{name} ({DESCRIPTIONS[name]})")
+            print(f"\n{name} ({tool.DESCRIPTIONS[name]})")
             print(f"  {'quantity':<22}" + "".join(f"{b:>12}" for b in backends)
                   + f"{'ref f32/f64':>13}  worst at")
-            for quantity in QUANTITIES + ("key bias drift",):
+            for quantity in tool.QUANTITIES + ("key bias drift",):
                 row = [per_backend[b].get(quantity) for b in backends]
                 if all(r is None for r in row):
                     continue

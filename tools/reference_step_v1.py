@@ -23,15 +23,11 @@ Run from the repository root:
         --replay tests/fixtures/reference_step_v1/v1.npz                              # no reference needed
 """
 
-import argparse
 import contextlib
 import functools
 import importlib.util
-import json
 import os
-import shutil
 import sys
-import tempfile
 import types
 
 import numpy as np
@@ -39,7 +35,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import reference_step as shared  # noqa: E402
-from bench.workers import run_in_subprocess, worker_body  # noqa: E402
 
 REPO_ROOT = shared.REPO_ROOT
 BACKENDS = shared.BACKENDS
@@ -247,10 +242,9 @@ def differences(reference, ours):
 def import_reference(folder):
     """main_dino.py, utils.py and vision_transformer.py of a facebookresearch/dino checkout, as modules."""
     folder = os.path.abspath(os.path.expanduser(folder))
-    missing = [f for f in MODULES.values() if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise ValueError(f"--reference-src: {folder} has no {', '.join(missing)} (expected a checkout of "
-                         "facebookresearch/dino).")
+    problem = check_reference_src(folder)
+    if problem:
+        raise ValueError(f"--reference-src: {problem}")
     torchvision = types.ModuleType("torchvision")
     for name in ("datasets", "transforms", "models"):
         setattr(torchvision, name, types.ModuleType(f"torchvision.{name}"))
@@ -409,7 +403,20 @@ def _quiet_weight_norm_warning():
         yield
 
 
-# ------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------- command line (tools/reference_step.py's)
+
+DESCRIPTION = "Compare training steps of keras_dinov2's DINO v1 recipe with the official DINO v1 code."
+REFERENCE_NAME = "facebookresearch/dino"
+REFERENCE_MARKER = "main_dino.py"
+SEED_HELP = "weights and crops. Default: 0."
+
+
+def check_reference_src(folder):
+    """None when `folder` holds main_dino.py, utils.py and vision_transformer.py, else what is missing."""
+    missing = [f for f in MODULES.values() if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        return f"{folder} holds no {', '.join(missing)} (expected a checkout of {REFERENCE_NAME})."
+    return None
 
 
 def replay(path):
@@ -419,144 +426,8 @@ def replay(path):
     return reference, ours, differences(reference, ours)
 
 
-def _replay_worker(spec):
-    sys.path.insert(0, REPO_ROOT)
-    import keras
-
-    record, ours, diffs = replay(spec["record"])
-    return {
-        "backend": keras.backend.backend(),
-        "worst": {k: list(v) for k, v in shared.summarize(diffs).items()},
-        "over": {k: list(v) for k, v in shared.over_tolerance(record, diffs).items()},
-        "key_bias_drift": shared.key_bias_drift(ours),
-    }
-
-
-def format_differences(worst, float32_error=None):
-    saved = shared.QUANTITIES
-    shared.QUANTITIES = QUANTITIES
-    try:
-        return shared.format_differences(worst, float32_error)
-    finally:
-        shared.QUANTITIES = saved
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Compare training steps of keras_dinov2's DINO v1 recipe with the official DINO v1 code.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--reference-src", metavar="DIR",
-                        help="a checkout of facebookresearch/dino (the folder holding main_dino.py).")
-    parser.add_argument("--replay", metavar="NPZ",
-                        help="compare the active backend (KERAS_BACKEND) against a stored record instead of "
-                        "running the reference.")
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated, of {', '.join(CONFIGS)}. Default: both.")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="comma-separated Keras backends, each in its own process. Default: jax,tensorflow,torch.")
-    parser.add_argument("--steps", type=int, default=3, help="training steps. Default: 3.")
-    parser.add_argument("--seed", type=int, default=0, help="weights and crops. Default: 0.")
-    parser.add_argument("--write-fixtures", metavar="DIR",
-                        help="also write DIR/<config>.npz (last step's parameters only).")
-    parser.add_argument("--json", metavar="FILE", help="write the differences as JSON.")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per backend process. Default: 900.")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        return args
-    if bool(args.reference_src) == bool(args.replay):
-        parser.error("give exactly one of --reference-src DIR and --replay NPZ.")
-    args.configs = [c for c in args.configs.split(",") if c]
-    for name in args.configs:
-        if name not in CONFIGS:
-            parser.error(f"--configs: unknown configuration {name!r}; known: {', '.join(CONFIGS)}.")
-    args.backends = [b for b in args.backends.split(",") if b]
-    for backend in args.backends:
-        if backend not in BACKENDS:
-            parser.error(f"--backends: unknown backend {backend!r}; known: {', '.join(BACKENDS)}.")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1; received {args.steps}.")
-    if args.write_fixtures and not args.reference_src:
-        parser.error("--write-fixtures needs --reference-src.")
-    if args.reference_src:
-        args.reference_src = os.path.abspath(os.path.expanduser(args.reference_src))
-        if not os.path.isfile(os.path.join(args.reference_src, "main_dino.py")):
-            parser.error(f"--reference-src: {args.reference_src} holds no main_dino.py (expected a checkout of "
-                         "facebookresearch/dino).")
-    if args.replay and not os.path.isfile(args.replay):
-        parser.error(f"--replay: no file {args.replay}.")
-    return args
-
-
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker:
-        return worker_body(args.worker, _replay_worker)
-    if args.replay:
-        sys.path.insert(0, REPO_ROOT)
-        import keras
-
-        record, ours, diffs = replay(args.replay)
-        meta = record["meta"]
-        print(f"{args.replay}: {meta['config']} ({meta['description']}), {meta['steps']} steps, keras_dinov2 on "
-              f"{keras.backend.backend()} against dino {meta.get('reference_commit') or '?'} (float32)")
-        print(format_differences(shared.summarize(diffs), shared._float32_error_summary(record)))
-        drift = shared.key_bias_drift(ours)
-        print(f"  {'key bias drift':<22}{drift:>12.1e}{shared.key_bias_drift(record):>13.1e}  "
-              "(not a difference: max key-bias move / summed lr, ours and the reference)")
-        over = shared.over_tolerance(record, diffs)
-        if drift > shared.KEY_BIAS_DRIFT_BOUND:
-            over["key_bias_drift"] = (drift, shared.KEY_BIAS_DRIFT_BOUND)
-        shared._print_over(over)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"differences": diffs, "over": over}, f, indent=2)
-        return 1 if over else 0
-
-    workdir = tempfile.mkdtemp(prefix="dino_v1_reference_step_")
-    failures = []
-    try:
-        for name in args.configs:
-            print(f"Reference: {name} ({DESCRIPTIONS[name]}), {args.steps} steps, float32 and float64 ...",
-                  flush=True)
-            record = run_reference(args.reference_src, name, steps=args.steps, seed=args.seed)
-            exact = run_reference(args.reference_src, name, steps=args.steps, seed=args.seed, dtype="float64")
-            for key, value in differences(exact, record).items():
-                record[f"float32_error/{key}"] = np.float64(value)
-            own = shared._float32_error_summary(record)
-            path = os.path.join(workdir, f"{name}.npz")
-            shared.save_record(path, record)
-            if args.write_fixtures:
-                fixture = os.path.join(args.write_fixtures, f"{name}.npz")
-                shared.save_record(fixture, shared.fixture_view(record))
-                print(f"    wrote {fixture} ({os.path.getsize(fixture) / 1024:.0f} KiB)")
-            for backend in args.backends:
-                env = dict(os.environ, KERAS_BACKEND=backend)
-                env["PYTHONPATH"] = os.pathsep.join(
-                    [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-                result, reason = run_in_subprocess(os.path.abspath(__file__), {"record": path}, workdir,
-                                                   f"{name}_{backend}", env, args.timeout, verbose=False)
-                if result is None:
-                    print(f"  {backend}: failed: {reason}", flush=True)
-                    failures.append(f"{name} on {backend}: did not run")
-                    continue
-                worst = {k: tuple(v) for k, v in result["worst"].items()}
-                print(f"\n{name} on {backend} ('ref f32/f64': the reference's float32 run against its float64 run)")
-                print(format_differences(worst, own))
-                print(f"  {'key bias drift':<22}{result['key_bias_drift']:>12.1e}")
-                shared._print_over(result["over"])
-                failures += [f"{name} on {backend}: {k}" for k in result["over"]]
-                if result["key_bias_drift"] > shared.KEY_BIAS_DRIFT_BOUND:
-                    failures.append(f"{name} on {backend}: key bias drift {result['key_bias_drift']:.2e}")
-        print("\nAll within tolerance." if not failures else "\nFailures:\n  " + "\n  ".join(failures))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"failures": failures}, f, indent=2)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if failures else 0
+    return shared.main(argv, tool=sys.modules[__name__])
 
 
 if __name__ == "__main__":
