@@ -323,3 +323,20 @@ def test_the_dedup_benchmark_runs_and_finds_its_planted_copies(capsys):
     benchmark.main(["--n", "2000", "--dim", "32", "--memmap", "--index", "flat", "ivf"])
     out = capsys.readouterr().out
     assert "cpu=" in out and out.count("recall=1.0000 precision=1.0000") == 2, out
+
+
+def test_select_pool_cluster_based_retrieval_keeps_the_seeds_clusters():
+    from keras_dinov2.curation import select_pool
+
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(3, 16))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    pool = np.concatenate([c + 0.05 * rng.normal(size=(40, 16)) for c in centers]).astype(np.float32)
+    seeds = (centers[1] + 0.05 * rng.normal(size=(5, 16))).astype(np.float32)
+    selection = select_pool(pool, seeds=seeds, retrieval_clusters=3, seed=0)
+    kept = np.flatnonzero(selection.kept)
+    np.testing.assert_array_equal(kept, np.arange(40, 80))  # the whole cluster the seeds fall in, nothing else
+    assert {selection.reason[i] for i in range(120) if not 40 <= i < 80} == {"not_retrieved"}
+    assert selection.counts["after_retrieval"] == 40
+    # Sample-based retrieval with the same seeds keeps only their k nearest.
+    assert select_pool(pool, seeds=seeds, k=2).counts["after_retrieval"] <= 10

@@ -88,10 +88,12 @@ def run_select(args):
     eval_ = embeddings_of(args.eval_data, "eval", pool, args) if args.eval_data else None
     seeds = embeddings_of(args.seeds, "seed", pool, args) if args.seeds else None
     settings = {key: getattr(args, key) for key in ("dedup_threshold", "eval_data", "decontamination_threshold",
-                                                     "seeds", "k", "levels", "per_cluster", "total", "index", "seed")}
+                                                     "seeds", "k", "retrieval_clusters", "min_seeds", "levels",
+                                                     "per_cluster", "total", "index", "seed")}
     selection = curation.select_pool(
         pool, dedup_threshold=args.dedup_threshold, eval_embeddings=eval_,
-        decontamination_threshold=args.decontamination_threshold, seeds=seeds, k=args.k, levels=args.levels,
+        decontamination_threshold=args.decontamination_threshold, seeds=seeds, k=args.k,
+        retrieval_clusters=args.retrieval_clusters, min_seeds=args.min_seeds, levels=args.levels,
         per_cluster=args.per_cluster, total=args.total, index=args.index, seed=args.seed, verbose=bool(args.verbose),
     )
     report = curation.write_selection(selection, pool, args.out, settings=settings, seed=args.seed)

@@ -215,6 +215,11 @@ def _add_curate(commands):
                         help="seed images (an embedding folder or a data spec): keep the --k nearest pool "
                              "images of each")
     select.add_argument("--k", type=_integer(1), default=4, help="neighbours per seed image (default 4)")
+    select.add_argument("--retrieval-clusters", type=_integer(1), default=None, metavar="N",
+                        help="cluster-based retrieval instead of --k: k-means of the pool into N clusters, "
+                             "every member of a cluster holding at least --min-seeds seeds kept")
+    select.add_argument("--min-seeds", type=_integer(1), default=1,
+                        help="seeds a cluster needs with --retrieval-clusters (default 1; the paper: 4)")
     select.add_argument("--levels", type=_levels, default=None,
                         help="hierarchical k-means clusters per level, bottom first, e.g. 100,10")
     budget = select.add_mutually_exclusive_group()

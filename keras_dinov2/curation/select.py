@@ -18,7 +18,7 @@ import numpy as np
 
 from keras_dinov2.curation.clustering import hierarchical_kmeans
 from keras_dinov2.curation.dedup import decontaminate, deduplicate
-from keras_dinov2.curation.retrieval import retrieve
+from keras_dinov2.curation.retrieval import retrieve, retrieve_by_cluster
 from keras_dinov2.curation.sampling import balanced_sample
 from keras_dinov2.curation.store import PoolEmbeddings, load_embeddings
 from keras_dinov2.curation.views import RowSubset
@@ -84,8 +84,8 @@ def check_compatible(pool, other, name):
 
 
 def select_pool(pool, *, dedup_threshold=None, eval_embeddings=None, decontamination_threshold=0.95, seeds=None,
-                k=4, levels=None, per_cluster=None, total=None, num_neighbors=64, index="flat", niter=20, seed=0,
-                verbose=False):
+                k=4, retrieval_clusters=None, min_seeds=1, levels=None, per_cluster=None, total=None,
+                num_neighbors=64, index="flat", niter=20, seed=0, verbose=False):
     """Runs the curation steps on an embedded pool and says, for every image, whether it is kept and why.
 
     Args:
@@ -98,6 +98,10 @@ def select_pool(pool, *, dedup_threshold=None, eval_embeddings=None, decontamina
         seeds: folder, PoolEmbeddings, array or None, default None. Seed images: keep only the `k` nearest
             remaining pool images of each (sample-based retrieval).
         k: int, default 4. Neighbours per seed.
+        retrieval_clusters: int or None, default None. With `seeds`, cluster-based retrieval instead: k-means of
+            the remaining pool into this many clusters, and every member of a cluster with at least `min_seeds`
+            seeds kept (`retrieve_by_cluster`); `k` is then unused.
+        min_seeds: int, default 1. Seeds a cluster needs in cluster-based retrieval.
         levels: sequence of int or None, default None. Hierarchical k-means clusters per level, bottom first.
         per_cluster: int or None. With `levels`: keep this many images per top-level cluster (`balanced_sample`).
         total: int or None. With `levels`: keep this many images in all, balanced over the clusters.
@@ -155,8 +159,13 @@ def select_pool(pool, *, dedup_threshold=None, eval_embeddings=None, decontamina
                          "--decontamination-threshold (fewer pairs count as copies), or check that the embedding "
                          "backbone tells the images apart (an untrained one gives every image the same features).")
     if "seed" in others:
-        found = retrieve(RowSubset(rows, live), others["seed"].embeddings, k=min(k, len(live)), index=index,
-                         seed=seed, verbose=verbose)
+        if retrieval_clusters is None:
+            found = retrieve(RowSubset(rows, live), others["seed"].embeddings, k=min(k, len(live)), index=index,
+                             seed=seed, verbose=verbose)
+        else:
+            found = retrieve_by_cluster(RowSubset(rows, live), others["seed"].embeddings,
+                                        num_clusters=retrieval_clusters, min_seeds=min_seeds, niter=niter,
+                                        seed=seed, verbose=verbose)
         missed = np.setdiff1d(live, live[found.indices])
         reason[pool.positions[missed]] = "not_retrieved"
         live = live[found.indices]
