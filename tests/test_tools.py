@@ -22,6 +22,7 @@ import benchmark_distill  # noqa: E402
 import benchmark_distributed  # noqa: E402
 import benchmark_drop_path  # noqa: E402
 import benchmark_embed  # noqa: E402
+import benchmark_gpu  # noqa: E402
 import benchmark_inference  # noqa: E402
 import benchmark_train_step  # noqa: E402
 import compare_dino_versions  # noqa: E402
@@ -32,8 +33,8 @@ import reference_step_v1  # noqa: E402
 from bench import cli, images, report, timing, workers  # noqa: E402
 
 BENCHMARKS = [benchmark_data, benchmark_dedup, benchmark_distill, benchmark_distributed, benchmark_drop_path,
-              benchmark_embed, benchmark_inference, benchmark_train_step, compare_dino_versions, compute_ceiling,
-              distill_digits, plot_knn_curves, reference_step_v1]
+              benchmark_embed, benchmark_gpu, benchmark_inference, benchmark_train_step, compare_dino_versions,
+              compute_ceiling, distill_digits, plot_knn_curves, reference_step_v1]
 
 
 @pytest.mark.once
@@ -43,6 +44,47 @@ def test_every_benchmark_prints_its_help(module, capsys):
         module.main(["--help"])
     assert exit_.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.once
+def test_benchmark_gpu_imports_the_library_where_tensorflow_is_missing(tmp_path):
+    # The GPU machines carry no TensorFlow: the tool imports keras_dinov2 with an inert stand-in, removed afterwards,
+    # and the training step's modules work without it.
+    import subprocess
+
+    (tmp_path / "tensorflow").mkdir()
+    (tmp_path / "tensorflow" / "__init__.py").write_text("raise ImportError('no TensorFlow on this machine')\n")
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import benchmark_gpu
+        lib, stubbed = benchmark_gpu._import_library()
+        assert stubbed and "tensorflow" not in sys.modules
+        import keras_dinov2.trainers, keras_dinov2.pretrainer
+        print("ok", lib.DINOv2Pretrainer.__name__)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), KERAS_BACKEND="torch")
+    done = subprocess.run([sys.executable, "-c", code, TOOLS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ok DINOv2Pretrainer" in done.stdout
+
+
+@pytest.mark.once
+def test_benchmark_gpu_batch_round_trip_keeps_masks_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    batch = {"global_crops": rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
+             "local_crops": rng.normal(size=(8, 4, 4, 3)).astype(np.float32),
+             "masks": rng.random((4, 4)) < 0.5, "mask_indices": np.arange(5, dtype=np.int32),
+             "masks_weight": np.full(5, 1 / 3, np.float32), "n_masked_patches": np.asarray(5, np.int32)}
+    path = str(tmp_path / "b.npz")
+    np.savez(path, model=np.asarray("tiny"), **{k: (v.astype(np.float16) if k in benchmark_gpu.FLOAT_KEYS else v)
+                                                for k, v in batch.items()})
+    model, loaded = benchmark_gpu.read_batch(path)
+    assert model == "tiny" and set(loaded) == set(batch)
+    np.testing.assert_array_equal(loaded["masks_weight"], batch["masks_weight"])  # float32 kept exact
+    np.testing.assert_array_equal(loaded["masks"], batch["masks"])
+    assert loaded["global_crops"].dtype == np.float32
+    np.testing.assert_allclose(loaded["global_crops"], batch["global_crops"], atol=2e-3)
 
 
 @pytest.mark.once
