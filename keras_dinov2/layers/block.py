@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_dinov2.layers.attention import Attention
 from keras_dinov2.layers.feedforward import MLP, SwiGLU, swiglu_hidden_dim
-from keras_dinov2.ops import gradient_boundary, replica_seed
+from keras_dinov2.ops import attention_branch, gradient_boundary, mlp_branch, replica_seed
 
 FFN_TYPES = ("mlp", "swiglu")
 
@@ -107,6 +107,27 @@ class DropPath(keras.layers.Layer):
         return config
 
 
+def _plain_sublayers(norm, *denses):
+    """Whether a LayerNormalization over the last axis and plain Dense layers (no activation, LoRA or quantization)
+    are all a fused branch kernel has to reproduce."""
+    if norm.rms_scaling or list(norm.axis) != [-1]:
+        return False
+    return all(d.activation is keras.activations.linear and not d.lora_enabled and d.quantization_mode is None
+               for d in denses)
+
+
+def _norm(layer):
+    return layer.gamma if layer.scale else None, layer.beta if layer.center else None, layer.epsilon
+
+
+def _dense(layer):
+    return layer.kernel, layer.bias
+
+
+def _gamma(layer_scale):
+    return None if layer_scale is None else layer_scale.gamma
+
+
 @keras.saving.register_keras_serializable(package="keras_dinov2")
 class TransformerBlock(keras.layers.Layer):
     """Pre-norm ViT block: x += ls1 * attn(norm1(x)); x += ls2 * ffn(norm2(x)).
@@ -190,12 +211,26 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def _attention_branch(self, x):
+        if _plain_sublayers(self.norm1, self.attn.qkv, self.attn.proj):
+            y = attention_branch(x, _norm(self.norm1), _dense(self.attn.qkv), _dense(self.attn.proj),
+                                 self.num_heads, self.attn.head_dim**-0.5, _gamma(self.ls1))
+            if y is not None:  # the backend's one-call kernel (PyTorch, float32)
+                return y
         y = self.attn(self.norm1(x))
         return y if self.ls1 is None else self.ls1(y)
 
     def _ffn_branch(self, x):
+        if self.ffn_type == "mlp" and _plain_sublayers(self.norm2, self.mlp.fc1, self.mlp.fc2):
+            y = mlp_branch(x, _norm(self.norm2), _dense(self.mlp.fc1), _dense(self.mlp.fc2), _gamma(self.ls2))
+            if y is not None:
+                return y
         y = self.mlp(self.norm2(x))
         return y if self.ls2 is None else self.ls2(y)
+
+    def _residual(self, x, branch, training):
+        y = branch(x)
+        # DropPath is the identity unless it draws: skip its layer call then.
+        return x + (self.drop_path(y, training=training) if training and self.drop_path_rate else y)
 
     def _subset_residual(self, x, branch):
         batch = x.shape[0]
@@ -219,8 +254,8 @@ class TransformerBlock(keras.layers.Layer):
         if subset:
             x = self._subset_residual(x, self._attention_branch)
             return self._subset_residual(x, self._ffn_branch)
-        x = x + self.drop_path(self._attention_branch(x), training=training)
-        return x + self.drop_path(self._ffn_branch(x), training=training)
+        x = self._residual(x, self._attention_branch, training)
+        return self._residual(x, self._ffn_branch, training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

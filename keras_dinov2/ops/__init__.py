@@ -6,10 +6,12 @@ backend has a faster formulation of it, the function dispatches to `keras_dinov2
 imports a backend package. Symbolic tensors (functional model construction) always take the plain Keras op.
 """
 
+import contextlib
 import functools
 import importlib
 
 import keras
+from keras.src.backend import in_stateless_scope  # not in the public API
 
 
 def _backend_module():
@@ -24,9 +26,35 @@ def _module(backend):
     return importlib.import_module(f"keras_dinov2.ops.{backend}")
 
 
-@functools.cache
+# Depth of `plain_keras_ops()` contexts: while > 0, no backend kernel is used.
+_plain_depth = [0]
+
+
+@contextlib.contextmanager
+def plain_keras_ops():
+    """Within this context every function here takes its plain Keras formulation, never a backend kernel.
+
+    For checking a kernel against the plain path in one process, and for debugging a suspected kernel. Read when a
+    function runs (JAX and TensorFlow: when the step is traced).
+
+    Example:
+    >>> with keras_dinov2.ops.plain_keras_ops():
+    ...     model.train_step(batch)   # per-variable AdamW, Keras EMA and attention on every backend
+    """
+    _plain_depth[0] += 1
+    try:
+        yield
+    finally:
+        _plain_depth[0] -= 1
+
+
 def _cpu_function(backend, name):
     """`cpu_function(name)` of the backend's module: its CPU formulation of `name`, or None."""
+    return None if _plain_depth[0] else _cached_cpu_function(backend, name)
+
+
+@functools.cache
+def _cached_cpu_function(backend, name):
     module = _module(backend)
     lookup = getattr(module, "cpu_function", None)
     return None if lookup is None else lookup(name)
@@ -126,3 +154,97 @@ def active_replicas():
     """
     module = _backend_module()
     return 1 if module is None else module.active_replicas()
+
+
+def _kernel(backend, name):
+    """The function `name` of the backend's module, or None (always None inside `plain_keras_ops()`)."""
+    return None if _plain_depth[0] else getattr(_module(backend), name, None)
+
+
+def _eager_kernel(name, tensors=()):
+    """`_kernel(backend, name)`, except for symbolic tensors and inside a StatelessScope (`stateless_apply`), where
+    the kernels' in-place updates would miss the scope's values."""
+    if in_stateless_scope() or any(isinstance(x, keras.KerasTensor) for x in tensors):
+        return None
+    return _kernel(keras.backend.backend(), name)
+
+
+def has_multi_tensor_adamw():
+    """Whether `multi_tensor_adamw` has a kernel here (PyTorch, outside a StatelessScope)."""
+    return _eager_kernel("multi_tensor_adamw") is not None
+
+
+def multi_tensor_adamw(variables, grads, momentums, velocities, lr, weight_decay, step, beta_1, beta_2, epsilon):
+    """One AdamW update of a group of variables sharing lr and weight decay, in multi-tensor kernels, in place.
+
+    With b1 = 1 - beta_1^step, b2 = 1 - beta_2^step: m <- m + (1 - beta_1)(g - m), v <- beta_2 v + (1 - beta_2) g^2,
+    p <- p (1 - lr wd) - lr / b1 * m / (sqrt(v) / sqrt(b2) + epsilon): torch.optim.AdamW's foreach step, with lr,
+    weight_decay and step (tensors or numbers, read as Python floats) shared by the group.
+
+    Only PyTorch has it (`keras_dinov2.ops.torch.multi_tensor_adamw`: `torch._foreach_*`, one call per group
+    instead of a dozen eager Keras ops per variable); it returns False elsewhere and changes nothing, and the caller
+    takes its per-variable Keras update, which XLA and tf.function compile into one program anyway.
+    """
+    function = _eager_kernel("multi_tensor_adamw")
+    if function is None:
+        return False
+    return function(variables, grads, momentums, velocities, lr, weight_decay, step, beta_1, beta_2, epsilon)
+
+
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student for each pair of variables, in place.
+
+    On PyTorch the reference's multi-tensor form (`keras_dinov2.ops.torch.ema_update`: `_foreach_mul_`,
+    `_foreach_add_` with the momentum as a Python float); elsewhere one Keras assign per pair (inside the compiled
+    JAX and TF steps, the momentum a traced tensor).
+    """
+    function = _eager_kernel("ema_update")
+    if function is not None:
+        return function(teacher, student, momentum)
+    for t, s in zip(teacher, student):
+        t.assign(keras.ops.cast(momentum, t.dtype) * t + keras.ops.cast(1.0 - momentum, t.dtype) * s)
+
+
+def scaled_by_global_norm(grads, max_norm):
+    """(grads * min(max_norm / (norm + 1e-6), 1), norm) for a non-empty list of tensors, norm = the float32 L2 norm
+    of all of them together (torch's `clip_grad_norm_`, not in place).
+
+    On PyTorch `keras_dinov2.ops.torch.scaled_by_global_norm` (`_foreach_norm`, `_foreach_mul`); elsewhere Keras ops.
+    """
+    function = _eager_kernel("scaled_by_global_norm", grads)
+    if function is not None:
+        return function(grads, max_norm)
+    ops = keras.ops
+    squared = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads]
+    norm = ops.sqrt(ops.sum(ops.stack(squared)))
+    scale = ops.minimum(max_norm / (norm + 1e-6), 1.0)
+    return [g * ops.cast(scale, g.dtype) for g in grads], norm
+
+
+def _float32_kernel(name, x, variables):
+    """`_eager_kernel(name)` where x and every variable are float32 tensors outside an autocast scope."""
+    if keras.backend.standardize_dtype(x.dtype) != "float32" or isinstance(x, keras.KerasTensor):
+        return None
+    if any(v is not None and keras.backend.standardize_dtype(v.dtype) != "float32" for v in variables):
+        return None
+    return _eager_kernel(name)
+
+
+def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale=None):
+    """ls * proj(attention(qkv(layer_norm(x)))) as one kernel call where the backend has one, else None.
+
+    `norm` is (gamma, beta, epsilon) of a LayerNormalization, `qkv` and `proj` are (kernel, bias or None) of Dense
+    layers (kernels (in, out), qkv columns [q | k | v], each head-major), `layer_scale` a gamma variable or None.
+    PyTorch with float32 inputs and variables: `keras_dinov2.ops.torch.attention_branch`, the same torch kernels
+    the Keras layers would run, without Keras' per-layer dispatch (docs/performance.md has what it saves). Elsewhere
+    None, and the caller runs its Keras layers: XLA (JAX) and tf.function trace that dispatch away.
+    """
+    function = _float32_kernel("attention_branch", x, [*norm[:2], *qkv, *proj, layer_scale])
+    return None if function is None else function(x, norm, qkv, proj, int(num_heads), float(scale), layer_scale)
+
+
+def mlp_branch(x, norm, fc1, fc2, layer_scale=None):
+    """ls * fc2(gelu(fc1(layer_norm(x)))) (exact erf GELU) as one kernel call where the backend has one, else None;
+    the arguments and the backends as `attention_branch`."""
+    function = _float32_kernel("mlp_branch", x, [*norm[:2], *fc1, *fc2, layer_scale])
+    return None if function is None else function(x, norm, fc1, fc2, layer_scale)

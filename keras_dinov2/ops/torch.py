@@ -1,4 +1,6 @@
-"""PyTorch kernels: the per-process replica seed and replica count."""
+"""PyTorch kernels: the per-process replica seed and replica count, and the multi-tensor updates."""
+
+import math
 
 import torch
 
@@ -24,3 +26,87 @@ def active_replicas():
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return int(dist.get_world_size())
+
+
+# Multi-tensor (foreach) updates. Keras' torch backend runs each per-variable update as a dozen eager ops, each
+# through Keras' dispatch; torch's `_foreach_*` kernels take every tensor of a group in one call, as the reference's
+# fused AdamW param groups and its EMA do. Scalars are Python floats (the reference's are too): reading the schedules
+# costs one host sync per step.
+
+
+def _floats(*values):
+    return [float(v) for v in values]
+
+
+@torch.no_grad()
+def multi_tensor_adamw(variables, grads, momentums, velocities, lr, weight_decay, step, beta_1, beta_2,
+                       epsilon):
+    """`keras_dinov2.ops.multi_tensor_adamw` on PyTorch: torch.optim.AdamW's foreach update of one group."""
+    lr, weight_decay, step = _floats(lr, weight_decay, step)
+    params = [v.value for v in variables]
+    exp_avgs = [m.value for m in momentums]
+    exp_avg_sqs = [v.value for v in velocities]
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+    bias_correction_1 = -math.expm1(step * math.log(beta_1)) if beta_1 else 1.0
+    bias_correction_2 = -math.expm1(step * math.log(beta_2)) if beta_2 else 1.0
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta_1)
+    torch._foreach_mul_(exp_avg_sqs, beta_2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta_2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, math.sqrt(bias_correction_2))
+    torch._foreach_add_(denominators, epsilon)
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_addcdiv_(params, exp_avgs, denominators, -lr / bias_correction_1)
+    return True
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """`keras_dinov2.ops.ema_update` on PyTorch: the reference's `_foreach_mul_` / `_foreach_add_` EMA."""
+    (momentum,) = _floats(momentum)
+    teacher = [t.value for t in teacher]
+    torch._foreach_mul_(teacher, momentum)
+    torch._foreach_add_(teacher, [s.value for s in student], alpha=1.0 - momentum)
+
+
+def scaled_by_global_norm(grads, max_norm):
+    """`keras_dinov2.ops.scaled_by_global_norm` on PyTorch: `clip_grad_norm_`'s foreach norms, not in place."""
+    norms = torch._foreach_norm([g.float() for g in grads])
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if len({g.dtype for g in grads}) == 1:
+        return list(torch._foreach_mul(grads, scale.to(grads[0].dtype))), norm
+    return [g * scale.to(g.dtype) for g in grads], norm
+
+
+# The transformer block's two residual branches in float32 as plain torch calls. Through Keras each branch is five or
+# six nested Layer calls and a dozen ops, each with Keras' dispatch (argument binding, autocast and name scopes,
+# dtype checks): on a small model on a CPU that dispatch, not the arithmetic, is most of the step. The kernels are
+# the ones Keras' torch backend runs (F.layer_norm, matmul + bias, scaled_dot_product_attention, erf GELU).
+
+
+def _linear(x, kernel, bias):
+    y = torch.matmul(x, kernel.value)
+    return y if bias is None else y + bias.value
+
+
+def _layer_norm(x, gamma, beta, epsilon):
+    gamma, beta = (None if w is None else w.value for w in (gamma, beta))
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], gamma, beta, epsilon)
+
+
+def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale):
+    """`keras_dinov2.ops.attention_branch` on PyTorch."""
+    batch, tokens, width = x.shape
+    h = _linear(_layer_norm(x, *norm), *qkv)
+    q, k, v = h.reshape(batch, tokens, 3, num_heads, width // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = _linear(out.transpose(1, 2).reshape(batch, tokens, width), *proj)
+    return out if layer_scale is None else out * layer_scale.value
+
+
+def mlp_branch(x, norm, fc1, fc2, layer_scale):
+    """`keras_dinov2.ops.mlp_branch` on PyTorch."""
+    out = _linear(torch.nn.functional.gelu(_linear(_layer_norm(x, *norm), *fc1)), *fc2)
+    return out if layer_scale is None else out * layer_scale.value

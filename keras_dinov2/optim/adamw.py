@@ -6,6 +6,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_dinov2 import ops as ops_kernels
 from keras_dinov2.optim.groups import ParamGroup, ParamGroups
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
@@ -184,7 +185,38 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
         # Evaluate the schedules once per step, not once per variable, and hand them to `update_step`
         # through its `learning_rate` argument, which every backend (tf.distribute included) forwards.
         hyper = ops.stack(self.current_hyperparameters())
-        super()._backend_update_step(grads, trainable_variables, hyper)
+        if not self._multi_tensor_update(grads, trainable_variables, hyper):
+            super()._backend_update_step(grads, trainable_variables, hyper)
+
+    def _multi_tensor_update(self, grads, variables, hyper):
+        """The update of each group of variables with the same (lr multiplier, wd multiplier, last layer) in one
+        `multi_tensor_adamw` call, as the reference's fused param groups: PyTorch only (False elsewhere).
+
+        The same values as `update_step` within float32 rounding (bias corrections and the lr products in Python
+        floats, as torch's AdamW computes them).
+        """
+        if not ops_kernels.has_multi_tensor_adamw():
+            return False
+        # One host read of the schedules and the step per update.
+        lr, last_layer_lr, weight_decay = (float(x) for x in ops.convert_to_numpy(hyper))
+        iterations = int(ops.convert_to_numpy(self.iterations))
+        groups = {}
+        for grad, variable in zip(grads, variables):
+            index = self._get_variable_index(variable)
+            groups.setdefault(self._multipliers[index], []).append((grad, variable, index))
+        for (lr_multiplier, wd_multiplier, is_last_layer), members in groups.items():
+            step = iterations + 1
+            if is_last_layer and self.frozen_last_layer_steps > 0:
+                if iterations < self.frozen_last_layer_steps:
+                    continue  # dropped gradients: moments, values and decay untouched
+                step -= self.frozen_last_layer_steps
+            group_lr = (last_layer_lr if is_last_layer else lr) * lr_multiplier
+            ops_kernels.multi_tensor_adamw(
+                [v for _, v, _ in members], [g for g, _, _ in members],
+                [self._momentums[i] for _, _, i in members], [self._velocities[i] for _, _, i in members],
+                group_lr, weight_decay * wd_multiplier, step, self.beta_1, self.beta_2, self.epsilon,
+            )
+        return True
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)

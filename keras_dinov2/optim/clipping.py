@@ -6,6 +6,8 @@ import numbers
 
 from keras import ops
 
+from keras_dinov2.ops import scaled_by_global_norm
+
 
 def clip_by_global_norm(grads, max_norm):
     """Scales gradients so that their joint L2 norm is at most `max_norm`, as torch's `clip_grad_norm_`.
@@ -34,11 +36,9 @@ def clip_by_global_norm(grads, max_norm):
     present = [g for g in grads if g is not None]
     if not present:
         return list(grads), ops.zeros((), "float32")
-    squared = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in present]
-    norm = ops.sqrt(ops.sum(ops.stack(squared)))
-    scale = ops.minimum(max_norm / (norm + 1e-6), 1.0)
-    clipped = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
-    return clipped, norm
+    scaled, norm = scaled_by_global_norm(present, float(max_norm))
+    scaled = iter(scaled)
+    return [None if g is None else next(scaled) for g in grads], norm
 
 
 def clip_by_part(grads, variables, param_groups, max_norm=3.0):

@@ -10,6 +10,8 @@ import math
 
 from keras import ops
 
+from keras_dinov2.ops import ema_update
+
 
 class EMATeacher:
     """Teacher parts that start as exact copies of the student's and follow them by EMA.
@@ -32,10 +34,9 @@ class EMATeacher:
         """teacher = m * teacher + (1 - m) * student, for every weight pair (after the step).
 
         On a mixed_float16 step whose gradients overflow, the student does not move but the teacher still takes
-        this step, as the reference's GradScaler step does.
+        this step, as the reference's GradScaler step does. On PyTorch in multi-tensor kernels (`ema_update`).
         """
-        for s, t in self.pairs:
-            t.assign(ops.cast(momentum, t.dtype) * t + ops.cast(1.0 - momentum, t.dtype) * s)
+        ema_update([t for _, t in self.pairs], [s for s, _ in self.pairs], momentum)
 
 
 class FrozenTeacher:

@@ -1,0 +1,189 @@
+"""The PyTorch backend's kernels against the plain Keras path and NumPy.
+
+On PyTorch, DINOv2AdamW, the gradient clipping and the teacher's EMA run in multi-tensor `torch._foreach_*` kernels,
+and the transformer block's two residual branches in one call each (`keras_dinov2.ops.torch`); every other backend
+takes the per-variable Keras ops and layers that XLA / tf.function compile. These tests switch the kernels off
+(`keras_dinov2.ops.plain_keras_ops()`) to run the plain path in the same process and require the same numbers within
+float32 rounding, over steps that cross every branch: several groups, a frozen last layer, weight decay masks,
+clipping that binds, blocks with and without LayerScale and with both forms of stochastic depth.
+"""
+
+import contextlib
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+from keras import ops
+
+from keras_dinov2 import DINOHead, DINOv2Backbone
+from keras_dinov2 import ops as kd_ops
+from keras_dinov2.layers import TransformerBlock
+from keras_dinov2.optim import DINOv2AdamW, clip_by_part, param_groups
+from keras_dinov2.pretrainer.teacher import EMATeacher
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="the multi-tensor kernels exist on the torch backend only"
+)
+
+
+@pytest.fixture
+def plain_path():
+    """Call it to switch the backend kernels off for the rest of the test (`keras_dinov2.ops.plain_keras_ops`)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(kd_ops.plain_keras_ops())
+
+
+def parts(seed):
+    keras.utils.set_random_seed(seed)
+    backbone = DINOv2Backbone(patch_size=4, hidden_dim=8, num_layers=2, num_heads=2, image_size=8,
+                              num_register_tokens=1, mlp_ratio=2.0)
+    head = DINOHead(num_prototypes=6, hidden_dim=8, bottleneck_dim=4, num_layers=2, name="dino_head")
+    head.build((None, 8))
+    return backbone, head
+
+
+def gradients(variables, step, scale=1.0):
+    rng = np.random.default_rng(100 + step)
+    return [ops.convert_to_tensor(scale * rng.standard_normal(v.shape).astype("float32")) for v in variables]
+
+
+def train(frozen, steps=4, clip=None):
+    """Values and optimizer moments after `steps` updates of a fresh model with fixed gradients."""
+    backbone, head = parts(0)
+    groups = param_groups(backbone, heads=[head], layer_decay=0.8, patch_embed_lr_mult=0.3)
+    variables = backbone.trainable_variables + head.trainable_variables
+    optimizer = DINOv2AdamW(0.05, weight_decay=0.2, last_layer_learning_rate=0.02, param_groups=groups,
+                            frozen_last_layer_steps=frozen)
+    norms = []
+    for step in range(steps):
+        grads = gradients(variables, step, scale=4.0)
+        if clip is not None:
+            grads, part_norms = clip_by_part(grads, variables, groups, clip)
+            norms.append({k: float(to_numpy(v)) for k, v in part_norms.items()})
+        optimizer.apply(grads, variables)
+    return [to_numpy(v) for v in variables + optimizer.variables], norms
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_grouped_adamw_matches_the_per_variable_update(frozen, plain_path):
+    assert kd_ops.has_multi_tensor_adamw()
+    fast, _ = train(frozen)
+    plain_path()
+    assert not kd_ops.has_multi_tensor_adamw()
+    plain, _ = train(frozen)
+    assert len(fast) == len(plain)
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    # The runs moved: the comparison is not between two untouched models.
+    assert not np.allclose(fast[0], to_numpy(parts(0)[0].trainable_variables[0]))
+
+
+def test_clipped_training_matches_and_clipping_binds(plain_path):
+    fast, fast_norms = train(0, steps=3, clip=1.0)
+    plain_path()
+    plain, plain_norms = train(0, steps=3, clip=1.0)
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    for f, p in zip(fast_norms, plain_norms):
+        assert f.keys() == p.keys() == {"backbone", "dino_head"}
+        for part in f:
+            assert f[part] > 1.0  # the clip at 1.0 scales every step's gradients
+            np.testing.assert_allclose(f[part], p[part], rtol=1e-6)
+
+
+def test_scaled_by_global_norm_against_numpy():
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(shape).astype("float32") for shape in [(3, 4), (5,), (2, 2, 2)]]
+    total = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    for max_norm in (0.5 * total, 2.0 * total):
+        scaled, norm = kd_ops.scaled_by_global_norm([ops.convert_to_tensor(g) for g in grads], max_norm)
+        np.testing.assert_allclose(float(to_numpy(norm)), total, rtol=1e-6)
+        factor = min(max_norm / (total + 1e-6), 1.0)
+        for s, g in zip(scaled, grads):
+            np.testing.assert_allclose(to_numpy(s), g * factor, rtol=1e-6, atol=1e-7)
+    # Mixed dtypes keep each gradient's own.
+    mixed = [ops.convert_to_tensor(grads[0]), ops.cast(grads[1], "bfloat16")]
+    scaled, _ = kd_ops.scaled_by_global_norm(mixed, 1e-3)
+    assert [keras.backend.standardize_dtype(s.dtype) for s in scaled] == ["float32", "bfloat16"]
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.996])
+def test_ema_update_matches_numpy_and_the_plain_path(momentum, plain_path):
+    def moved_teacher():
+        student, _ = parts(1)
+        teacher, _ = parts(2)
+        role = EMATeacher([(student, teacher)])
+        for s in student.trainable_weights:  # the student moves away from the copy
+            s.assign(s + 0.5)
+        start = [to_numpy(t) for _, t in role.pairs]
+        role.update(ops.convert_to_tensor(momentum))
+        role.update(momentum)  # a Python float works too
+        return start, [to_numpy(s) for s, _ in role.pairs], [to_numpy(t) for _, t in role.pairs]
+
+    start, students, fast = moved_teacher()
+    for t0, s, t in zip(start, students, fast):
+        once = momentum * t0.astype(np.float64) + (1 - momentum) * s
+        np.testing.assert_allclose(t, momentum * once + (1 - momentum) * s, rtol=1e-6, atol=1e-7)
+    plain_path()
+    _, _, plain = moved_teacher()
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def block_run(block, x, training):
+    """Output, input gradient and weight gradients of sum(block(x) * w)."""
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    weights = torch.linspace(-1.0, 1.0, x.numel()).reshape(x.shape)
+    for v in block.trainable_variables:
+        v.value.grad = None
+    y = block(x, training=training)
+    (y * weights).sum().backward()
+    return [to_numpy(y.detach()), to_numpy(x.grad)] + [to_numpy(v.value.grad) for v in block.trainable_variables]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"layer_scale_init": None},
+        {"drop_path_rate": 0.3, "subset_drop_path": False},
+        {"drop_path_rate": 0.5},  # the subset form
+        {"ffn_type": "swiglu"},  # no fused SwiGLU: the Keras layers, both runs
+    ],
+)
+def test_fused_block_branches_match_the_keras_layers(options, plain_path):
+    block = TransformerBlock(16, 4, mlp_ratio=2.0, seed=3, **{"layer_scale_init": 0.5, **options})
+    x = np.random.default_rng(0).standard_normal((4, 7, 16)).astype("float32")
+    block.build(x.shape)
+    training = "drop_path_rate" in options
+    keras.utils.set_random_seed(5)  # the same stochastic-depth draws in both runs
+    block.drop_path.seed_generator.state.assign(ops.convert_to_tensor([5, 0], "uint32"))
+    fused = block_run(block, x, training)
+    plain_path()
+    block.drop_path.seed_generator.state.assign(ops.convert_to_tensor([5, 0], "uint32"))
+    plain = block_run(block, x, training)
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(np.any(g != 0) for g in fused[1:])  # every weight got a gradient
+
+
+def test_fused_branches_are_used_in_float32_only():
+    import torch
+
+    block = TransformerBlock(8, 2, mlp_ratio=2.0)
+    block.build((1, 3, 8))
+    x = torch.ones((1, 3, 8))
+    norm = (block.norm1.gamma, block.norm1.beta, 1e-6)
+    dense = (block.attn.qkv.kernel, block.attn.qkv.bias)
+    proj = (block.attn.proj.kernel, block.attn.proj.bias)
+    assert kd_ops.attention_branch(x, norm, dense, proj, 2, 0.5) is not None
+    assert kd_ops.attention_branch(x.bfloat16(), norm, dense, proj, 2, 0.5) is None
+    with kd_ops.plain_keras_ops():
+        assert kd_ops.attention_branch(x, norm, dense, proj, 2, 0.5) is None
+    # Mixed precision: the Keras layers (and their float32 LayerNorm) run.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    mixed = TransformerBlock(8, 2, mlp_ratio=2.0)
+    assert keras.backend.standardize_dtype(mixed(x).dtype) == "bfloat16"
