@@ -87,8 +87,8 @@ def scaled_by_global_norm(grads, max_norm):
 
 
 def _linear(x, kernel, bias):
-    y = torch.matmul(x, kernel.value)
-    return y if bias is None else y + bias.value
+    # F.linear (addmm: the bias added inside the GEMM, as the reference's nn.Linear) on the (in, out) Keras kernel.
+    return torch.nn.functional.linear(x, kernel.value.t(), None if bias is None else bias.value)
 
 
 def _layer_norm(x, gamma, beta, epsilon):
