@@ -24,6 +24,7 @@ import benchmark_drop_path  # noqa: E402
 import benchmark_embed  # noqa: E402
 import benchmark_gpu  # noqa: E402
 import benchmark_inference  # noqa: E402
+import benchmark_packed_crops  # noqa: E402
 import benchmark_train_step  # noqa: E402
 import compare_dino_versions  # noqa: E402
 import compute_ceiling  # noqa: E402
@@ -33,8 +34,8 @@ import reference_step_v1  # noqa: E402
 from bench import cli, images, report, timing, workers  # noqa: E402
 
 BENCHMARKS = [benchmark_data, benchmark_dedup, benchmark_distill, benchmark_distributed, benchmark_drop_path,
-              benchmark_embed, benchmark_gpu, benchmark_inference, benchmark_train_step, compare_dino_versions,
-              compute_ceiling, distill_digits, plot_knn_curves, reference_step_v1]
+              benchmark_embed, benchmark_gpu, benchmark_inference, benchmark_packed_crops, benchmark_train_step,
+              compare_dino_versions, compute_ceiling, distill_digits, plot_knn_curves, reference_step_v1]
 
 
 @pytest.mark.once
@@ -44,6 +45,16 @@ def test_every_benchmark_prints_its_help(module, capsys):
         module.main(["--help"])
     assert exit_.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+def test_packed_crops_give_the_two_passes_numbers(capsys):
+    # Every backend: the packed prototype must compute the same blocks, or its timing says nothing.
+    benchmark_packed_crops.main(["--preset", "dinov2_vit_tiny4", "--batch-size", "1", "--global-tokens", "5",
+                                 "--local-tokens", "3", "--layers", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "largest output difference" in line]
+    assert len(diffs) == (2 if keras.backend.backend() == "torch" else 1)
+    assert max(diffs) < 1e-4, out
 
 
 @pytest.mark.once
