@@ -170,7 +170,23 @@ def test_fused_block_branches_match_the_keras_layers(options, plain_path):
     assert all(np.any(g != 0) for g in fused[1:])  # every weight got a gradient
 
 
-def test_fused_branches_are_used_in_float32_only():
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_fused_block_branches_match_the_keras_layers_under_mixed_precision(policy, plain_path):
+    # The compute dtype as Keras runs it: weights cast down, LayerNorm in float32, its output cast back.
+    keras.config.set_dtype_policy(policy)
+    block = TransformerBlock(16, 4, mlp_ratio=2.0, layer_scale_init=0.5)
+    x = np.random.default_rng(0).standard_normal((4, 7, 16)).astype("float32")
+    block.build(x.shape)
+    fused = block_run(block, x, False)
+    plain_path()
+    plain = block_run(block, x, False)
+    tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a.astype("float32"), b.astype("float32"), rtol=tolerance, atol=tolerance)
+
+
+def test_fused_branches_take_float_inputs_with_float32_variables_only():
     import torch
 
     block = TransformerBlock(8, 2, mlp_ratio=2.0)
@@ -180,10 +196,40 @@ def test_fused_branches_are_used_in_float32_only():
     dense = (block.attn.qkv.kernel, block.attn.qkv.bias)
     proj = (block.attn.proj.kernel, block.attn.proj.bias)
     assert kd_ops.attention_branch(x, norm, dense, proj, 2, 0.5) is not None
-    assert kd_ops.attention_branch(x.bfloat16(), norm, dense, proj, 2, 0.5) is None
+    out = kd_ops.attention_branch(x.bfloat16(), norm, dense, proj, 2, 0.5)
+    assert out.dtype == torch.bfloat16
+    assert kd_ops.attention_branch(x.int(), norm, dense, proj, 2, 0.5) is None
     with kd_ops.plain_keras_ops():
         assert kd_ops.attention_branch(x, norm, dense, proj, 2, 0.5) is None
-    # Mixed precision: the Keras layers (and their float32 LayerNorm) run.
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    mixed = TransformerBlock(8, 2, mlp_ratio=2.0)
-    assert keras.backend.standardize_dtype(mixed(x).dtype) == "bfloat16"
+    keras.config.set_dtype_policy("bfloat16")  # bfloat16 variables: the Keras layers
+    low = TransformerBlock(8, 2, mlp_ratio=2.0)
+    low.build((1, 3, 8))
+    assert kd_ops.attention_branch(x.bfloat16(), (low.norm1.gamma, low.norm1.beta, 1e-6),
+                                   (low.attn.qkv.kernel, low.attn.qkv.bias),
+                                   (low.attn.proj.kernel, low.attn.proj.bias), 2, 0.5) is None
+
+
+@pytest.mark.parametrize("zero_column", [False, True])
+def test_weight_normalized_kernel_and_its_gradient_match_the_keras_ops(zero_column, plain_path):
+    import torch
+
+    rng = np.random.default_rng(0)
+    v0 = rng.standard_normal((6, 5)).astype("float32")
+    if zero_column:
+        v0[:, 2] = 0.0  # below the floor: the formula with the floor
+    g0 = rng.uniform(0.5, 2.0, 5).astype("float32")
+    probe = torch.tensor(rng.standard_normal((6, 5)).astype("float32"))
+
+    def run():
+        v, g = torch.tensor(v0, requires_grad=True), torch.tensor(g0, requires_grad=True)
+        kernel = kd_ops.weight_normalized_kernel(v, g, 1e-24)
+        (kernel * probe).sum().backward()
+        return [to_numpy(t) for t in (kernel.detach(), v.grad, g.grad)]
+
+    fast = run()
+    expected = g0 * v0 / np.maximum(np.sqrt((v0.astype(np.float64) ** 2).sum(0)), 1e-12)
+    np.testing.assert_allclose(fast[0], expected, rtol=1e-6)
+    plain_path()
+    for a, b in zip(fast, run()):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -120,13 +120,18 @@ def weight_normalized_kernel(v, g, floor):
     """g * v / sqrt(max(sum(v^2, axis=0), floor)): the column-normalized kernel of weight normalization.
 
     On JAX's CPU backend in float32, `keras_dinov2.ops.jax.cpu_weight_normalized_kernel` (the
-    same values; its reductions over the rows, forward and backward, in fast loops). Elsewhere
+    same values; its reductions over the rows, forward and backward, in fast loops). On PyTorch,
+    `keras_dinov2.ops.torch.weight_normalized_kernel` (torch's fused weight-norm kernel, forward and
+    backward about half the time of square, sum, maximum and sqrt through autograd). Elsewhere
     keras.ops with autodiff.
     """
     if not isinstance(v, keras.KerasTensor) and _float32(v, g):
         function = _cpu_function(keras.backend.backend(), "weight_normalized_kernel")
         if function is not None:
             return function(v, g, float(floor))
+    function = None if isinstance(v, keras.KerasTensor) else _eager_kernel("weight_normalized_kernel")
+    if function is not None:
+        return function(keras.ops.convert_to_tensor(v), keras.ops.convert_to_tensor(g), float(floor))
     ops = keras.ops
     v, g = ops.convert_to_tensor(v), ops.convert_to_tensor(g)
     return v * (g / ops.sqrt(ops.maximum(ops.sum(ops.square(v), axis=0), floor)))
@@ -221,9 +226,10 @@ def scaled_by_global_norm(grads, max_norm):
     return [g * ops.cast(scale, g.dtype) for g in grads], norm
 
 
-def _float32_kernel(name, x, variables):
-    """`_eager_kernel(name)` where x and every variable are float32 tensors outside an autocast scope."""
-    if keras.backend.standardize_dtype(x.dtype) != "float32" or isinstance(x, keras.KerasTensor):
+def _block_kernel(name, x, variables):
+    """`_eager_kernel(name)` for float32 variables and float32, bfloat16 or float16 x (float32 or a mixed policy)."""
+    if isinstance(x, keras.KerasTensor) or keras.backend.standardize_dtype(x.dtype) not in (
+            "float32", "bfloat16", "float16"):
         return None
     if any(v is not None and keras.backend.standardize_dtype(v.dtype) != "float32" for v in variables):
         return None
@@ -235,16 +241,17 @@ def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale=None):
 
     `norm` is (gamma, beta, epsilon) of a LayerNormalization, `qkv` and `proj` are (kernel, bias or None) of Dense
     layers (kernels (in, out), qkv columns [q | k | v], each head-major), `layer_scale` a gamma variable or None.
-    PyTorch with float32 inputs and variables: `keras_dinov2.ops.torch.attention_branch`, the same torch kernels
-    the Keras layers would run, without Keras' per-layer dispatch (docs/performance.md has what it saves). Elsewhere
+    PyTorch with float32 variables: `keras_dinov2.ops.torch.attention_branch`, the same torch kernels in the same
+    dtypes as the Keras layers (float32, or a mixed policy's compute dtype with LayerNorm in float32), without Keras'
+    per-layer dispatch (docs/performance.md has what it saves). Elsewhere
     None, and the caller runs its Keras layers: XLA (JAX) and tf.function trace that dispatch away.
     """
-    function = _float32_kernel("attention_branch", x, [*norm[:2], *qkv, *proj, layer_scale])
+    function = _block_kernel("attention_branch", x, [*norm[:2], *qkv, *proj, layer_scale])
     return None if function is None else function(x, norm, qkv, proj, int(num_heads), float(scale), layer_scale)
 
 
 def mlp_branch(x, norm, fc1, fc2, layer_scale=None):
     """ls * fc2(gelu(fc1(layer_norm(x)))) (exact erf GELU) as one kernel call where the backend has one, else None;
     the arguments and the backends as `attention_branch`."""
-    function = _float32_kernel("mlp_branch", x, [*norm[:2], *fc1, *fc2, layer_scale])
+    function = _block_kernel("mlp_branch", x, [*norm[:2], *fc1, *fc2, layer_scale])
     return None if function is None else function(x, norm, fc1, fc2, layer_scale)

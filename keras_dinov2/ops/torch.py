@@ -80,20 +80,27 @@ def scaled_by_global_norm(grads, max_norm):
     return [g * scale.to(g.dtype) for g in grads], norm
 
 
-# The transformer block's two residual branches in float32 as plain torch calls. Through Keras each branch is five or
+# The transformer block's two residual branches as plain torch calls. Through Keras each branch is five or
 # six nested Layer calls and a dozen ops, each with Keras' dispatch (argument binding, autocast and name scopes,
 # dtype checks): on a small model on a CPU that dispatch, not the arithmetic, is most of the step. The kernels are
-# the ones Keras' torch backend runs (F.layer_norm, matmul + bias, scaled_dot_product_attention, erf GELU).
+# the ones Keras' torch backend runs (F.layer_norm, matmul + bias, scaled_dot_product_attention, erf GELU), in the
+# same dtypes: under a mixed policy the weights cast to the compute dtype, LayerNorm computed in float32 (with its
+# weights rounded to the compute dtype first, as Keras' autocast hands them over) and its output cast back.
+
+
+def _value(variable, dtype):
+    value = variable.value
+    return value if value.dtype == dtype else value.to(dtype)
 
 
 def _linear(x, kernel, bias):
     # F.linear (addmm: the bias added inside the GEMM, as the reference's nn.Linear) on the (in, out) Keras kernel.
-    return torch.nn.functional.linear(x, kernel.value.t(), None if bias is None else bias.value)
+    return torch.nn.functional.linear(x, _value(kernel, x.dtype).t(), None if bias is None else _value(bias, x.dtype))
 
 
 def _layer_norm(x, gamma, beta, epsilon):
-    gamma, beta = (None if w is None else w.value for w in (gamma, beta))
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], gamma, beta, epsilon)
+    gamma, beta = (None if w is None else _value(w, x.dtype).float() for w in (gamma, beta))
+    return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], gamma, beta, epsilon).to(x.dtype)
 
 
 def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale):
@@ -103,10 +110,20 @@ def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale):
     q, k, v = h.reshape(batch, tokens, 3, num_heads, width // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     out = _linear(out.transpose(1, 2).reshape(batch, tokens, width), *proj)
-    return out if layer_scale is None else out * layer_scale.value
+    return out if layer_scale is None else out * _value(layer_scale, out.dtype)
 
 
 def mlp_branch(x, norm, fc1, fc2, layer_scale):
     """`keras_dinov2.ops.mlp_branch` on PyTorch."""
     out = _linear(torch.nn.functional.gelu(_linear(_layer_norm(x, *norm), *fc1)), *fc2)
-    return out if layer_scale is None else out * layer_scale.value
+    return out if layer_scale is None else out * _value(layer_scale, out.dtype)
+
+
+def weight_normalized_kernel(v, g, floor):
+    """`keras_dinov2.ops.weight_normalized_kernel` on PyTorch: torch's fused weight-norm kernel (the one the
+    reference's `weight_norm` runs; forward and backward each one pass), with one check of its norms against the
+    floor: a column below it (all zero) takes the formula with the floor instead."""
+    kernel, norms = torch._weight_norm_interface(v, g.reshape(1, -1), 1)
+    if bool(torch.all(norms > math.sqrt(floor))):
+        return kernel
+    return v * (g / torch.sqrt(torch.clamp_min(torch.sum(torch.square(v), 0), floor)))
