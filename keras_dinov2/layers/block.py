@@ -214,7 +214,7 @@ class TransformerBlock(keras.layers.Layer):
         if _plain_sublayers(self.norm1, self.attn.qkv, self.attn.proj):
             y = attention_branch(x, _norm(self.norm1), _dense(self.attn.qkv), _dense(self.attn.proj),
                                  self.num_heads, self.attn.head_dim**-0.5, _gamma(self.ls1))
-            if y is not None:  # the backend's one-call kernel (PyTorch, float32)
+            if y is not None:  # the backend's one-call kernel (PyTorch; float32 variables)
                 return y
         y = self.attn(self.norm1(x))
         return y if self.ls1 is None else self.ls1(y)

@@ -1,4 +1,5 @@
-"""PyTorch kernels: the per-process replica seed and replica count, and the multi-tensor updates."""
+"""PyTorch kernels: the per-process replica seed and replica count, the multi-tensor optimizer / clipping / EMA
+updates, the transformer block's residual branches in one call each, and the fused weight-norm kernel."""
 
 import math
 

@@ -64,7 +64,9 @@ class DINOv2AdamW(keras.optimizers.Optimizer):
     gradient) is t + 1 - F from then on, in the bias corrections.
 
     The schedules are evaluated inside the update from the step variable, so one compiled train step serves
-    the whole run on every backend, including JAX's `stateless_apply`. With `param_groups=None` every
+    the whole run on every backend, including JAX's `stateless_apply`. On PyTorch (eager) each group of variables
+    with equal multipliers is updated in one multi-tensor call (`keras_dinov2.ops.multi_tensor_adamw`, the schedules
+    read once per step as Python floats), the same values within float32 rounding. With `param_groups=None` every
     variable gets multipliers 1 (a plain AdamW); with groups, every variable the optimizer is built on must be
     in them (a `ValueError` lists the others). `exclude_from_weight_decay()` is honoured on top of the groups.
 
