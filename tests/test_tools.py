@@ -99,6 +99,27 @@ def test_benchmark_gpu_batch_round_trip_keeps_masks_exact(tmp_path):
 
 
 @pytest.mark.once
+def test_benchmark_gpu_tiles_a_batch_with_its_masks():
+    # --tile K: every view's images K times over, view-major order kept, and the iBOT buffer rebuilt so that each
+    # index points at a masked patch of the tiled masks with weight 1 / (that image's masked patches).
+    rng = np.random.default_rng(1)
+    b, n = 2, 16
+    masks = rng.random((2 * b, n)) < 0.4
+    batch = {"global_crops": np.arange(2 * b, dtype=np.float32).reshape(2 * b, 1, 1, 1),
+             "local_crops": np.arange(4 * b, dtype=np.float32).reshape(4 * b, 1, 1, 1), "masks": masks}
+    out = benchmark_gpu.tile_batch(batch, 3)
+    np.testing.assert_array_equal(out["global_crops"].ravel(), [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3])
+    np.testing.assert_array_equal(out["local_crops"].ravel()[:6], [0, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(out["masks"][: 3 * b], np.concatenate([masks[:b]] * 3))
+    count = int(out["n_masked_patches"])
+    assert count == 3 * masks.sum() and len(out["mask_indices"]) >= count
+    flat = out["masks"].reshape(-1)
+    assert flat[out["mask_indices"][:count]].all() and not out["masks_weight"][count:].any()
+    rows = out["mask_indices"][:count] // n
+    np.testing.assert_allclose(out["masks_weight"][:count], 1.0 / out["masks"].sum(axis=1)[rows])
+
+
+@pytest.mark.once
 def test_compare_dino_versions_judges_collapse_from_the_last_epoch(tmp_path):
     log_k = float(np.log(256))
     cases = {  # name: (teacher_entropy, teacher_marginal_entropy) of the last epoch

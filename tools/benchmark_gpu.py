@@ -17,7 +17,10 @@ the device's dense bf16 peak (989.4 TFLOP/s for H100/H200 SXM) or `--peak-tflops
 
 Which attention kernels ran: JAX dumps the optimized HLO (XLA_FLAGS=--xla_dump_to) and the worker counts cuDNN
 fused-attention custom calls (`__cudnn$fmha...`) against plain dot/softmax attention; torch profiles one step and
-lists the CUDA kernels whose names say flash / memory-efficient / cuDNN attention.
+lists the CUDA kernels whose names say flash / memory-efficient / cuDNN attention, with the step's wall time against
+the GPU's kernel time and the operators with the most host time (is the step bound by the host's dispatch?).
+
+`--tile K` replays the batch's images K times over (a batch of 64 from a file of 32, the mask buffer rebuilt).
 
 Where TensorFlow is missing, `keras_dinov2` (whose data package builds tf.data pipelines at import) is imported
 with an inert stand-in for the `tensorflow` module, removed again afterwards; nothing in the training step calls it.
@@ -57,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", metavar="NPZ", help="the batch written by --write-batch")
     p.add_argument("--model", default="large", choices=sorted(MODELS))
     p.add_argument("--batch-size", type=int, default=32, help="images per batch for --write-batch")
+    p.add_argument("--tile", type=int, default=1,
+                   help="replay the batch's images this many times over (a larger batch from one file: the "
+                        "files travel to the GPU machine, and a ViT-L/14 batch of 64 would be ~70 MB)")
     p.add_argument("--backends", default="jax,torch", help="comma-separated: jax, torch, tensorflow")
     p.add_argument("--dtype", default="mixed_bfloat16",
                    choices=["mixed_bfloat16", "mixed_float16", "float32"])
@@ -100,6 +106,31 @@ def read_batch(path):
     return model, batch
 
 
+def tile_batch(batch, times):
+    """The batch with each view's images repeated `times` times (view-major order kept) and the iBOT mask buffer
+    rebuilt from the tiled masks: flat indices of the masked patches, 1 / (masked patches of that image), padding
+    with zeros to mask_buffer_size(2 * batch size) or the count, whichever is larger."""
+    if times == 1:
+        return batch
+    from keras_dinov2.data.mask_budget import mask_buffer_size
+
+    out = dict(batch)
+    for key in ("global_crops", "local_crops", "masks"):
+        if key in batch:
+            views = batch[key].reshape(-1, batch["global_crops"].shape[0] // 2, *batch[key].shape[1:])
+            out[key] = np.concatenate([views] * times, axis=1).reshape(-1, *batch[key].shape[1:])
+    masks = out["masks"]
+    num_images, num_patches = masks.shape
+    indices = np.flatnonzero(masks.reshape(-1)).astype(np.int32)
+    per_image = masks.sum(axis=1).astype(np.float32)
+    weights = 1.0 / np.maximum(per_image[indices // num_patches], 1.0)
+    size = max(mask_buffer_size(num_images, num_patches), len(indices))
+    out["mask_indices"] = np.concatenate([indices, np.zeros(size - len(indices), np.int32)])
+    out["masks_weight"] = np.concatenate([weights, np.zeros(size - len(indices), np.float32)]).astype(np.float32)
+    out["n_masked_patches"] = np.asarray(len(indices), np.int32)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- worker
 
 
@@ -139,19 +170,36 @@ def _attention_jax(dump):
     return {"hlo_modules": len(files), "cudnn_fmha_calls": fused, "cudnn_fmha_targets": targets}
 
 
-def _attention_torch(step):
+def _profile_torch(step):
+    """One profiled step: the attention kernels that ran, the step's wall time against the time the GPU spent in
+    kernels (far below the wall time: the host's Python and Keras dispatch, not the GPU, sets the pace), and the
+    operators with the most host time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         step()
         torch.cuda.synchronize()
-    names = {}
+        wall = time.perf_counter() - start
+    names, kernels_us, by_ops_us, ops, calls = {}, 0.0, 0.0, [], 0
     for event in prof.key_averages():
         name = event.key
-        if re.search(r"flash|fmha|efficient_attention|cudnn.*att|attention", name, re.I):
+        device = getattr(event, "self_device_time_total", None)
+        device = getattr(event, "self_cuda_time_total", 0.0) if device is None else device
+        if "CUDA" in str(getattr(event, "device_type", "")):
+            kernels_us += device  # the kernels themselves
+        else:
+            by_ops_us += device  # the same kernels, charged to the operators that launched them
+        if re.search(r"flash|fmha|efficient_attention|cudnn.*att|attention", name, re.I) and device:
             names[name[:120]] = names.get(name[:120], 0) + event.count
-    return {"attention_kernels": names}
+        if name.startswith("aten::") or name.startswith("torch"):
+            calls += event.count
+            ops.append((event.self_cpu_time_total, event.count, name))
+    ops.sort(reverse=True)
+    return {"attention_kernels": names, "profiled_step_s": wall, "gpu_kernel_s": max(kernels_us, by_ops_us) / 1e6,
+            "host_op_calls": calls,
+            "top_host_ops": [{"op": n, "calls": c, "self_cpu_ms": round(t / 1e3, 1)} for t, c, n in ops[:15]]}
 
 
 def worker(spec):
@@ -163,6 +211,7 @@ def worker(spec):
     from keras_dinov2.backbone import ARCHITECTURES
 
     model_name, batch = read_batch(spec["batch"])
+    batch = tile_batch(batch, spec.get("tile", 1))
     preset, config = _config(model_name)
     batch_size = int(batch["global_crops"].shape[0]) // 2
     config.batch_size = batch_size
@@ -225,7 +274,7 @@ def worker(spec):
 
         if torch.cuda.is_available():
             result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-            result.update(_attention_torch(
+            result.update(_profile_torch(
                 lambda: model.fit(batches(), epochs=1, steps_per_epoch=1, verbose=0)))
     return result
 
@@ -235,7 +284,7 @@ def worker(spec):
 
 def run_backend(args, backend, workdir):
     spec = {"backend": backend, "batch": os.path.abspath(args.batch), "dtype": args.dtype,
-            "warmup": args.warmup, "steps": args.steps, "peak_tflops": args.peak_tflops,
+            "tile": args.tile, "warmup": args.warmup, "steps": args.steps, "peak_tflops": args.peak_tflops,
             "dump": os.path.join(workdir, f"hlo_{backend}")}
     spec_path = os.path.join(workdir, f"{backend}.json")
     with open(spec_path, "w") as f:
@@ -280,6 +329,9 @@ def main(argv=None):
             else:
                 failures.append(failure)
                 print("FAILED " + failure, flush=True)
+            if args.json:  # after every backend: a later one that runs out of time loses nothing before it
+                with open(args.json, "w") as f:
+                    json.dump({"results": results, "failures": failures}, f, indent=1)
     header = (f"{'backend':<8} {'model':<6} {'batch':>5} {'s/step':>7} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} "
               f"{'peak GB':>8}")
     print(header)
@@ -291,9 +343,12 @@ def main(argv=None):
     for r in results:
         if jax_r and r is not jax_r:
             print(f"{r['backend']} / jax images/s: {r['images_per_s'] / jax_r['images_per_s']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": results, "failures": failures}, f, indent=1)
+    for r in results:
+        if "gpu_kernel_s" in r:
+            print(f"{r['backend']}: one profiled step {r['profiled_step_s']:.3f} s, "
+                  f"GPU kernels {r['gpu_kernel_s']:.3f} s, "
+                  f"{r['host_op_calls']} operator calls; "
+                  "most host time: " + ", ".join(f"{o['op']} {o['self_cpu_ms']} ms" for o in r["top_host_ops"][:6]))
     return 0 if results and not failures else 1
 
 
