@@ -124,6 +124,46 @@ def test_subset_stochastic_depth_updates_only_the_kept_samples():
     np.testing.assert_array_equal(a, to_numpy(block(tokens, training=False)))
 
 
+def _grad_of(fn, x):
+    """d sum(fn(x)) / dx on the current backend, as NumPy."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda t: fn(t).sum())(x))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        t = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = tf.reduce_sum(fn(t))
+        return tape.gradient(y, t).numpy()
+    import torch
+
+    t = torch.tensor(x, requires_grad=True)
+    fn(t).sum().backward()
+    return t.grad.numpy()
+
+
+def test_subset_stochastic_depth_adds_the_branch_to_the_kept_rows_and_passes_the_others():
+    # The reference's index_add: kept rows x + scale * branch(x), the others x unchanged, and the gradient
+    # 1 + scale * 2 through a kept row (branch 2t), 1 through a dropped one.
+    block = TransformerBlock(8, 2, drop_path_rate=0.5, seed=3)
+    block.build((8, 3, 8))
+    x = np.random.default_rng(0).normal(size=(8, 3, 8)).astype("float32")
+    kept, scale = 4, 8 / 4
+    out = to_numpy(block._subset_residual(ops.convert_to_tensor(x), lambda t: 2.0 * t))
+    changed = np.abs(out - x).reshape(8, -1).max(axis=1) > 0
+    assert changed.sum() == kept
+    np.testing.assert_allclose(out[changed], x[changed] * (1 + 2 * scale), rtol=1e-6)
+    np.testing.assert_array_equal(out[~changed], x[~changed])
+    grad = _grad_of(lambda t: block._subset_residual(t, lambda u: 2.0 * u), x)
+    rows = grad.reshape(8, -1)
+    assert sorted(np.unique(rows.round(5)).tolist()) == [1.0, 1 + 2 * scale]
+    assert ((rows == 1 + 2 * scale).all(axis=1)).sum() == kept
+
+
 def test_training_with_drop_path_differs_from_inference():
     backbone = DINOv2Backbone(drop_path_rate=0.5, **TINY)
     x = _images(4, 16, 16)

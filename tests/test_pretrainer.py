@@ -154,6 +154,35 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(second.losses, recorder.losses[2:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="Keras' JAX trainer compiles the step with jax.jit")
+def test_jax_step_compiles_once_ahead_and_releases_host_memory_before_running(monkeypatch, caplog):
+    import jax
+
+    from keras_dinov2.trainers import jax as jax_trainer
+
+    events = []
+    monkeypatch.setattr(jax_trainer, "release_host_memory", lambda: events.append("released") or True)
+    model = tiny_model()
+    real = model.train_step
+
+    def train_step(state, data):  # runs when the step is traced, i.e. compiled
+        events.append("traced")
+        return real(state, data)
+
+    model.train_step = train_step
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING", logger="jax"):
+            history = model.fit(dataset([make_batch(0), make_batch(1)]), epochs=1, verbose=0)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    # Traced and compiled once for both steps, and the memory released after compiling, before the first run.
+    assert events == ["traced", "released"], events
+    compiles = [r for r in caplog.records if "Finished XLA compilation of jit(train_step)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage() for r in compiles]
+    assert np.isfinite(history.history["loss"][-1])
+
+
 def test_validation_data_reports_the_loss_without_updating():
     model = tiny_model()
     center = to_numpy(model.dino_center)

@@ -239,8 +239,11 @@ class TransformerBlock(keras.layers.Layer):
             ops.arange(batch, dtype="int32"), seed=self.drop_path.seed_generator
         )
         index = order[:kept]
-        residual = branch(ops.take(x, index, axis=0)) * ops.cast(batch / kept, x.dtype)
-        return x + ops.scatter(index[:, None], residual, ops.shape(x))
+        kept_x = ops.take(x, index, axis=0)
+        residual = branch(kept_x) * ops.cast(batch / kept, x.dtype)
+        # The reference's index_add: kept rows x + residual, the others x. Not x + ops.scatter(...): Keras' torch
+        # scatter loops over the rows in Python with a host sync each (on an H200 that made ViT-L's step host-bound).
+        return ops.scatter_update(x, index[:, None], kept_x + residual)
 
     def call(self, x, training=None):
         # A no-op except in the backward pass on JAX's CPU backend (see its docstring).

@@ -20,12 +20,12 @@ from keras_dinov2.pretrainer.batches import (
     view_major,
 )
 from keras_dinov2.pretrainer.heads import StudentParts, projection_heads
-from keras_dinov2.pretrainer.registry import trainer_module
+from keras_dinov2.pretrainer.registry import TrainerHooks, trainer_module
 from keras_dinov2.pretrainer.teacher import EMATeacher, collapse_signals
 from keras_dinov2.schedules import schedules_from_config
 
 
-class DINOv2Pretrainer(keras.Model):
+class DINOv2Pretrainer(TrainerHooks, keras.Model):
     """The DINOv2 meta-architecture: student and EMA teacher backbones, DINO and iBOT heads.
 
     One training step, as the reference's `SSLMetaArch`: the teacher (no drop path, no
@@ -432,10 +432,6 @@ class DINOv2Pretrainer(keras.Model):
 
     def train_step(self, *args):
         return self._train_step(self, *args)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Called by Keras' TensorFlow trainer only (see keras_dinov2.trainers.tensorflow).
-        return trainer_module().maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
 
     def test_step(self, *args):
         """The loss on a multi-crop validation batch, without any update (`validation_data`).

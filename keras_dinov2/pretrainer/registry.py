@@ -28,3 +28,20 @@ def trainer_module(backend=None):
             f"DINOv2Pretrainer supports the {', '.join(sorted(_TRAINERS)) or 'registered'} backends, not {backend!r}."
         )
     return importlib.import_module(_TRAINERS[backend])
+
+
+class TrainerHooks:
+    """The two places where Keras' backend trainers call into a model during `fit`, routed to the trainer module.
+
+    A mixin before `keras.Model` in the pretrainers' bases. `_maybe_symbolic_build` is called by Keras' TensorFlow
+    trainer only; `_make_function` by the JAX and TensorFlow trainers, with the (compiled) step function, which the
+    module may wrap (`wrap_step_function`: JAX compiles the step ahead of its first run, see
+    `keras_dinov2.trainers.jax`).
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        return trainer_module().maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
+
+    def _make_function(self, step_function, *args, **kwargs):
+        wrap = getattr(trainer_module(), "wrap_step_function", None)
+        return super()._make_function(step_function if wrap is None else wrap(step_function), *args, **kwargs)
