@@ -9,7 +9,7 @@ import keras_hub
 from keras import ops
 
 from keras_dinov2.config.architectures import ARCHITECTURES
-from keras_dinov2.layers.block import TransformerBlock
+from keras_dinov2.layers.block import TransformerBlock, residual_stream_policy
 from keras_dinov2.layers.embeddings import DINOv2Embeddings
 
 
@@ -52,7 +52,9 @@ class DINOv2Backbone(keras_hub.models.Backbone):
             samples at rates above 0.1, as the reference does; see `TransformerBlock`.
         layer_norm_epsilon: float, default 1e-6.
         dtype: optional dtype policy, e.g. "mixed_bfloat16". Position interpolation and the
-            attention softmax always run in float32.
+            attention softmax always run in float32; under a mixed policy the residual stream (and so
+            every output) stays float32, as under torch.autocast: only attention and the feed-forward
+            layers run in the compute dtype.
 
     Example:
     >>> backbone = DINOv2Backbone.from_preset("dinov2_vit_small14", load_weights=False)
@@ -123,8 +125,9 @@ class DINOv2Backbone(keras_hub.models.Backbone):
             )
             for i in range(num_layers)
         ]
+        # On the residual stream: float32 under mixed policies (see `residual_stream_policy`).
         self.norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=dtype, name="norm"
+            epsilon=layer_norm_epsilon, dtype=residual_stream_policy(dtype), name="norm"
         )
 
         # === Functional model ===

@@ -164,6 +164,27 @@ def test_subset_stochastic_depth_adds_the_branch_to_the_kept_rows_and_passes_the
     assert ((rows == 1 + 2 * scale).all(axis=1)).sum() == kept
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_the_residual_stream_float32(policy):
+    # As under torch.autocast: only attention and the feed-forward layers run in the compute dtype. A branch scaled
+    # by a small LayerScale still moves tokens of size ~1 (a bfloat16 sum, 2^-8 apart there, would round it away),
+    # and the outputs (the CLS tokens KoLeo reads) are float32.
+    keras.config.set_dtype_policy(policy)
+    try:
+        block = TransformerBlock(16, 4, mlp_ratio=2.0, layer_scale_init=1e-3)
+        x = np.random.default_rng(0).uniform(0.5, 1.0, size=(2, 5, 16)).astype("float32")
+        out = block(x)
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+        moved = np.abs(to_numpy(out) - x) > 0
+        assert moved.mean() > 0.9, moved.mean()
+        backbone = DINOv2Backbone(**TINY)
+        outputs = backbone({"images": _images(2, 16, 16)})
+        assert {keras.backend.standardize_dtype(v.dtype) for v in outputs.values()} == {"float32"}
+        assert keras.backend.standardize_dtype(backbone.transformer_blocks[0].attn.qkv.compute_dtype) != "float32"
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
 def test_training_with_drop_path_differs_from_inference():
     backbone = DINOv2Backbone(drop_path_rate=0.5, **TINY)
     x = _images(4, 16, 16)
@@ -259,7 +280,9 @@ def test_mixed_precision(policy):
     backbone = DINOv2Backbone(dtype=policy, **TINY)
     backbone.set_weights(reference.get_weights())
     out = backbone({"images": x})
-    assert keras.backend.standardize_dtype(out["cls_token"].dtype) == policy.split("_")[1]
+    # The residual stream and so the outputs stay float32 (as under torch.autocast); attention runs in the policy's.
+    assert keras.backend.standardize_dtype(out["cls_token"].dtype) == "float32"
+    assert backbone.transformer_blocks[0].attn.compute_dtype == policy.split("_")[1]
     # Variables stay float32; position interpolation runs in float32.
     assert backbone.embeddings.position_embedding.dtype == "float32"
     assert "float32" in str(backbone.embeddings.interpolated_position_embedding(12, 12).dtype)

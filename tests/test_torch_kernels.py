@@ -172,7 +172,8 @@ def test_fused_block_branches_match_the_keras_layers(options, plain_path):
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_fused_block_branches_match_the_keras_layers_under_mixed_precision(policy, plain_path):
-    # The compute dtype as Keras runs it: weights cast down, LayerNorm in float32, its output cast back.
+    # The dtypes as the block's Keras layers run them: LayerNorm and LayerScale in float32 on the float32 stream,
+    # the products and attention in the compute dtype with the weights cast down.
     keras.config.set_dtype_policy(policy)
     block = TransformerBlock(16, 4, mlp_ratio=2.0, layer_scale_init=0.5)
     x = np.random.default_rng(0).standard_normal((4, 7, 16)).astype("float32")
@@ -196,8 +197,9 @@ def test_fused_branches_take_float_inputs_with_float32_variables_only():
     dense = (block.attn.qkv.kernel, block.attn.qkv.bias)
     proj = (block.attn.proj.kernel, block.attn.proj.bias)
     assert kd_ops.attention_branch(x, norm, dense, proj, 2, 0.5) is not None
-    out = kd_ops.attention_branch(x.bfloat16(), norm, dense, proj, 2, 0.5)
-    assert out.dtype == torch.bfloat16
+    out = kd_ops.attention_branch(x, norm, dense, proj, 2, 0.5, compute_dtype="bfloat16")
+    assert out.dtype == torch.bfloat16  # no LayerScale: the products' dtype
+    assert kd_ops.attention_branch(x.bfloat16(), norm, dense, proj, 2, 0.5) is not None
     assert kd_ops.attention_branch(x.int(), norm, dense, proj, 2, 0.5) is None
     with kd_ops.plain_keras_ops():
         assert kd_ops.attention_branch(x, norm, dense, proj, 2, 0.5) is None

@@ -357,9 +357,26 @@ def print_report(args, info, results, skipped):
             f"{fmt(r.get('warm_peak_rss_mb'), '{:.0f}')} / {r['peak_rss_mb']:.0f}"
             + (f"  <-- unsteady (slowest / fastest {spread:.1f})" if spread > 1.5 else "")
         )
+    _print_loss_terms(results, baselines)
     if kind == "reference":
         _print_goal(results, baselines)
     print_footer(skipped, width)
+
+
+def _print_loss_terms(results, baselines):
+    """The last step's loss terms per row (KoLeo unweighted), and each one's difference from the baseline's: which
+    term a loss gap comes from (the reference's masks are its own generator's, so iBOT differs a little anyway)."""
+    rows = [r for r in results if r.get("loss_terms")]
+    if not rows:
+        return
+    print("Loss terms of the last step (KoLeo before its weight 0.1; in brackets: minus the baseline's):")
+    for r in rows:
+        base = (baselines.get(r["drop_path"]) or {}).get("loss_terms") or {}
+        parts = []
+        for name, value in r["loss_terms"].items():
+            diff = f" ({value - base[name]:+.4f})" if name in base and base is not r["loss_terms"] else ""
+            parts.append(f"{name} {value:.4f}{diff}")
+        print(f"  {row_label(r)} / {r['backend']} / drop {r['drop_path']:g}: " + ", ".join(parts))
 
 
 def _print_goal(results, baselines):
@@ -493,7 +510,7 @@ def _load_batch(spec):
         return {k: data[k] for k in data.files}
 
 
-def _finish(spec, timed, first, loss, memory, device, method, notes):
+def _finish(spec, timed, first, loss, memory, device, method, notes, terms=None):
     """The result row of one implementation at one rate, from its timed steps."""
     return {
         "kind": spec["kind"],
@@ -508,6 +525,7 @@ def _finish(spec, timed, first, loss, memory, device, method, notes):
         "fit_s_per_step": timed.seconds / len(timed.times),
         "first_step_s": first,
         "loss": loss,
+        "loss_terms": terms or {},
         "peak_rss_mb": peak_rss_mb(),
         "import_rss_mb": memory["import"],
         "built_peak_rss_mb": memory["built"],
@@ -589,7 +607,7 @@ def _measure_keras(spec):
         notes += f", live JAX arrays after the steps {live / 2**20:.0f} MB"
     if os.environ.get("XLA_FLAGS"):
         notes += f", XLA_FLAGS={os.environ['XLA_FLAGS']}"
-    result = _finish(spec, timed, first, timer.last_loss, memory, gpu or "cpu", method, notes)
+    result = _finish(spec, timed, first, timer.last_loss, memory, gpu or "cpu", method, notes, timer.last_terms)
     result["gpu_peak_mb"] = gpu_peak_mb(backend, gpu)
     return result
 
@@ -800,6 +818,8 @@ def _measure_reference(spec):
             return contextlib.nullcontext()
         return torch.autocast(device, dtype=autocast_dtype)
 
+    terms = {}  # the last forward_backward's loss terms
+
     def forward_backward(teacher_temp):
         # SSLMetaArch.forward_backward, "centering", shared DINO / iBOT head, no xFormers.
         n_global_crops = 2
@@ -891,6 +911,8 @@ def _measure_reference(spec):
                 * ibot_loss_scale
             )
             loss += ibot
+        # As the library's logs give them: KoLeo before its weight 0.1 (the others enter the loss with weight 1).
+        terms.update(dino_local=dino_local, dino_global=dino_global, ibot=ibot, koleo=koleo / 0.1)
         loss.backward()
         return loss
 
@@ -923,7 +945,8 @@ def _measure_reference(spec):
         + ("; " + "; ".join(ref["fallbacks"]) if ref["fallbacks"] else "")
     )
     loss = float(timed.output)
-    result = _finish(spec, timed, first, loss, memory, gpu or "cpu", "eager", notes)
+    terms = {k: float(v) for k, v in terms.items()}  # the last step's, read once the timing is done
+    result = _finish(spec, timed, first, loss, memory, gpu or "cpu", "eager", notes, terms)
     if "tensorflow" in sys.modules:
         notes += "; TensorFlow got imported, which inflates the peak RSS"
         result["notes"] = notes

@@ -107,6 +107,21 @@ class DropPath(keras.layers.Layer):
         return config
 
 
+def residual_stream_policy(policy):
+    """The dtype policy of the residual stream under `policy`: its variable dtype (float32 under mixed policies).
+
+    torch.autocast, under which the reference trains, lowers only the matrix products and attention: the tokens
+    the blocks add their branches to stay float32 (float32 parameters promote the sums), and LayerNorm reads them in
+    float32. A Keras mixed policy would round them to the compute dtype at every layer: a branch scaled by
+    LayerScale's 1e-5 then vanishes in the sum (bfloat16 keeps 8 significant bits), and at initialization the
+    global CLS tokens of different images round to the same vector (KoLeo then measures rounding). So the
+    stream's layers (the embeddings' sum, the blocks' LayerNorms, LayerScales, stochastic depth and residual sums,
+    the final norm) run in this policy and the attention and feed-forward layers in the compute dtype.
+    """
+    policy = keras.config.dtype_policy() if policy is None else keras.dtype_policies.get(policy)
+    return keras.DTypePolicy(policy.variable_dtype)
+
+
 def _plain_sublayers(norm, *denses):
     """Whether a LayerNormalization over the last axis and plain Dense layers (no activation, LoRA or quantization)
     are all a fused branch kernel has to reproduce."""
@@ -137,6 +152,11 @@ class TransformerBlock(keras.layers.Layer):
     max(int(B * (1 - rate)), 1) samples and added back scaled by B / subset, which saves the
     dropped samples' compute; at lower rates, or when the batch size is not static, an
     ordinary per-sample drop path is used. Both keep the expectation of the branch.
+
+    Under a mixed policy the residual stream stays in the variable dtype, as under torch.autocast
+    (`residual_stream_policy`): the block takes x as it comes (no input autocast), its norms,
+    LayerScales and stochastic depth run in float32, attention and feed-forward in the compute
+    dtype; the output is float32.
 
     Args:
         hidden_dim: int. Token width.
@@ -169,6 +189,8 @@ class TransformerBlock(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
+        # The block takes its input as it comes (the residual stream; see the class docstring).
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if ffn_type not in FFN_TYPES:
             raise ValueError(f"`ffn_type` must be one of {FFN_TYPES}, received {ffn_type!r}.")
@@ -182,12 +204,13 @@ class TransformerBlock(keras.layers.Layer):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.seed = seed
         policy = self.dtype_policy
+        stream = residual_stream_policy(policy)
         self.norm1 = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=policy, name="norm1"
+            epsilon=layer_norm_epsilon, dtype=stream, name="norm1"
         )
         self.attn = Attention(hidden_dim, num_heads, dtype=policy, name="attn")
         self.norm2 = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
+            epsilon=layer_norm_epsilon, dtype=stream, name="norm2"
         )
         if ffn_type == "mlp":
             self.mlp = MLP(hidden_dim, int(hidden_dim * mlp_ratio), dtype=policy, name="mlp")
@@ -196,11 +219,11 @@ class TransformerBlock(keras.layers.Layer):
                 hidden_dim, swiglu_hidden_dim(hidden_dim, mlp_ratio), dtype=policy, name="mlp"
             )
         if self.layer_scale_init is not None:
-            self.ls1 = LayerScale(hidden_dim, self.layer_scale_init, dtype=policy, name="ls1")
-            self.ls2 = LayerScale(hidden_dim, self.layer_scale_init, dtype=policy, name="ls2")
+            self.ls1 = LayerScale(hidden_dim, self.layer_scale_init, dtype=stream, name="ls1")
+            self.ls2 = LayerScale(hidden_dim, self.layer_scale_init, dtype=stream, name="ls2")
         else:
             self.ls1 = self.ls2 = None
-        self.drop_path = DropPath(self.drop_path_rate, seed=seed, dtype=policy, name="drop_path")
+        self.drop_path = DropPath(self.drop_path_rate, seed=seed, dtype=stream, name="drop_path")
 
     def build(self, input_shape):
         for layer in (self.norm1, self.attn, self.norm2, self.mlp):
@@ -213,7 +236,7 @@ class TransformerBlock(keras.layers.Layer):
     def _attention_branch(self, x):
         if _plain_sublayers(self.norm1, self.attn.qkv, self.attn.proj):
             y = attention_branch(x, _norm(self.norm1), _dense(self.attn.qkv), _dense(self.attn.proj),
-                                 self.num_heads, self.attn.head_dim**-0.5, _gamma(self.ls1))
+                                 self.num_heads, self.attn.head_dim**-0.5, _gamma(self.ls1), self.compute_dtype)
             if y is not None:  # the backend's one-call kernel (PyTorch; float32 variables)
                 return y
         y = self.attn(self.norm1(x))
@@ -221,14 +244,15 @@ class TransformerBlock(keras.layers.Layer):
 
     def _ffn_branch(self, x):
         if self.ffn_type == "mlp" and _plain_sublayers(self.norm2, self.mlp.fc1, self.mlp.fc2):
-            y = mlp_branch(x, _norm(self.norm2), _dense(self.mlp.fc1), _dense(self.mlp.fc2), _gamma(self.ls2))
+            y = mlp_branch(x, _norm(self.norm2), _dense(self.mlp.fc1), _dense(self.mlp.fc2), _gamma(self.ls2),
+                           self.compute_dtype)
             if y is not None:
                 return y
         y = self.mlp(self.norm2(x))
         return y if self.ls2 is None else self.ls2(y)
 
     def _residual(self, x, branch, training):
-        y = branch(x)
+        y = ops.cast(branch(x), x.dtype)  # the compute dtype without LayerScale: the sum is the stream's
         # DropPath is the identity unless it draws: skip its layer call then.
         return x + (self.drop_path(y, training=training) if training and self.drop_path_rate else y)
 
@@ -240,7 +264,7 @@ class TransformerBlock(keras.layers.Layer):
         )
         index = order[:kept]
         kept_x = ops.take(x, index, axis=0)
-        residual = branch(kept_x) * ops.cast(batch / kept, x.dtype)
+        residual = ops.cast(branch(kept_x), x.dtype) * ops.cast(batch / kept, x.dtype)
         # The reference's index_add: kept rows x + residual, the others x. Not x + ops.scatter(...): Keras' torch
         # scatter loops over the rows in Python with a host sync each (on an H200 that made ViT-L's step host-bound).
         return ops.scatter_update(x, index[:, None], kept_x + residual)

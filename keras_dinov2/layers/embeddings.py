@@ -100,6 +100,9 @@ class DINOv2Embeddings(keras.layers.Layer):
         cls_token_init_std=1e-6,
         **kwargs,
     ):
+        # Tokens leave in the variable dtype (float32 under mixed policies): the residual stream, see
+        # keras_dinov2.layers.block.residual_stream_policy. The patch embedding runs in the compute dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if interpolation not in INTERPOLATION_MODES:
             raise ValueError(
@@ -213,6 +216,7 @@ class DINOv2Embeddings(keras.layers.Layer):
         if masks is not None:
             mask_token = ops.cast(self.mask_token, x.dtype)[None]
             x = ops.where(ops.expand_dims(masks, -1), mask_token, x)
+        x = ops.cast(x, self.variable_dtype)  # the compute dtype's patches, summed in the stream's dtype
         batch = ops.shape(x)[0]
         cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (batch, 1, self.hidden_dim))
         x = ops.concatenate([cls, x], axis=1)

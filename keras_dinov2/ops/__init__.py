@@ -236,22 +236,25 @@ def _block_kernel(name, x, variables):
     return _eager_kernel(name)
 
 
-def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale=None):
+def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale=None, compute_dtype="float32"):
     """ls * proj(attention(qkv(layer_norm(x)))) as one kernel call where the backend has one, else None.
 
     `norm` is (gamma, beta, epsilon) of a LayerNormalization, `qkv` and `proj` are (kernel, bias or None) of Dense
     layers (kernels (in, out), qkv columns [q | k | v], each head-major), `layer_scale` a gamma variable or None.
-    PyTorch with float32 variables: `keras_dinov2.ops.torch.attention_branch`, the same torch kernels in the same
-    dtypes as the Keras layers (float32, or a mixed policy's compute dtype with LayerNorm in float32), without Keras'
+    The dtypes of `TransformerBlock` under its policy: LayerNorm in float32 on x, the products and attention in
+    `compute_dtype`, LayerScale in float32 (the result is then float32; without LayerScale, `compute_dtype`).
+    PyTorch with float32 variables: `keras_dinov2.ops.torch.attention_branch`, the same torch kernels, without Keras'
     per-layer dispatch (docs/performance.md has what it saves). Elsewhere
     None, and the caller runs its Keras layers: XLA (JAX) and tf.function trace that dispatch away.
     """
     function = _block_kernel("attention_branch", x, [*norm[:2], *qkv, *proj, layer_scale])
-    return None if function is None else function(x, norm, qkv, proj, int(num_heads), float(scale), layer_scale)
+    return None if function is None else function(x, norm, qkv, proj, int(num_heads), float(scale), layer_scale,
+                                                  keras.backend.standardize_dtype(compute_dtype))
 
 
-def mlp_branch(x, norm, fc1, fc2, layer_scale=None):
+def mlp_branch(x, norm, fc1, fc2, layer_scale=None, compute_dtype="float32"):
     """ls * fc2(gelu(fc1(layer_norm(x)))) (exact erf GELU) as one kernel call where the backend has one, else None;
-    the arguments and the backends as `attention_branch`."""
+    the arguments, dtypes and backends as `attention_branch`."""
     function = _block_kernel("mlp_branch", x, [*norm[:2], *fc1, *fc2, layer_scale])
-    return None if function is None else function(x, norm, fc1, fc2, layer_scale)
+    return None if function is None else function(x, norm, fc1, fc2, layer_scale,
+                                                  keras.backend.standardize_dtype(compute_dtype))

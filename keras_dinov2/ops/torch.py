@@ -85,8 +85,8 @@ def scaled_by_global_norm(grads, max_norm):
 # six nested Layer calls and a dozen ops, each with Keras' dispatch (argument binding, autocast and name scopes,
 # dtype checks): on a small model on a CPU that dispatch, not the arithmetic, is most of the step. The kernels are
 # the ones Keras' torch backend runs (F.layer_norm, matmul + bias, scaled_dot_product_attention, erf GELU), in the
-# same dtypes: under a mixed policy the weights cast to the compute dtype, LayerNorm computed in float32 (with its
-# weights rounded to the compute dtype first, as Keras' autocast hands them over) and its output cast back.
+# dtypes of TransformerBlock's layers: LayerNorm in float32 on the residual stream (its float32 weights), its
+# output cast to the compute dtype for the products and attention (weights cast likewise), LayerScale in float32.
 
 
 def _value(variable, dtype):
@@ -99,25 +99,29 @@ def _linear(x, kernel, bias):
     return torch.nn.functional.linear(x, _value(kernel, x.dtype).t(), None if bias is None else _value(bias, x.dtype))
 
 
-def _layer_norm(x, gamma, beta, epsilon):
-    gamma, beta = (None if w is None else _value(w, x.dtype).float() for w in (gamma, beta))
-    return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], gamma, beta, epsilon).to(x.dtype)
+def _layer_norm(x, gamma, beta, epsilon, dtype):
+    gamma, beta = (None if w is None else _value(w, torch.float32) for w in (gamma, beta))
+    return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], gamma, beta, epsilon).to(dtype)
 
 
-def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale):
+def _layer_scale(out, layer_scale):
+    return out if layer_scale is None else out.float() * _value(layer_scale, torch.float32)
+
+
+def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale, compute_dtype):
     """`keras_dinov2.ops.attention_branch` on PyTorch."""
     batch, tokens, width = x.shape
-    h = _linear(_layer_norm(x, *norm), *qkv)
+    h = _linear(_layer_norm(x, *norm, getattr(torch, compute_dtype)), *qkv)
     q, k, v = h.reshape(batch, tokens, 3, num_heads, width // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     out = _linear(out.transpose(1, 2).reshape(batch, tokens, width), *proj)
-    return out if layer_scale is None else out * _value(layer_scale, out.dtype)
+    return _layer_scale(out, layer_scale)
 
 
-def mlp_branch(x, norm, fc1, fc2, layer_scale):
+def mlp_branch(x, norm, fc1, fc2, layer_scale, compute_dtype):
     """`keras_dinov2.ops.mlp_branch` on PyTorch."""
-    out = _linear(torch.nn.functional.gelu(_linear(_layer_norm(x, *norm), *fc1)), *fc2)
-    return out if layer_scale is None else out * _value(layer_scale, out.dtype)
+    h = _layer_norm(x, *norm, getattr(torch, compute_dtype))
+    return _layer_scale(_linear(torch.nn.functional.gelu(_linear(h, *fc1)), *fc2), layer_scale)
 
 
 def weight_normalized_kernel(v, g, floor):

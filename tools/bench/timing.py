@@ -9,6 +9,9 @@ import statistics
 import time
 from typing import Any, NamedTuple
 
+# The DINOv2 pretrainer's loss terms, as its logs name them (their weighted sum is "loss").
+LOSS_TERMS = ("dino_local", "dino_global", "ibot", "koleo")
+
 
 class Timed(NamedTuple):
     """What `time_calls` measured."""
@@ -89,6 +92,7 @@ def step_timer(sync=None):
 
         def reset(self):
             self.times, self.cpu_times, self.ends, self.last_loss = [], [], [], None
+            self.last_terms = {}  # the last step's loss terms (logs other than "loss" named in LOSS_TERMS)
             self.train_begin = self._start = self._cpu = None
 
         def intervals(self):
@@ -112,5 +116,6 @@ def step_timer(sync=None):
             self.ends.append(end)
             if logs and "loss" in logs:
                 self.last_loss = float(logs["loss"])
+                self.last_terms = {k: float(logs[k]) for k in LOSS_TERMS if k in logs}
 
     return StepTimer()
