@@ -156,7 +156,7 @@ class TransformerBlock(keras.layers.Layer):
     Under a mixed policy the residual stream stays in the variable dtype, as under torch.autocast
     (`residual_stream_policy`): the block takes x as it comes (no input autocast), its norms,
     LayerScales and stochastic depth run in float32, attention and feed-forward in the compute
-    dtype; the output is float32.
+    dtype; the output is in the variable dtype (float32).
 
     Args:
         hidden_dim: int. Token width.
