@@ -426,3 +426,21 @@ def test_backbone_gradients_do_not_depend_on_the_residual_boundary(monkeypatch):
     without = grads()
     for a, b in zip(with_boundary, without):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_call_runs_the_layers_as_the_functional_graph_does():
+    # `call` runs embeddings, blocks and norm directly (no graph walk): the Functional graph's outputs, with masks,
+    # in training, and for integer images (converted to the input's float32 as Functional converts them).
+    from keras.src.models.functional import Functional
+
+    backbone = DINOv2Backbone(num_register_tokens=2, drop_path_rate=0.0, **TINY)
+    rng = np.random.default_rng(3)
+    images = (rng.random((2, 16, 12, 3)) * 255).astype("uint8")
+    masks = ops.convert_to_tensor(rng.random((2, 12)) < 0.5)
+    for inputs in ({"images": ops.convert_to_tensor(images), "masks": masks}, {"images": images.astype("float32")}):
+        direct = backbone(inputs, training=True)
+        graph = Functional.call(backbone, {"masks": None, **inputs}, training=True)
+        assert set(direct) == set(graph)
+        for key in graph:
+            assert keras.backend.standardize_dtype(direct[key].dtype) == "float32"
+            np.testing.assert_allclose(to_numpy(direct[key]), to_numpy(graph[key]), rtol=1e-6, atol=1e-6)

@@ -263,3 +263,31 @@ def test_row_reductions_and_weight_normalized_kernel_match_numpy():
     np.testing.assert_allclose(
         np.asarray(grad), np.broadcast_to(-np.sin(x.sum(0)) * row_weights, x.shape), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_run_heads_calls_a_head_once_over_its_parts_unless_it_has_batch_norm(use_bn, monkeypatch):
+    # The reference's one head call on [local CLS; global CLS; masked patches]: each part's logits are its rows'
+    # (a head without batch norm treats rows alone); with batch norm every part keeps its own call and statistics.
+    from keras_dinov2.pretrainer.heads import run_heads
+
+    head = DINOHead(**SMALL, use_bn=use_bn)
+    other = DINOHead(**SMALL, name="other")
+    for layer in (head, other):
+        layer.build((None, 12))
+    _randomize_g(head)
+    parts = [_inputs(1, (3, 12)), _inputs(2, (4, 12)), _inputs(3, (6, 12))]
+    weights = np.array([1, 1, 1, 1, 0, 0], bool)
+    expected = [head(parts[0]), head(parts[1]), other(parts[2]), head(parts[2], row_weights=weights)]
+    calls = []
+    for layer in (head, other):
+        original = layer.call
+        monkeypatch.setattr(layer, "call", lambda x, *a, _f=original, **k: calls.append(x.shape[0]) or _f(x, *a, **k))
+    got = run_heads([(head, parts[0], None), (head, parts[1], None), (other, parts[2], None),
+                     (head, parts[2], weights)])
+    assert sorted(calls) == ([3, 4, 6, 6] if use_bn else [6, 13])
+    for a, b in zip(got, expected):
+        assert tuple(a.shape) == tuple(b.shape)
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-6)
+    if not use_bn:
+        np.testing.assert_allclose(_np(got[0]), np_head(head, parts[0]), atol=1e-5)

@@ -235,3 +235,35 @@ def test_weight_normalized_kernel_and_its_gradient_match_the_keras_ops(zero_colu
     for a, b in zip(fast, run()):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_patch_embedding_kernel_matches_the_conv2d_with_gradients(policy, plain_path):
+    # Patches gathered by a view and one F.linear against Keras' Conv2D (stride = kernel): tokens row-major over the
+    # image height, and the kernel's and bias' gradients.
+    import torch
+
+    from keras_dinov2.layers.embeddings import PatchEmbedding
+
+    keras.config.set_dtype_policy(policy)
+    layer = PatchEmbedding(6, 4)
+    layer.build((2, 12, 8, 3))
+    images = np.random.default_rng(1).standard_normal((2, 12, 8, 3)).astype("float32")
+    probe = torch.linspace(-1.0, 1.0, 2 * 6 * 6).reshape(2, 6, 6)
+
+    def run():
+        for v in layer.trainable_variables:
+            v.value.grad = None
+        tokens = layer(torch.tensor(images))
+        (tokens.float() * probe).sum().backward()
+        return [to_numpy(tokens.detach().float())] + [to_numpy(v.value.grad) for v in layer.trainable_variables]
+
+    assert kd_ops.patch_embedding(torch.tensor(images), layer.projection.kernel, layer.projection.bias, 4) is not None
+    fast = run()
+    plain_path()
+    plain = run()
+    tolerance = 2e-2 if policy == "mixed_bfloat16" else 1e-5
+    assert fast[0].shape == (2, 6, 6)
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+    assert all(np.any(g != 0) for g in fast[1:])

@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.interpolation import INTERPOLATION_MODES, resample_grid
+from keras_dinov2.ops import patch_embedding
 
 
 @keras.saving.register_keras_serializable(package="keras_dinov2")
@@ -46,7 +47,12 @@ class PatchEmbedding(keras.layers.Layer):
         self.built = True
 
     def call(self, images):
-        x = self.projection(images)
+        conv = self.projection
+        if conv.data_format == "channels_last":  # the backend's one-call kernel (PyTorch; float32 variables)
+            x = patch_embedding(images, conv.kernel, conv.bias, self.patch_size, conv.compute_dtype)
+            if x is not None:
+                return x
+        x = conv(images)
         shape = ops.shape(x)
         return ops.reshape(x, (shape[0], shape[1] * shape[2], self.hidden_dim))
 

@@ -4,18 +4,31 @@ TensorFlow's and JAX's bicubic resizers use a different cubic coefficient and ed
 they cannot reproduce the position embeddings of checkpoints trained with PyTorch. Here the
 resampling is separable: one dense (out, in) weight matrix per axis, built from the same
 formulas as PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` kernels, applied
-with two matrix products. The matrices are built with keras.ops from the (possibly symbolic)
-output size, so the same code runs under eager execution, `jit` and `tf.function` with
-unknown image sizes.
+with two matrix products. The matrices are built with keras.ops from a symbolic output size, so
+the same code runs under `jit` and `tf.function` with unknown image sizes; for sizes known
+ahead (Python ints) the same float32 formulas run once in NumPy and the matrices are cached
+constants (on an eager backend building them cost about a tenth of a small backbone's call).
 """
 
+import functools
+import types
+
+import numpy as np
 from keras import ops
 
 # The three resampling rules found in released DINOv2 models.
 INTERPOLATION_MODES = ("original", "registers", "transformers")
 
 
-def _cubic(x, a):
+# The keras.ops the matrices use, in NumPy: float32 arrays and Python scalars round alike in both.
+_NUMPY = types.SimpleNamespace(
+    abs=np.abs, where=np.where, zeros_like=np.zeros_like, arange=np.arange, floor=np.floor, clip=np.clip,
+    equal=np.equal, maximum=np.maximum, minimum=np.minimum, logical_and=np.logical_and, sum=np.sum,
+    cast=lambda x, dtype: np.asarray(x).astype(dtype),
+)
+
+
+def _cubic(x, a, ops=ops):
     """Keys' cubic convolution kernel with coefficient `a`, evaluated at distance `x`."""
     x = ops.abs(x)
     near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
@@ -23,7 +36,7 @@ def _cubic(x, a):
     return ops.where(x < 1.0, near, ops.where(x < 2.0, far, ops.zeros_like(x)))
 
 
-def bicubic_matrix(in_size, out_size, step=None, antialias=False):
+def bicubic_matrix(in_size, out_size, step=None, antialias=False, ops=ops):
     """Returns the (out_size, in_size) float32 matrix of PyTorch's 1-D bicubic resampling.
 
     Args:
@@ -36,6 +49,7 @@ def bicubic_matrix(in_size, out_size, step=None, antialias=False):
             (a = -0.75, four taps clamped to the edge). True reproduces its antialiased kernel
             (a = -0.5, support widened by the step when downsampling, taps outside the input
             dropped, weights renormalized to sum to one).
+        ops: the module of operations, default keras.ops; `_NUMPY` for NumPy arrays.
 
     Example:
     >>> w = bicubic_matrix(16, 7, antialias=True)   # (7, 16); resized = w @ grid
@@ -52,7 +66,7 @@ def bicubic_matrix(in_size, out_size, step=None, antialias=False):
         weights = 0.0
         for tap in (-1, 0, 1, 2):
             index = ops.clip(base + tap, 0.0, float(in_size - 1))
-            coefficient = _cubic(t - tap, -0.75)
+            coefficient = _cubic(t - tap, -0.75, ops)
             weights = weights + coefficient * ops.cast(ops.equal(index, j), "float32")
         return weights
     support = ops.where(step >= 1.0, 2.0 * step, 2.0)
@@ -62,7 +76,7 @@ def bicubic_matrix(in_size, out_size, step=None, antialias=False):
     low = ops.maximum(ops.floor(center - support + 0.5), 0.0)
     high = ops.minimum(ops.floor(center + support + 0.5), float(in_size))
     inside = ops.logical_and(j >= low, j < high)
-    weights = ops.where(inside, _cubic((j - center + 0.5) * inv_scale, -0.5), 0.0)
+    weights = ops.where(inside, _cubic((j - center + 0.5) * inv_scale, -0.5, ops), 0.0)
     total = ops.sum(weights, axis=1, keepdims=True)
     return weights / ops.where(total == 0.0, 1.0, total)
 
@@ -89,16 +103,28 @@ def resample_grid(grid, out_height, out_width, mode):
         )
     size = int(grid.shape[0])
     grid = ops.cast(grid, "float32")
-    if mode == "original":
-        rows_step = _offset_step(size, out_height)
-        cols_step = _offset_step(size, out_width)
-        rows = bicubic_matrix(size, out_height, step=rows_step)
-        cols = bicubic_matrix(size, out_width, step=cols_step)
-    else:
-        antialias = mode == "registers"
-        rows = bicubic_matrix(size, out_height, antialias=antialias)
-        cols = bicubic_matrix(size, out_width, antialias=antialias)
+    rows, cols = (_axis_matrix(size, out, mode) for out in (out_height, out_width))
     return ops.einsum("hm,mnd,wn->hwd", rows, grid, cols)
+
+
+def _axis_matrix(size, out, mode):
+    if isinstance(out, int):
+        return ops.convert_to_tensor(_constant_matrix(size, out, mode))
+    if mode == "original":
+        return bicubic_matrix(size, out, step=_offset_step(size, out))
+    return bicubic_matrix(size, out, antialias=mode == "registers")
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_matrix(size, out, mode):
+    """`_axis_matrix` for a known output size: computed once, in NumPy, with the same float32 formulas."""
+    if mode == "original":
+        matrix = bicubic_matrix(size, out, step=_offset_step(size, out), ops=_NUMPY)
+    else:
+        matrix = bicubic_matrix(size, out, antialias=mode == "registers", ops=_NUMPY)
+    matrix = np.asarray(matrix, "float32")
+    matrix.setflags(write=False)
+    return matrix
 
 
 def _offset_step(size, out):

@@ -258,3 +258,18 @@ def mlp_branch(x, norm, fc1, fc2, layer_scale=None, compute_dtype="float32"):
     function = _block_kernel("mlp_branch", x, [*norm[:2], *fc1, *fc2, layer_scale])
     return None if function is None else function(x, norm, fc1, fc2, layer_scale,
                                                   keras.backend.standardize_dtype(compute_dtype))
+
+
+def patch_embedding(images, kernel, bias, patch_size, compute_dtype="float32"):
+    """A Conv2D of stride = kernel = `patch_size` on (B, H, W, C) images as (B, N, D) tokens, row-major, as one
+    kernel call where the backend has one, else None.
+
+    `kernel` (p, p, C, D) and `bias` (D,) or None are a Keras Conv2D's float32 variables; the products run in
+    `compute_dtype`. PyTorch: `keras_dinov2.ops.torch.patch_embedding`, the patches gathered by a view and one
+    `F.linear` (each patch's pixels in the kernel's (row, column, channel) order; the convolution's sums), without
+    Keras' layer dispatch and its layout transposes (docs/performance.md has what it saves). Elsewhere None, and the
+    caller runs its Conv2D layer.
+    """
+    function = _block_kernel("patch_embedding", images, [kernel, bias])
+    return None if function is None else function(images, kernel, bias, int(patch_size),
+                                                  keras.backend.standardize_dtype(compute_dtype))

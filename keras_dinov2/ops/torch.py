@@ -132,3 +132,13 @@ def weight_normalized_kernel(v, g, floor):
     if bool(torch.all(norms > math.sqrt(floor))):
         return kernel
     return v * (g / torch.sqrt(torch.clamp_min(torch.sum(torch.square(v), 0), floor)))
+
+
+def patch_embedding(images, kernel, bias, patch_size, compute_dtype):
+    """`keras_dinov2.ops.patch_embedding` on PyTorch."""
+    batch, height, width, channels = images.shape
+    rows, cols = height // patch_size, width // patch_size
+    patches = images.to(getattr(torch, compute_dtype)).reshape(batch, rows, patch_size, cols, patch_size, channels)
+    patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, patch_size * patch_size * channels)
+    weight = _value(kernel, patches.dtype).reshape(-1, kernel.shape[-1]).t()
+    return torch.nn.functional.linear(patches, weight, None if bias is None else _value(bias, patches.dtype))

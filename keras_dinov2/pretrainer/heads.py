@@ -2,6 +2,8 @@
 
 import collections
 
+from keras import ops
+
 from keras_dinov2.layers.dino_head import DINOHead
 
 # One student's trainable parts: its backbone, its DINO head and its iBOT head (the DINO head itself when tied).
@@ -36,3 +38,34 @@ def projection_heads(heads, ibot_on, input_dim, dtype):
     teacher_ibot = build_head(heads, "teacher_ibot_head", heads.ibot_num_prototypes, heads.ibot_bottleneck_dim,
                               input_dim, dtype)
     return student_dino, teacher_dino, student_ibot, teacher_ibot
+
+
+def run_heads(calls, reduction=None):
+    """The logits of several head calls [(head, rows (N_i, D), row_weights or None), ...], in order.
+
+    Calls on the same head without batch norm run as one call over their rows concatenated, then split: a head
+    without batch norm treats each row alone, so the logits are those of the separate calls, and the reference calls
+    its head once per step on [local CLS; global CLS; masked patches] likewise (one prototype weight normalization
+    and one set of GEMMs instead of one per part; on PyTorch that is most of the heads' time at ViT-S). With batch
+    norm each call keeps its own statistics (and `row_weights`), as `DINOHead` documents; so does a call whose row
+    count is unknown (a traced batch dimension).
+    """
+    results = [None] * len(calls)
+    groups = {}
+    for index, (head, rows, row_weights) in enumerate(calls):
+        if head.use_bn or rows.shape[0] is None:
+            results[index] = head(rows, row_weights=row_weights, reduction=reduction)
+        else:
+            groups.setdefault(id(head), []).append(index)
+    for indices in groups.values():
+        head = calls[indices[0]][0]
+        if len(indices) == 1:
+            results[indices[0]] = head(calls[indices[0]][1], reduction=reduction)
+            continue
+        logits = head(ops.concatenate([calls[i][1] for i in indices], axis=0), reduction=reduction)
+        start = 0
+        for i in indices:
+            count = int(calls[i][1].shape[0])
+            results[i] = logits[start:start + count]
+            start += count
+    return results

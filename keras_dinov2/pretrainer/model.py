@@ -19,7 +19,7 @@ from keras_dinov2.pretrainer.batches import (
     unpack,
     view_major,
 )
-from keras_dinov2.pretrainer.heads import StudentParts, projection_heads
+from keras_dinov2.pretrainer.heads import StudentParts, projection_heads, run_heads
 from keras_dinov2.pretrainer.registry import TrainerHooks, trainer_module
 from keras_dinov2.pretrainer.teacher import EMATeacher, collapse_signals
 from keras_dinov2.schedules import schedules_from_config
@@ -235,38 +235,41 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         logs = {"teacher_temp": temperature}
         momentum = config.loss.center_momentum
         centering = config.loss.centering == "sinkhorn_knopp"
+        calls = {}  # the teacher's head calls, one call where the heads are one (`run_heads`)
         if self.do_dino:
-            teacher_cls = ops.stop_gradient(view_major(teacher["cls_token"], shards, 2))
-            logits = self.teacher_dino_head(teacher_cls, reduction=reduction)
-            if centering:
-                probs = losses.sinkhorn_knopp(logits, temperature, reduction=reduction)
-            else:
-                probs = losses.softmax_center(logits, self.dino_center, temperature)
-                # The reference stages the center update: this update's mean is used next time.
-                if update_centers:
-                    self.dino_center.assign(losses.update_center(
-                        self.dino_center, logits, momentum=momentum, reduction=reduction))
-            targets["dino"] = ops.stop_gradient(probs)
-            logs.update(collapse_signals(probs, reduction=reduction))
+            calls["dino"] = (self.teacher_dino_head, ops.stop_gradient(view_major(teacher["cls_token"], shards, 2)),
+                             None)
         if self.do_ibot:
-            num_patches = data[MASKS].shape[1]
             crops = global_crops.shape[0] // shards
             indices = ops.cast(data[MASK_INDICES], "int32")
             if shards > 1:
-                indices = stacked_patch_indices(indices, shards, crops, num_patches)
-            patches = ops.stop_gradient(gather_rows(teacher["patch_tokens"], indices))
+                indices = stacked_patch_indices(indices, shards, crops, data[MASKS].shape[1])
             valid = masks_weight > 0
             # Padding rows of the masked-patch buffer stay out of the heads' batch statistics.
-            logits = self.teacher_ibot_head(patches, row_weights=valid, reduction=reduction)
+            calls["ibot"] = (self.teacher_ibot_head, ops.stop_gradient(gather_rows(teacher["patch_tokens"], indices)),
+                             valid)
+        logits = dict(zip(calls, run_heads(list(calls.values()), reduction=reduction)))
+        if self.do_dino:
             if centering:
-                probs = losses.sinkhorn_knopp(logits, temperature, valid=valid, reduction=reduction)
+                probs = losses.sinkhorn_knopp(logits["dino"], temperature, reduction=reduction)
             else:
-                probs = losses.softmax_center(logits, ops.reshape(self.ibot_center, (1, -1)),
+                probs = losses.softmax_center(logits["dino"], self.dino_center, temperature)
+                # The reference stages the center update: this update's mean is used next time.
+                if update_centers:
+                    self.dino_center.assign(losses.update_center(
+                        self.dino_center, logits["dino"], momentum=momentum, reduction=reduction))
+            targets["dino"] = ops.stop_gradient(probs)
+            logs.update(collapse_signals(probs, reduction=reduction))
+        if self.do_ibot:
+            if centering:
+                probs = losses.sinkhorn_knopp(logits["ibot"], temperature, valid=valid, reduction=reduction)
+            else:
+                probs = losses.softmax_center(logits["ibot"], ops.reshape(self.ibot_center, (1, -1)),
                                               temperature)
                 if update_centers:
                     # The mean over every masked patch of the update (see update_center).
                     self.ibot_center.assign(losses.update_center(
-                        self.ibot_center, logits, momentum=momentum, valid=valid,
+                        self.ibot_center, logits["ibot"], momentum=momentum, valid=valid,
                         reduction=reduction))
             targets["ibot"] = ops.stop_gradient(probs)
         return targets, logs
@@ -305,17 +308,17 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         inputs = {"images": global_crops, "masks": masks} if mask_inputs else {"images": global_crops}
         student = parts.backbone(inputs, training=training)
         student_cls = view_major(student["cls_token"], shards, 2)
-        dino = {}
+        dino, calls = {}, {}  # calls: the student's head calls, in the reference's order (`run_heads`)
         if self.do_dino:
             teacher_probs = micro_rows(targets["dino"], index, k, shards, views=2)
             local_crops = data.get(LOCAL_CROPS)
             if local_crops is not None and local_crops.shape[0]:
                 n_local = local_crops.shape[0] // (two_b // 2)
                 local = parts.backbone({"images": local_crops}, training=training)
-                dino["student_local_logits"] = parts.dino_head(
-                    view_major(local["cls_token"], shards, n_local), reduction=reduction)
+                calls["student_local_logits"] = (parts.dino_head, view_major(local["cls_token"], shards, n_local),
+                                                 None)
                 dino["n_local_crops"] = n_local
-            dino["student_global_logits"] = parts.dino_head(student_cls, reduction=reduction)
+            calls["student_global_logits"] = (parts.dino_head, student_cls, None)
             dino["teacher_global_probs"] = teacher_probs
             if self.do_koleo:
                 dino["student_global_cls"] = student_cls
@@ -327,10 +330,11 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
                                                       masks.shape[1])
             masks_weight = ops.cast(data[MASKS_WEIGHT], "float32")
             patches = gather_rows(student["patch_tokens"], mask_indices)
-            ibot["student_patch_logits"] = parts.ibot_head(
-                patches, row_weights=masks_weight > 0, reduction=reduction)
+            calls["student_patch_logits"] = (parts.ibot_head, patches, masks_weight > 0)
             ibot["teacher_patch_probs"] = micro_rows(targets["ibot"], index, k, shards)
             ibot["masks_weight"] = masks_weight
+        for name, logits in zip(calls, run_heads(list(calls.values()), reduction=reduction)):
+            (ibot if name == "student_patch_logits" else dino)[name] = logits
         parts = losses.dinov2_loss(
             **dino, **ibot,
             num_images=two_b,
@@ -393,23 +397,24 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         """The loss to differentiate: scaled under mixed_float16 (Keras' LossScaleOptimizer)."""
         return self.optimizer.scale_loss(loss)
 
-    def apply_dinov2_update(self, grads, logs, optimizer=None):
+    def apply_dinov2_update(self, grads, logs, optimizer=None, variables=None):
         """Clipping per part, the optimizer step, then the teacher's EMA (`apply_gradients`,
         `update_teacher`). `grads` are the whole update's (the mean over its micro-batches)."""
-        logs = self.apply_gradients(grads, logs, optimizer=optimizer)
+        logs = self.apply_gradients(grads, logs, optimizer=optimizer, variables=variables)
         self.update_teacher(logs["momentum"])
         return logs
 
-    def apply_gradients(self, grads, logs, optimizer=None):
+    def apply_gradients(self, grads, logs, optimizer=None, variables=None):
         """Clipping per part (once per update, on the accumulated gradients) and the optimizer step.
 
         Written with stateful keras.ops; the JAX trainer runs it inside a StatelessScope.
         `optimizer` replaces `self.optimizer` for the update (the JAX trainer passes the inner
         optimizer of a LossScaleOptimizer with gradients it has already unscaled). Reads every
         schedule at the update's step into `logs` (lr, wd, momentum) before the step counter
-        advances.
+        advances. `variables`: `self.trainable_variables` (default) if the caller has the list (an eager step).
         """
         optimizer = self.optimizer if optimizer is None else optimizer
+        variables = self.trainable_variables if variables is None else variables
         # Read every schedule before the optimizer advances its step counter (on torch the
         # counter's tensor is updated in place).
         step = self.step
@@ -419,11 +424,11 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         optim = self.config.optim
         if optim.clip_grad:
             # Under loss scaling (mixed_float16) the unscaled gradients are clipped.
-            grads, norms = clip_gradients(grads, self.trainable_variables, self.param_groups, optim.clip_grad,
+            grads, norms = clip_gradients(grads, variables, self.param_groups, optim.clip_grad,
                                           optim.clip_mode, getattr(optimizer, "dynamic_scale", None))
             for part, norm in norms.items():
                 logs[f"grad_norm_{part}"] = norm
-        optimizer.apply(grads, self.trainable_variables)
+        optimizer.apply(grads, variables)
         return logs
 
     def update_teacher(self, momentum):

@@ -13,8 +13,10 @@ def train_step(model, data):
     """
     reduction = distribute.replica_reduction()
     # Clear every trainable variable's gradient: Module.zero_grad() only reaches parameters
-    # registered on modules, and a left-over gradient would be added to this step's.
-    for variable in model.trainable_variables:
+    # registered on modules, and a left-over gradient would be added to this step's. One list for the whole step:
+    # `trainable_variables` walks every layer each time it is read.
+    variables = model.trainable_variables
+    for variable in variables:
         variable.value.grad = None
     with torch.no_grad():
         targets, teacher_logs = model.teacher_targets(data, reduction=reduction)
@@ -27,12 +29,12 @@ def train_step(model, data):
         model.scale_loss(loss / steps if steps > 1 else loss).backward()
         micro_logs.append({k: v.detach() if hasattr(v, "detach") else v for k, v in logs.items()})
     logs = model.merge_logs(micro_logs, teacher_logs)
-    grads = [v.value.grad for v in model.trainable_variables]
+    grads = [v.value.grad for v in variables]
     if reduction is not None:
         # Keras' torch backend has no DDP: average the ranks' gradients here, before clipping.
         grads = distribute.all_reduce_gradients(grads)
     with torch.no_grad():
-        logs = model.apply_dinov2_update(grads, logs)
+        logs = model.apply_dinov2_update(grads, logs, variables=variables)
     if reduction is not None:
         logs = distribute.average_logs(logs)
     return logs
