@@ -166,6 +166,14 @@ def _kernel(backend, name):
     return None if _plain_depth[0] else getattr(_module(backend), name, None)
 
 
+def eager_dispatch():
+    """Whether ops run one by one from Python here (PyTorch), so that fewer, larger calls pay: then `run_heads` calls
+    a head once over several parts. XLA (JAX) and tf.function compile a whole step, where separate calls cost no
+    dispatch and the compiler already shares their common work; one JAX ViT-S step needed ~100 MB more temporaries
+    with the head's parts concatenated (docs/performance.md). False within `plain_keras_ops()`."""
+    return keras.backend.backend() == "torch" and not _plain_depth[0]
+
+
 def _eager_kernel(name, tensors=()):
     """`_kernel(backend, name)`, except for symbolic tensors and inside a StatelessScope (`stateless_apply`), where
     the kernels' in-place updates would miss the scope's values."""

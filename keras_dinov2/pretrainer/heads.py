@@ -5,6 +5,7 @@ import collections
 from keras import ops
 
 from keras_dinov2.layers.dino_head import DINOHead
+from keras_dinov2.ops import eager_dispatch
 
 # One student's trainable parts: its backbone, its DINO head and its iBOT head (the DINO head itself when tied).
 StudentParts = collections.namedtuple("StudentParts", ["backbone", "dino_head", "ibot_head"])
@@ -43,17 +44,18 @@ def projection_heads(heads, ibot_on, input_dim, dtype):
 def run_heads(calls, reduction=None):
     """The logits of several head calls [(head, rows (N_i, D), row_weights or None), ...], in order.
 
-    Calls on the same head without batch norm run as one call over their rows concatenated, then split: a head
-    without batch norm treats each row alone, so the logits are those of the separate calls, and the reference calls
-    its head once per step on [local CLS; global CLS; masked patches] likewise (one prototype weight normalization
-    and one set of GEMMs instead of one per part; on PyTorch that is most of the heads' time at ViT-S). With batch
-    norm each call keeps its own statistics (and `row_weights`), as `DINOHead` documents; so does a call whose row
-    count is unknown (a traced batch dimension).
+    Where ops are dispatched eagerly (PyTorch, `keras_dinov2.ops.eager_dispatch`), calls on the same head without
+    batch norm run as one call over their rows concatenated, then split: a head without batch norm treats each row
+    alone, so the logits are those of the separate calls, and the reference calls its head once per step on
+    [local CLS; global CLS; masked patches] likewise (one prototype weight normalization and one set of GEMMs instead
+    of one per part). With batch norm each call keeps its own statistics (and `row_weights`), as `DINOHead`
+    documents; so does a call whose row count is unknown, and every call on a compiling backend.
     """
     results = [None] * len(calls)
     groups = {}
+    concatenate = eager_dispatch()
     for index, (head, rows, row_weights) in enumerate(calls):
-        if head.use_bn or rows.shape[0] is None:
+        if head.use_bn or rows.shape[0] is None or not concatenate:
             results[index] = head(rows, row_weights=row_weights, reduction=reduction)
         else:
             groups.setdefault(id(head), []).append(index)
