@@ -180,6 +180,35 @@ def test_train_step_flags_are_read_and_checked(capsys):
     with pytest.raises(SystemExit):
         benchmark_train_step.parse_args(["--steps", "0"])
     assert "--steps must be at least 1." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark_train_step.parse_args(["--rounds", "0"])
+    assert "--rounds must be at least 1." in capsys.readouterr().err
+
+
+@pytest.mark.once
+def test_train_step_rounds_alternate_and_each_round_is_its_own_baseline(capsys, tmp_path):
+    # --rounds 2: reference, torch, reference, torch; each row's ratio against its round's reference, then medians.
+    ref = tmp_path / "ref"
+    (ref / "dinov2").mkdir(parents=True)
+    args = benchmark_train_step.parse_args(["--backends", "torch", "--rounds", "2", "--drop-path", "0",
+                                            "--reference-src", str(ref)])
+    runs, _ = benchmark_train_step.plan(args)
+    assert [(r["kind"], r["round"]) for r in runs] == [("reference", 0), ("ours", 0), ("reference", 1), ("ours", 1)]
+
+    def row(kind, round_, seconds, rss):
+        return {"kind": kind, "backend": "torch", "drop_path": 0.0, "round": round_, "median_s": seconds,
+                "peak_rss_mb": rss}
+
+    results = [row("reference", 0, 2.0, 100.0), row("ours", 0, 4.0, 150.0), row("reference", 1, 3.0, 100.0),
+               row("ours", 1, 2.0, 120.0)]
+    baselines, kind = benchmark_train_step._baselines(results)
+    for r in results:  # as print_report sets them
+        base = baselines[benchmark_train_step._key(r)]
+        r["speedup_vs_baseline"] = base["median_s"] / r["median_s"]
+        r["memory_vs_baseline"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+    assert [r["speedup_vs_baseline"] for r in results] == [1.0, 0.5, 1.0, 1.5]
+    benchmark_train_step._print_rounds(results, kind)
+    assert "speed 0.50x, 1.50x -> median 1.00x; memory median 1.35x" in capsys.readouterr().out
 
 
 @pytest.mark.once

@@ -207,6 +207,13 @@ def parse_args(argv=None):
     )
     cli.add_warmup(parser, 1, "steps")
     parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="Run every implementation this many times, alternating (the reference, then each backend, then again): "
+             "each round's ratios are against that round's reference row, and the report adds each implementation's "
+             "median ratio over the rounds. This machine's speed drifts over minutes; ratios of alternated rounds are "
+             "the ones to trust. Default: 1.",
+    )
+    parser.add_argument(
         "--reference-src",
         metavar="DIR",
         help="A checkout of facebookresearch/dinov2 (the folder holding the dinov2 "
@@ -226,7 +233,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return args
-    cli.check_counts(parser, args, at_least_one=("batch_size", "steps"))
+    cli.check_counts(parser, args, at_least_one=("batch_size", "steps", "rounds"))
     if args.torch_threads is not None and args.torch_threads < 1:
         parser.error("--torch-threads must be at least 1.")
     if args.prototypes is None:
@@ -262,7 +269,8 @@ def plan(args):
             runs.append({"kind": "reference", "backend": "torch", "drop_path": rate})
         for backend in backends:
             runs.append({"kind": "ours", "backend": backend, "drop_path": rate})
-    return runs, skipped
+    rounds = max(int(getattr(args, "rounds", 1)), 1)
+    return [{**run, "round": index} for index in range(rounds) for run in runs], skipped
 
 
 def run_worker(spec, args, workdir, name):
@@ -276,9 +284,15 @@ def row_label(result):
 
 
 def run_label(run):
+    round_ = f", round {run['round'] + 1}" if run.get("round") else ""
     if run["kind"] == "reference":
-        return f"reference (PyTorch eager), drop path {run['drop_path']:g}"
-    return f"keras_dinov2 on {run['backend']}, drop path {run['drop_path']:g}"
+        return f"reference (PyTorch eager), drop path {run['drop_path']:g}{round_}"
+    return f"keras_dinov2 on {run['backend']}, drop path {run['drop_path']:g}{round_}"
+
+
+def _key(result):
+    """A result's baseline key: its round and drop-path rate."""
+    return result.get("round", 0), result["drop_path"]
 
 
 def describe(result):
@@ -290,13 +304,13 @@ def describe(result):
 
 
 def _baselines(results):
-    """Per drop-path rate: the reference row, else the JAX row; and what it is."""
+    """Per (round, drop-path rate): the reference row, else the JAX row; and what it is."""
     out = {}
-    for rate in sorted({r["drop_path"] for r in results}):
-        rows = [r for r in results if r["drop_path"] == rate]
+    for key in sorted({_key(r) for r in results}):
+        rows = [r for r in results if _key(r) == key]
         ref = next((r for r in rows if r["kind"] == "reference"), None)
         jax_row = next((r for r in rows if r["kind"] == "ours" and r["backend"] == "jax"), None)
-        out[rate] = ref or jax_row
+        out[key] = ref or jax_row
     kind = "reference" if any(r["kind"] == "reference" for r in results) else "JAX"
     return out, kind
 
@@ -327,13 +341,14 @@ def print_report(args, info, results, skipped):
     header += ["end RSS MB"] + (["GPU peak MB"] if on_gpu else []) + ["1st step s", "loss"]
     rows = []
     for r in results:
-        base = baselines.get(r["drop_path"])
+        base = baselines.get(_key(r))
         speed = base["median_s"] / r["median_s"] if base else None
         memory = r["peak_rss_mb"] / base["peak_rss_mb"] if base else None
         r["speedup_vs_baseline"] = speed
         r["memory_vs_baseline"] = memory
         r["baseline"] = kind
-        row = [row_label(r), r["backend"], r["method"], r["device"], f"{r['drop_path']:g}"]
+        row = [row_label(r) + (f" {r['round'] + 1}" if r.get("round") else ""), r["backend"], r["method"],
+               r["device"], f"{r['drop_path']:g}"]
         row += [f"{r['median_s']:.3f}", f"{r['images_per_s']:.3f}", fmt(speed, "{:.2f}x")]
         row += [f"{r['fit_s_per_step']:.3f}", f"{r['median_cpu_s']:.2f}", f"{r['peak_rss_mb']:.0f}"]
         row += [fmt(memory, "{:.2f}x"), fmt(r.get("import_rss_mb"), "{:.0f}")]
@@ -358,9 +373,26 @@ def print_report(args, info, results, skipped):
             + (f"  <-- unsteady (slowest / fastest {spread:.1f})" if spread > 1.5 else "")
         )
     _print_loss_terms(results, baselines)
+    _print_rounds(results, kind)
     if kind == "reference":
         _print_goal(results, baselines)
     print_footer(skipped, width)
+
+
+def _print_rounds(results, kind):
+    """With --rounds > 1: each implementation's ratios to the baseline, one per round, and their medians."""
+    if len({r.get("round", 0) for r in results}) < 2:
+        return
+    print(f"Alternated rounds (each against its round's {kind} row; median over the rounds):")
+    for key in sorted({(r["kind"], r["backend"], r["drop_path"]) for r in results}):
+        rows = [r for r in results if (r["kind"], r["backend"], r["drop_path"]) == key]
+        speeds = [r["speedup_vs_baseline"] for r in rows if r.get("speedup_vs_baseline")]
+        memory = [r["memory_vs_baseline"] for r in rows if r.get("memory_vs_baseline")]
+        if not speeds or all(s == 1.0 for s in speeds):
+            continue
+        print(f"  {row_label(rows[0])} / {key[1]} / drop {key[2]:g}: speed "
+              f"{', '.join(f'{s:.2f}x' for s in speeds)} -> median {float(np.median(speeds)):.2f}x; memory median "
+              f"{float(np.median(memory)):.2f}x")
 
 
 def _print_loss_terms(results, baselines):
@@ -371,7 +403,7 @@ def _print_loss_terms(results, baselines):
         return
     print("Loss terms of the last step (KoLeo before its weight 0.1; in brackets: minus the baseline's):")
     for r in rows:
-        base = (baselines.get(r["drop_path"]) or {}).get("loss_terms") or {}
+        base = (baselines.get(_key(r)) or {}).get("loss_terms") or {}
         parts = []
         for name, value in r["loss_terms"].items():
             diff = f" ({value - base[name]:+.4f})" if name in base and base is not r["loss_terms"] else ""
@@ -381,12 +413,12 @@ def _print_loss_terms(results, baselines):
 
 def _print_goal(results, baselines):
     """Whether JAX reaches the goal against the reference at each drop-path rate."""
-    for rate, base in sorted(baselines.items()):
+    for (round_, rate), base in sorted(baselines.items()):
         ours = next(
             (
                 r
                 for r in results
-                if r["kind"] == "ours" and r["backend"] == "jax" and r["drop_path"] == rate
+                if r["kind"] == "ours" and r["backend"] == "jax" and _key(r) == (round_, rate)
             ),
             None,
         )
@@ -442,7 +474,10 @@ def parent(args, info):
         shared = {**common, "batch": batch_spec["batch"], "geometry": made["geometry"]}
 
         def run_one(run, name):
-            return run_worker({**shared, **run}, args, workdir, name)
+            result, reason = run_worker({**shared, **run}, args, workdir, name)
+            if result is not None:
+                result["round"] = run.get("round", 0)
+            return result, reason
 
         results, failed = run_all(runs, run_label, run_one, describe)
         skipped += failed
