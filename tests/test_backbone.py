@@ -335,6 +335,30 @@ def test_gradient_boundary_is_the_identity_with_the_same_gradient():
     assert np.isnan(np.asarray(grad)[0, 0, 0]) and np.isfinite(np.asarray(grad)[1]).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gelu_values_and_gradient_match_the_erf_formula(dtype):
+    """`ops.gelu` is the exact GELU; on JAX its gradient rule (from x alone, PyTorch's) is the formula's derivative."""
+    import math
+
+    from keras_dinov2.ops import gelu
+
+    x = np.linspace(-6.0, 6.0, 97).astype("float32")
+    erf = np.vectorize(math.erf)
+    cdf = 0.5 * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)))
+    got = to_numpy(ops.cast(gelu(ops.cast(x, dtype)), "float32"))
+    tolerance = 1e-6 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(got, x * cdf, rtol=tolerance, atol=tolerance)
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+    import jax.numpy as jnp
+
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32) * 2.0)))(jnp.asarray(x, dtype))
+    assert grad.dtype == jnp.dtype(dtype)
+    expected = 2.0 * (cdf + x * np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2.0 * math.pi))
+    np.testing.assert_allclose(np.asarray(grad, np.float32), expected, rtol=tolerance, atol=tolerance)
+
+
 def numpy_attention(q, k, v, scale):
     """softmax(q k^T * scale) v per head, (batch, tokens, heads, dim), in float64."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
-from keras_dinov2.ops import gradient_boundary, weight_normalized_kernel
+from keras_dinov2.ops import gelu, gradient_boundary, weight_normalized_kernel
 
 _MIXED_COMPUTE_DTYPES = ("float16", "bfloat16")
 
@@ -224,7 +224,7 @@ class DINOHead(keras.layers.Layer):
             if i < len(self.mlp_layers) - 1:
                 if self.use_bn:
                     x = self._batch_norm(i, x, row_weights, reduction)
-                x = ops.gelu(x, approximate=False)
+                x = gelu(x)
         x = ops.cast(x, self.last_layer.compute_dtype)
         squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
         # sqrt(max(|x|^2, eps^2)) == max(|x|, eps) and keeps a finite gradient at x = 0.

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
-from keras_dinov2.ops import gradient_boundary
+from keras_dinov2.ops import gelu, gradient_boundary
 
 
 def swiglu_hidden_dim(hidden_dim, mlp_ratio):
@@ -52,7 +52,7 @@ class MLP(keras.layers.Layer):
     def call(self, x):
         # The boundaries only change how XLA:CPU schedules the backward pass (see its docstring).
         hidden = gradient_boundary(self.fc1(x))
-        return gradient_boundary(self.fc2(ops.gelu(hidden, approximate=False)))
+        return gradient_boundary(self.fc2(gelu(hidden)))
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -96,6 +96,20 @@ def dot_product_attention(query, key, value, scale):
     return keras.ops.dot_product_attention(query, key, value, scale=scale)
 
 
+def gelu(x):
+    """The exact (erf) GELU, `keras.ops.gelu(x, approximate=False)`.
+
+    On JAX it is `keras_dinov2.ops.jax.gelu`: the same values, and a gradient computed from x alone, as PyTorch's
+    (XLA otherwise keeps three more forward intermediates of each MLP's hidden width for the backward pass).
+    Elsewhere, and for symbolic tensors, the Keras op.
+    """
+    if not isinstance(x, keras.KerasTensor):
+        function = _kernel(keras.backend.backend(), "gelu")
+        if function is not None:
+            return function(x)
+    return keras.ops.gelu(x, approximate=False)
+
+
 def sum_over_rows(x):
     """`keras.ops.sum(x, axis=0)`; on JAX's CPU backend in float32 a loop over the rows, which XLA:CPU runs much
     faster for wide matrices (`keras_dinov2.ops.jax.cpu_sum_over_rows`; figures in docs/performance.md)."""

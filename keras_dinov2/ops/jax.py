@@ -1,6 +1,8 @@
-"""JAX kernels for XLA:CPU: the same values as the Keras ops, laid out for its CPU code generator."""
+"""JAX kernels: for XLA:CPU, the same values as the Keras ops laid out for its CPU code generator; on every platform,
+the exact GELU with PyTorch's gradient rule (fewer saved intermediates)."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +178,32 @@ def _weight_norm_bwd(floor, residuals, d_kernel):
 
 
 cpu_weight_normalized_kernel.defvjp(_weight_norm_fwd, _weight_norm_bwd)
+
+
+@jax.custom_vjp
+def gelu(x):
+    """`keras_dinov2.ops.gelu` on JAX: `jax.nn.gelu(x, approximate=False)` (what Keras runs), with a gradient computed
+    from x alone, as PyTorch's gelu_backward: g * (Phi(x) + x * phi(x)), in float32.
+
+    Differentiating the formula instead leaves XLA three (N, hidden) forward intermediates per MLP for the backward
+    pass besides x (the erf term, the exponential and a select); with this rule only x and the output (the next
+    product's input) stay live. docs/performance.md has the temporaries it saves.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return jax.nn.gelu(x, approximate=False), x
+
+
+def _gelu_bwd(x, gradient):
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((gradient.astype(jnp.float32) * (cdf + x32 * pdf)).astype(gradient.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def cpu_function(name):
