@@ -337,7 +337,8 @@ def test_gradient_boundary_is_the_identity_with_the_same_gradient():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gelu_values_and_gradient_match_the_erf_formula(dtype):
-    """`ops.gelu` is the exact GELU; on JAX its gradient rule (from x alone, PyTorch's) is the formula's derivative."""
+    """`ops.gelu` is the exact GELU; its gradient (on JAX and TensorFlow a rule from x alone, PyTorch's) is the
+    formula's derivative."""
     import math
 
     from keras_dinov2.ops import gelu
@@ -348,15 +349,29 @@ def test_gelu_values_and_gradient_match_the_erf_formula(dtype):
     got = to_numpy(ops.cast(gelu(ops.cast(x, dtype)), "float32"))
     tolerance = 1e-6 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(got, x * cdf, rtol=tolerance, atol=tolerance)
-    if keras.backend.backend() != "jax":
-        return
-    import jax
-    import jax.numpy as jnp
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
 
-    grad = jax.jit(jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32) * 2.0)))(jnp.asarray(x, dtype))
-    assert grad.dtype == jnp.dtype(dtype)
+        grad = jax.jit(jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32) * 2.0)))(jnp.asarray(x, dtype))
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        v = tf.cast(tf.constant(x), dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            total = tf.reduce_sum(tf.cast(gelu(v), tf.float32) * 2.0)
+        grad = tape.gradient(total, v)
+    else:
+        import torch
+
+        v = torch.tensor(x).to(getattr(torch, dtype)).requires_grad_()
+        (gelu(v).float() * 2.0).sum().backward()
+        grad = v.grad
+    assert keras.backend.standardize_dtype(grad.dtype) == dtype
     expected = 2.0 * (cdf + x * np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2.0 * math.pi))
-    np.testing.assert_allclose(np.asarray(grad, np.float32), expected, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(to_numpy(ops.cast(grad, "float32")), expected, rtol=tolerance, atol=tolerance)
 
 
 def numpy_attention(q, k, v, scale):

@@ -99,9 +99,9 @@ def dot_product_attention(query, key, value, scale):
 def gelu(x):
     """The exact (erf) GELU, `keras.ops.gelu(x, approximate=False)`.
 
-    On JAX it is `keras_dinov2.ops.jax.gelu`: the same values, and a gradient computed from x alone, as PyTorch's
-    (XLA otherwise keeps three more forward intermediates of each MLP's hidden width for the backward pass).
-    Elsewhere, and for symbolic tensors, the Keras op.
+    On JAX and TensorFlow it is `keras_dinov2.ops.jax.gelu` / `keras_dinov2.ops.tensorflow.gelu`: the same values,
+    and a gradient computed from x alone, as PyTorch's (XLA otherwise keeps three more forward intermediates of each
+    MLP's hidden width for the backward pass). On PyTorch, and for symbolic tensors, the Keras op.
     """
     if not isinstance(x, keras.KerasTensor):
         function = _kernel(keras.backend.backend(), "gelu")

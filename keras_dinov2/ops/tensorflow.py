@@ -1,4 +1,7 @@
-"""TensorFlow kernels: the CPU attention formulation and the per-replica seed."""
+"""TensorFlow kernels: the CPU attention formulation, the exact GELU with PyTorch's gradient rule and the per-replica
+seed."""
+
+import math
 
 import tensorflow as tf
 
@@ -12,6 +15,21 @@ def cpu_dot_product_attention(query, key, value, scale):
     """
     logits = tf.einsum("btnh,bsnh->bnts", query * scale, key)
     return tf.einsum("bnts,bsnh->btnh", tf.nn.softmax(logits, axis=-1), value)
+
+
+@tf.custom_gradient
+def gelu(x):
+    """`keras_dinov2.ops.gelu` on TensorFlow: `tf.nn.gelu(x, approximate=False)` (what Keras runs), with a gradient
+    computed from x alone, as PyTorch's gelu_backward: g * (Phi(x) + x * phi(x)), in float32. Differentiating the
+    composite keeps its intermediates alive from the forward pass to the backward one."""
+
+    def gradient(upstream):
+        x32 = tf.cast(x, tf.float32)
+        cdf = 0.5 * (1.0 + tf.math.erf(x32 * (1.0 / math.sqrt(2.0))))
+        pdf = tf.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
+        return tf.cast(tf.cast(upstream, tf.float32) * (cdf + x32 * pdf), upstream.dtype)
+
+    return tf.nn.gelu(x, approximate=False), gradient
 
 
 def cpu_function(name):
