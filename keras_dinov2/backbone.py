@@ -11,6 +11,7 @@ from keras import ops
 from keras_dinov2.config.architectures import ARCHITECTURES
 from keras_dinov2.layers.block import TransformerBlock, residual_stream_policy
 from keras_dinov2.layers.embeddings import DINOv2Embeddings
+from keras_dinov2.ops import call_layer
 
 
 @keras.saving.register_keras_serializable(package="keras_dinov2")
@@ -195,10 +196,10 @@ class DINOv2Backbone(keras_hub.models.Backbone):
         # does, the images become tensors of the `images` input's dtype.
         images = ops.convert_to_tensor(inputs["images"], dtype=self._inputs_struct["images"].dtype)
         masks = inputs.get("masks")
-        x = self.embeddings(images, None if masks is None else ops.convert_to_tensor(masks, "bool"))
+        x = call_layer(self.embeddings, images, None if masks is None else ops.convert_to_tensor(masks, "bool"))
         for block in self.transformer_blocks:
-            x = block(x, training=training)
-        normed = self.norm(x)
+            x = call_layer(block, x, training=training)
+        normed = call_layer(self.norm, x)
         first_patch = 1 + self.num_register_tokens
         return {
             "cls_token": normed[:, 0],

@@ -267,3 +267,88 @@ def test_patch_embedding_kernel_matches_the_conv2d_with_gradients(policy, plain_
     for a, b in zip(fast, plain):
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
     assert all(np.any(g != 0) for g in fast[1:])
+
+
+class Scale(keras.layers.Layer):
+    """x * w (+ 1 in training), counting its `Layer.__call__`s."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.keras_calls = 0
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def __call__(self, *args, **kwargs):
+        self.keras_calls += 1
+        return super().__call__(*args, **kwargs)
+
+    def call(self, x, training=None):
+        y = x * self.w + 0.5
+        return y + 1.0 if training else y
+
+
+class Outer(keras.layers.Layer):
+    """Calls `inner` through `call_layer` inside its own `Layer.__call__` (an autocast scope under a mixed policy)."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+
+    def call(self, x):
+        return kd_ops.call_layer(self.inner, x, training=True)
+
+
+def test_call_layer_skips_layer_call_only_where_it_is_a_no_op():
+    import torch
+
+    layer = Scale()
+    x = torch.full((2, 3), 2.0)
+    first = kd_ops.call_layer(layer, x, training=True)  # not built yet: Keras builds it
+    assert layer.keras_calls == 1 and layer.built
+    direct = kd_ops.call_layer(layer, x, training=True)
+    assert layer.keras_calls == 1  # skipped
+    np.testing.assert_array_equal(to_numpy(direct), to_numpy(first))
+    np.testing.assert_array_equal(to_numpy(direct), np.full((2, 3), 3.5))
+    # Each of these needs Keras' bookkeeping: `training` from the context, an array to convert, the plain path.
+    kd_ops.call_layer(layer, x)
+    kd_ops.call_layer(layer, np.ones((2, 3), "float32"), training=False)
+    with kd_ops.plain_keras_ops():
+        kd_ops.call_layer(layer, x, training=True)
+    assert layer.keras_calls == 4
+
+
+def test_call_layer_keeps_layer_call_where_dtypes_need_it():
+    import torch
+
+    mixed = Scale(dtype="mixed_bfloat16")
+    mixed.build((None, 3))
+    out = kd_ops.call_layer(mixed, torch.ones((2, 3)), training=False)
+    assert mixed.keras_calls == 1 and out.dtype == torch.bfloat16  # input cast and autocast scope, as Keras does
+    plain = Scale(dtype="float32")
+    plain.build((None, 3))
+    assert kd_ops.call_layer(plain, torch.ones((2, 3), dtype=torch.float64), training=False).dtype == torch.float32
+    assert plain.keras_calls == 1  # a float64 input: Keras casts it to the compute dtype
+    plain.w.assign([1.001, 1.0, 1.0])
+    out = Outer(plain, dtype="mixed_bfloat16")(torch.ones((1, 3)))
+    # Inside the outer layer's bfloat16 autocast scope the inner float32 layer still reads its float32 weight.
+    assert plain.keras_calls == 2
+    np.testing.assert_allclose(to_numpy(out), [[2.501, 2.5, 2.5]], rtol=1e-6)
+
+
+def test_backbone_blocks_run_without_layer_call_and_match_the_plain_path(monkeypatch, plain_path):
+    backbone, _ = parts(7)
+    calls = []
+    original = TransformerBlock.__call__
+    monkeypatch.setattr(TransformerBlock, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    images = np.random.default_rng(1).uniform(size=(2, 8, 8, 3)).astype("float32")
+    masks = np.zeros((2, 4), bool)
+    masks[0, 1] = True
+    inputs = {"images": ops.convert_to_tensor(images), "masks": ops.convert_to_tensor(masks)}
+    direct = backbone(inputs, training=True)
+    assert calls == []
+    plain_path()
+    plain = backbone(inputs, training=True)
+    assert len(calls) == 2
+    for key in ("cls_token", "patch_tokens", "prenorm"):
+        np.testing.assert_allclose(to_numpy(direct[key]), to_numpy(plain[key]), rtol=1e-5, atol=1e-6)

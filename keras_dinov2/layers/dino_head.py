@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
-from keras_dinov2.ops import gelu, gradient_boundary, weight_normalized_kernel
+from keras_dinov2.ops import call_layer, gelu, gradient_boundary, weight_normalized_kernel
 
 _MIXED_COMPUTE_DTYPES = ("float16", "bfloat16")
 
@@ -220,7 +220,8 @@ class DINOHead(keras.layers.Layer):
         if reduction is not None and getattr(reduction, "num_replicas", 1) < 2:
             reduction = None
         for i, layer in enumerate(self.mlp_layers):
-            x = gradient_boundary(layer(x))
+            # Dense ignores `training`; given, it lets `call_layer` skip `Layer.__call__` where that is a no-op.
+            x = gradient_boundary(call_layer(layer, x, training=False))
             if i < len(self.mlp_layers) - 1:
                 if self.use_bn:
                     x = self._batch_norm(i, x, row_weights, reduction)
@@ -229,7 +230,7 @@ class DINOHead(keras.layers.Layer):
         squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
         # sqrt(max(|x|^2, eps^2)) == max(|x|, eps) and keeps a finite gradient at x = 0.
         x = x / ops.sqrt(ops.maximum(squared, self.epsilon**2))
-        return self.last_layer(x)
+        return call_layer(self.last_layer, x)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.num_prototypes)

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.interpolation import INTERPOLATION_MODES, resample_grid
-from keras_dinov2.ops import patch_embedding
+from keras_dinov2.ops import call_layer, patch_embedding
 
 
 @keras.saving.register_keras_serializable(package="keras_dinov2")
@@ -218,7 +218,7 @@ class DINOv2Embeddings(keras.layers.Layer):
         self._validate(images, masks)
         shape = ops.shape(images)
         height, width = shape[1], shape[2]
-        x = self.patch_embedding(images)
+        x = call_layer(self.patch_embedding, images)
         if masks is not None:
             mask_token = ops.cast(self.mask_token, x.dtype)[None]
             x = ops.where(ops.expand_dims(masks, -1), mask_token, x)

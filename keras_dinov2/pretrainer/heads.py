@@ -5,7 +5,7 @@ import collections
 from keras import ops
 
 from keras_dinov2.layers.dino_head import DINOHead
-from keras_dinov2.ops import eager_dispatch
+from keras_dinov2.ops import call_layer, eager_dispatch
 
 # One student's trainable parts: its backbone, its DINO head and its iBOT head (the DINO head itself when tied).
 StudentParts = collections.namedtuple("StudentParts", ["backbone", "dino_head", "ibot_head"])
@@ -56,15 +56,15 @@ def run_heads(calls, reduction=None):
     concatenate = eager_dispatch()
     for index, (head, rows, row_weights) in enumerate(calls):
         if head.use_bn or rows.shape[0] is None or not concatenate:
-            results[index] = head(rows, row_weights=row_weights, reduction=reduction)
+            results[index] = call_layer(head, rows, row_weights=row_weights, reduction=reduction)
         else:
             groups.setdefault(id(head), []).append(index)
     for indices in groups.values():
         head = calls[indices[0]][0]
         if len(indices) == 1:
-            results[indices[0]] = head(calls[indices[0]][1], reduction=reduction)
+            results[indices[0]] = call_layer(head, calls[indices[0]][1], reduction=reduction)
             continue
-        logits = head(ops.concatenate([calls[i][1] for i in indices], axis=0), reduction=reduction)
+        logits = call_layer(head, ops.concatenate([calls[i][1] for i in indices], axis=0), reduction=reduction)
         start = 0
         for i in indices:
             count = int(calls[i][1].shape[0])

@@ -7,7 +7,7 @@ from keras import ops
 from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.data.batch import GLOBAL_CROPS, LOCAL_CROPS, MASK_INDICES, MASKS, MASKS_WEIGHT
-from keras_dinov2.ops import active_replicas
+from keras_dinov2.ops import active_replicas, call_layer
 from keras_dinov2.optim import DINOv2AdamW, clip_gradients, param_groups
 from keras_dinov2.pretrainer.batches import (
     batch_layout,
@@ -230,7 +230,7 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         shards = replica_count(data)
         batch_layout(data, self.accumulation_steps)  # checks the stacked micro-batches
         temperature = self.schedules.teacher_temperature(self.step)
-        teacher = self.teacher({"images": global_crops}, training=False)
+        teacher = call_layer(self.teacher, {"images": global_crops}, training=False)
         targets = {"dino": None, "ibot": None}
         logs = {"teacher_temp": temperature}
         momentum = config.loss.center_momentum
@@ -306,7 +306,7 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         two_b = global_crops.shape[0]
         shards = replica_count(data)
         inputs = {"images": global_crops, "masks": masks} if mask_inputs else {"images": global_crops}
-        student = parts.backbone(inputs, training=training)
+        student = call_layer(parts.backbone, inputs, training=training)
         student_cls = view_major(student["cls_token"], shards, 2)
         dino, calls = {}, {}  # calls: the student's head calls, in the reference's order (`run_heads`)
         if self.do_dino:
@@ -314,7 +314,7 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
             local_crops = data.get(LOCAL_CROPS)
             if local_crops is not None and local_crops.shape[0]:
                 n_local = local_crops.shape[0] // (two_b // 2)
-                local = parts.backbone({"images": local_crops}, training=training)
+                local = call_layer(parts.backbone, {"images": local_crops}, training=training)
                 calls["student_local_logits"] = (parts.dino_head, view_major(local["cls_token"], shards, n_local),
                                                  None)
                 dino["n_local_crops"] = n_local
