@@ -352,3 +352,25 @@ def test_backbone_blocks_run_without_layer_call_and_match_the_plain_path(monkeyp
     assert len(calls) == 2
     for key in ("cls_token", "patch_tokens", "prenorm"):
         np.testing.assert_allclose(to_numpy(direct[key]), to_numpy(plain[key]), rtol=1e-5, atol=1e-6)
+
+
+def test_variable_tensors_are_the_variables_parameters_and_keep_nothing_alive():
+    import gc
+    import weakref
+
+    from keras_dinov2.ops.torch import variable_tensors
+
+    a, b = keras.Variable(np.ones(3, "float32")), keras.Variable(np.zeros(2, "float32"))
+    first = variable_tensors([a, None, b])
+    assert first[0] is a.value and first[1] is None and first[2] is b.value
+    a.assign(np.full(3, 2.0, "float32"))  # Keras copies into the Parameter: the kept tensor sees it
+    again = variable_tensors([a, None, b])
+    assert again[0] is first[0] and np.all(to_numpy(again[0]) == 2.0)
+    assert variable_tensors([b, a])[0] is b.value  # another list, read anew
+    dead = weakref.ref(first[0])
+    del a, first, again
+    gc.collect()
+    assert dead() is None  # the cache holds only weak references
+    c = keras.Variable(np.full(3, 5.0, "float32"))
+    # Whatever the ids, a list with a new variable gets that variable's tensor.
+    assert np.all(to_numpy(variable_tensors([c, None, b])[0]) == 5.0)

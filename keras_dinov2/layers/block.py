@@ -252,7 +252,9 @@ class TransformerBlock(keras.layers.Layer):
         return y if self.ls2 is None else self.ls2(y)
 
     def _residual(self, x, branch, training):
-        y = ops.cast(branch(x), x.dtype)  # the compute dtype without LayerScale: the sum is the stream's
+        y = branch(x)
+        if y.dtype != x.dtype:  # the compute dtype without LayerScale: the sum is the stream's
+            y = ops.cast(y, x.dtype)
         # DropPath is the identity unless it draws: skip its layer call then.
         return x + (self.drop_path(y, training=training) if training and self.drop_path_rate else y)
 

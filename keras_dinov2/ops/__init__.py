@@ -293,12 +293,11 @@ def scaled_by_global_norm(grads, max_norm):
     return [g * ops.cast(scale, g.dtype) for g in grads], norm
 
 
-def _block_kernel(name, x, variables):
-    """`_eager_kernel(name)` for float32 variables and float32, bfloat16 or float16 x (float32 or a mixed policy)."""
+def _block_kernel(name, x):
+    """`_eager_kernel(name)` for float32, bfloat16 or float16 x (float32 or a mixed policy); the kernel itself
+    returns None unless the variables are float32."""
     if isinstance(x, keras.KerasTensor) or keras.backend.standardize_dtype(x.dtype) not in (
             "float32", "bfloat16", "float16"):
-        return None
-    if any(v is not None and keras.backend.standardize_dtype(v.dtype) != "float32" for v in variables):
         return None
     return _eager_kernel(name)
 
@@ -314,7 +313,7 @@ def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale=None, com
     per-layer dispatch (docs/performance.md has what it saves). Elsewhere
     None, and the caller runs its Keras layers: XLA (JAX) and tf.function trace that dispatch away.
     """
-    function = _block_kernel("attention_branch", x, [*norm[:2], *qkv, *proj, layer_scale])
+    function = _block_kernel("attention_branch", x)
     return None if function is None else function(x, norm, qkv, proj, int(num_heads), float(scale), layer_scale,
                                                   keras.backend.standardize_dtype(compute_dtype))
 
@@ -322,7 +321,7 @@ def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale=None, com
 def mlp_branch(x, norm, fc1, fc2, layer_scale=None, compute_dtype="float32"):
     """ls * fc2(gelu(fc1(layer_norm(x)))) (exact erf GELU) as one kernel call where the backend has one, else None;
     the arguments, dtypes and backends as `attention_branch`."""
-    function = _block_kernel("mlp_branch", x, [*norm[:2], *fc1, *fc2, layer_scale])
+    function = _block_kernel("mlp_branch", x)
     return None if function is None else function(x, norm, fc1, fc2, layer_scale,
                                                   keras.backend.standardize_dtype(compute_dtype))
 
@@ -337,6 +336,6 @@ def patch_embedding(images, kernel, bias, patch_size, compute_dtype="float32"):
     Keras' layer dispatch and its layout transposes (docs/performance.md has what it saves). Elsewhere None, and the
     caller runs its Conv2D layer.
     """
-    function = _block_kernel("patch_embedding", images, [kernel, bias])
+    function = _block_kernel("patch_embedding", images)
     return None if function is None else function(images, kernel, bias, int(patch_size),
                                                   keras.backend.standardize_dtype(compute_dtype))

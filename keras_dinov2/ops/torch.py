@@ -2,6 +2,7 @@
 updates, the transformer block's residual branches in one call each, and the fused weight-norm kernel."""
 
 import math
+import weakref
 
 import torch
 
@@ -29,6 +30,39 @@ def active_replicas():
     return int(dist.get_world_size())
 
 
+# Keras' `Variable.value` re-checks the stateless and autocast scopes and the device at every read (~2 us; a tiny
+# model's step made 700 reads). Where the kernels here run (outside a StatelessScope: `_eager_kernel`; in no autocast
+# scope: the optimizer, the EMA, and TransformerBlock, which never autocasts) it is the variable's torch Parameter,
+# one object for the variable's life (Keras assigns by copying into it). So the tensors of a list of variables are
+# kept, keyed by the variables' ids and checked through weak references: a list with a dead or another variable, or
+# a dead tensor, is read anew, and nothing here keeps a variable or a tensor alive.
+_TENSORS = {}
+_TENSORS_LIMIT = 4096
+
+
+def _none():
+    return None
+
+
+def _ref(x):
+    return _none if x is None else weakref.ref(x)
+
+
+def variable_tensors(variables):
+    """[v.value for v in variables] (None for None), from the cache above when the list was read before."""
+    key = tuple(map(id, variables))
+    entry = _TENSORS.get(key)
+    if entry is not None:
+        tensors = [t() for t in entry[1]]
+        if all(r() is v and (t is not None or v is None) for r, t, v in zip(entry[0], tensors, variables)):
+            return tensors
+    tensors = [None if v is None else v.value for v in variables]
+    if len(_TENSORS) >= _TENSORS_LIMIT:
+        _TENSORS.clear()
+    _TENSORS[key] = ([_ref(v) for v in variables], [_ref(t) for t in tensors])
+    return tensors
+
+
 # Multi-tensor (foreach) updates. Keras' torch backend runs each per-variable update as a dozen eager ops, each
 # through Keras' dispatch; torch's `_foreach_*` kernels take every tensor of a group in one call, as the reference's
 # fused AdamW param groups and its EMA do. Scalars are Python floats (the reference's are too): reading the schedules
@@ -44,9 +78,7 @@ def multi_tensor_adamw(variables, grads, momentums, velocities, lr, weight_decay
                        epsilon):
     """`keras_dinov2.ops.multi_tensor_adamw` on PyTorch: torch.optim.AdamW's foreach update of one group."""
     lr, weight_decay, step = _floats(lr, weight_decay, step)
-    params = [v.value for v in variables]
-    exp_avgs = [m.value for m in momentums]
-    exp_avg_sqs = [v.value for v in velocities]
+    params, exp_avgs, exp_avg_sqs = (variable_tensors(x) for x in (variables, momentums, velocities))
     grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
     bias_correction_1 = -math.expm1(step * math.log(beta_1)) if beta_1 else 1.0
     bias_correction_2 = -math.expm1(step * math.log(beta_2)) if beta_2 else 1.0
@@ -66,9 +98,9 @@ def multi_tensor_adamw(variables, grads, momentums, velocities, lr, weight_decay
 def ema_update(teacher, student, momentum):
     """`keras_dinov2.ops.ema_update` on PyTorch: the reference's `_foreach_mul_` / `_foreach_add_` EMA."""
     (momentum,) = _floats(momentum)
-    teacher = [t.value for t in teacher]
+    teacher = variable_tensors(teacher)
     torch._foreach_mul_(teacher, momentum)
-    torch._foreach_add_(teacher, [s.value for s in student], alpha=1.0 - momentum)
+    torch._foreach_add_(teacher, variable_tensors(student), alpha=1.0 - momentum)
 
 
 def scaled_by_global_norm(grads, max_norm):
@@ -89,39 +121,51 @@ def scaled_by_global_norm(grads, max_norm):
 # output cast to the compute dtype for the products and attention (weights cast likewise), LayerScale in float32.
 
 
-def _value(variable, dtype):
-    value = variable.value
-    return value if value.dtype == dtype else value.to(dtype)
+def _as(value, dtype):
+    return value if value is None or value.dtype == dtype else value.to(dtype)
+
+
+def _float32_tensors(variables):
+    """The variables' tensors (`variable_tensors`), or None unless every one is float32 (the kernels' contract)."""
+    tensors = variable_tensors(variables)
+    return None if any(t is not None and t.dtype != torch.float32 for t in tensors) else tensors
 
 
 def _linear(x, kernel, bias):
     # F.linear (addmm: the bias added inside the GEMM, as the reference's nn.Linear) on the (in, out) Keras kernel.
-    return torch.nn.functional.linear(x, _value(kernel, x.dtype).t(), None if bias is None else _value(bias, x.dtype))
+    return torch.nn.functional.linear(x, _as(kernel, x.dtype).t(), _as(bias, x.dtype))
 
 
 def _layer_norm(x, gamma, beta, epsilon, dtype):
-    gamma, beta = (None if w is None else _value(w, torch.float32) for w in (gamma, beta))
     return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], gamma, beta, epsilon).to(dtype)
 
 
-def _layer_scale(out, layer_scale):
-    return out if layer_scale is None else out.float() * _value(layer_scale, torch.float32)
+def _layer_scale(out, gamma):
+    return out if gamma is None else out.float() * gamma
 
 
 def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale, compute_dtype):
-    """`keras_dinov2.ops.attention_branch` on PyTorch."""
+    """`keras_dinov2.ops.attention_branch` on PyTorch (None unless its variables are float32)."""
+    tensors = _float32_tensors([norm[0], norm[1], *qkv, *proj, layer_scale])
+    if tensors is None:
+        return None
+    gamma, beta, qkv_kernel, qkv_bias, proj_kernel, proj_bias, ls = tensors
     batch, tokens, width = x.shape
-    h = _linear(_layer_norm(x, *norm, getattr(torch, compute_dtype)), *qkv)
+    h = _linear(_layer_norm(x, gamma, beta, norm[2], getattr(torch, compute_dtype)), qkv_kernel, qkv_bias)
     q, k, v = h.reshape(batch, tokens, 3, num_heads, width // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = _linear(out.transpose(1, 2).reshape(batch, tokens, width), *proj)
-    return _layer_scale(out, layer_scale)
+    out = _linear(out.transpose(1, 2).reshape(batch, tokens, width), proj_kernel, proj_bias)
+    return _layer_scale(out, ls)
 
 
 def mlp_branch(x, norm, fc1, fc2, layer_scale, compute_dtype):
-    """`keras_dinov2.ops.mlp_branch` on PyTorch."""
-    h = _layer_norm(x, *norm, getattr(torch, compute_dtype))
-    return _layer_scale(_linear(torch.nn.functional.gelu(_linear(h, *fc1)), *fc2), layer_scale)
+    """`keras_dinov2.ops.mlp_branch` on PyTorch (None unless its variables are float32)."""
+    tensors = _float32_tensors([norm[0], norm[1], *fc1, *fc2, layer_scale])
+    if tensors is None:
+        return None
+    gamma, beta, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, ls = tensors
+    h = _layer_norm(x, gamma, beta, norm[2], getattr(torch, compute_dtype))
+    return _layer_scale(_linear(torch.nn.functional.gelu(_linear(h, fc1_kernel, fc1_bias)), fc2_kernel, fc2_bias), ls)
 
 
 def weight_normalized_kernel(v, g, floor):
@@ -135,10 +179,13 @@ def weight_normalized_kernel(v, g, floor):
 
 
 def patch_embedding(images, kernel, bias, patch_size, compute_dtype):
-    """`keras_dinov2.ops.patch_embedding` on PyTorch."""
+    """`keras_dinov2.ops.patch_embedding` on PyTorch (None unless its variables are float32)."""
+    tensors = _float32_tensors([kernel, bias])
+    if tensors is None:
+        return None
     batch, height, width, channels = images.shape
     rows, cols = height // patch_size, width // patch_size
     patches = images.to(getattr(torch, compute_dtype)).reshape(batch, rows, patch_size, cols, patch_size, channels)
     patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, patch_size * patch_size * channels)
-    weight = _value(kernel, patches.dtype).reshape(-1, kernel.shape[-1]).t()
-    return torch.nn.functional.linear(patches, weight, None if bias is None else _value(bias, patches.dtype))
+    weight = _as(tensors[0], patches.dtype).reshape(-1, kernel.shape[-1]).t()
+    return torch.nn.functional.linear(patches, weight, _as(tensors[1], patches.dtype))

@@ -3,6 +3,7 @@
 import torch
 
 from keras_dinov2 import distribute
+from keras_dinov2.ops.torch import variable_tensors
 
 
 def train_step(model, data):
@@ -16,8 +17,9 @@ def train_step(model, data):
     # registered on modules, and a left-over gradient would be added to this step's. One list for the whole step:
     # `trainable_variables` walks every layer each time it is read.
     variables = model.trainable_variables
-    for variable in variables:
-        variable.value.grad = None
+    tensors = variable_tensors(variables)  # their Parameters, without Keras' per-read checks
+    for tensor in tensors:
+        tensor.grad = None
     with torch.no_grad():
         targets, teacher_logs = model.teacher_targets(data, reduction=reduction)
     steps = model.accumulation_steps
@@ -29,7 +31,7 @@ def train_step(model, data):
         model.scale_loss(loss / steps if steps > 1 else loss).backward()
         micro_logs.append({k: v.detach() if hasattr(v, "detach") else v for k, v in logs.items()})
     logs = model.merge_logs(micro_logs, teacher_logs)
-    grads = [v.value.grad for v in variables]
+    grads = [t.grad for t in tensors]
     if reduction is not None:
         # Keras' torch backend has no DDP: average the ranks' gradients here, before clipping.
         grads = distribute.all_reduce_gradients(grads)
