@@ -4,7 +4,10 @@ Every schedule is a `keras.optimizers.schedules.LearningRateSchedule`: `schedule
 step tensor with `keras.ops` only, so it runs inside a compiled train step (`jax.jit`, `tf.function` with XLA,
 torch) and reads the current step instead of a value frozen at trace time. It returns a float32 tensor with the
 shape of `step` (a scalar for a scalar step). `schedule.value_at(step)` gives the same numbers in float64 NumPy,
-for logging and tests. Schedules serialize with `keras.saving.serialize_keras_object`.
+for logging and tests. Where the step is a host value at no cost (a Python or NumPy integer; on PyTorch a CPU tensor:
+`keras_dinov2.ops.host_int`) `schedule(step)` is `value_at(step)` rounded to float32, as the reference's float64
+schedule arrays: a dozen eager Keras ops per call otherwise, ~0.6 ms of a small model's PyTorch step; the two agree
+within 2e-6 relative. Schedules serialize with `keras.saving.serialize_keras_object`.
 
 Reference: facebookresearch/dinov2 `utils/utils.py` (CosineScheduler), `train/train.py` (build_schedulers) and
 `configs/ssl_default_config.yaml` (the defaults of `dinov2_schedules`); DINO v1's rules (linear lr scaling, the
@@ -18,6 +21,8 @@ import numbers
 import keras
 import numpy as np
 from keras import ops
+
+from keras_dinov2.ops import host_int
 
 __all__ = [
     "OFFICIAL_EPOCH_LENGTH",
@@ -34,6 +39,12 @@ __all__ = [
 OFFICIAL_EPOCH_LENGTH = 1250
 
 _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+
+
+def _host_value(schedule, step):
+    """`schedule.value_at(step)` as a float32 tensor where the step is on the host at no cost, else None."""
+    index = host_int(step)
+    return None if index is None else ops.convert_to_tensor(np.float32(schedule.value_at(index)))
 
 
 def _check_int(name, value, minimum=0):
@@ -115,6 +126,9 @@ class CosineSchedule(_LearningRateSchedule):
         return self.total_steps - self.warmup_steps - self.freeze_steps
 
     def __call__(self, step):
+        value = _host_value(self, step)
+        if value is not None:
+            return value
         s = ops.cast(step, "float32")
         freeze, warmup, total = self.freeze_steps, self.warmup_steps, self.total_steps
         # Denominators are clamped to 1: the branch they serve is never selected when they would be 0, and
@@ -191,6 +205,9 @@ class FrozenStartSchedule(_LearningRateSchedule):
         return self.frozen_steps if total is None else min(self.frozen_steps, int(total))
 
     def __call__(self, step):
+        value = _host_value(self, step)
+        if value is not None:
+            return value
         value = ops.cast(self.schedule(step), "float32")
         return ops.where(ops.cast(step, "float32") < self._zero_until, 0.0, value)
 
@@ -233,6 +250,9 @@ class EpochTableSchedule(_LearningRateSchedule):
         return (self.final_value - self.start_value) / max(self.warmup_epochs - 1, 1)
 
     def __call__(self, step):
+        value = _host_value(self, step)
+        if value is not None:
+            return value
         epoch = ops.floor(ops.cast(step, "float32") / float(self.steps_per_epoch))
         warm = self.start_value + self._slope() * epoch
         return ops.cast(ops.where(epoch < self.warmup_epochs, warm, self.final_value), "float32")

@@ -204,3 +204,36 @@ def test_dinov2_schedules_reject_bad_input():
         dinov2_schedules(1000, 100, 0, warmup_epochs=1)
     with pytest.raises(ValueError, match="`frozen_steps`"):
         FrozenStartSchedule(CosineSchedule(1.0, 0.0, 10), -1)
+
+
+def test_a_host_step_takes_value_at_and_agrees_with_the_formula():
+    from keras_dinov2 import ops as kd_ops
+
+    s = dinov2_schedules(total_steps=1000, steps_per_epoch=100, global_batch_size=256, warmup_epochs=2,
+                         freeze_last_layer_epochs=1)
+    for step in (0, 99, 150, 999, 1003):
+        expected = s.values(step)
+        for given in (step, np.int64(step)):  # host integers: value_at, rounded to float32
+            for key, value in s(given).items():
+                assert to_numpy(value).dtype == np.float32
+                assert to_numpy(value) == np.float32(expected[key]), key
+        with kd_ops.plain_keras_ops():  # a tensor step, no host read: the float32 formula
+            traced = s(ops.convert_to_tensor(step, "int32"))
+        for key, value in traced.items():
+            np.testing.assert_allclose(to_numpy(value), expected[key], rtol=2e-6, atol=1e-12)
+
+
+def test_host_int_reads_only_host_integers():
+    from keras_dinov2 import ops as kd_ops
+
+    assert kd_ops.host_int(7) == 7 and kd_ops.host_int(np.int32(7)) == 7
+    assert kd_ops.host_int(True) is None
+    assert kd_ops.host_int(keras.KerasTensor((), "int32")) is None
+    counter = keras.Variable(5, dtype="int64", trainable=False)
+    # PyTorch dispatches eagerly: a CPU integer tensor or variable is read; a traced backend never reads one.
+    expected = 5 if keras.backend.backend() == "torch" else None
+    assert kd_ops.host_int(counter) == expected
+    assert kd_ops.host_int(ops.convert_to_tensor(5, "int32")) == expected
+    assert kd_ops.host_int(ops.convert_to_tensor(5.0, "float32")) is None
+    with kd_ops.plain_keras_ops():
+        assert kd_ops.host_int(counter) is None

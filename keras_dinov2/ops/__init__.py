@@ -12,6 +12,7 @@ import importlib
 import inspect
 
 import keras
+import numpy as np
 from keras.src.backend import get_autocast_scope, in_stateless_scope  # not in the public API
 
 
@@ -231,6 +232,17 @@ def _passes_unchanged(value, cast_to, nested=True):
         dtype = keras.backend.standardize_dtype(value.dtype)
         return dtype == cast_to or not keras.backend.is_float_dtype(dtype)
     return not hasattr(value, "__array__") and not isinstance(value, (dict, list, tuple, keras.KerasTensor))
+
+
+def host_int(x):
+    """int(x) where reading it costs no device synchronization and no trace: a Python or NumPy integer, or where ops
+    dispatch eagerly (PyTorch) a one-element integer tensor or variable in host memory, outside a StatelessScope.
+    None otherwise (a traced, symbolic or device value), and within `plain_keras_ops()`."""
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return int(x)
+    if not eager_dispatch() or in_stateless_scope() or isinstance(x, keras.KerasTensor):
+        return None
+    return _kernel("torch", "host_int")(x.value if isinstance(x, keras.Variable) else x)
 
 
 def _eager_kernel(name, tensors=()):

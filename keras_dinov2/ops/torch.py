@@ -30,6 +30,13 @@ def active_replicas():
     return int(dist.get_world_size())
 
 
+def host_int(x):
+    """`keras_dinov2.ops.host_int` on PyTorch: int(x) for a one-element integer tensor on the CPU, else None."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() == 1 and not x.is_floating_point():
+        return int(x)
+    return None
+
+
 # Keras' `Variable.value` re-checks the stateless and autocast scopes and the device at every read (~2 us; a tiny
 # model's step made 700 reads). Where the kernels here run (outside a StatelessScope: `_eager_kernel`; in no autocast
 # scope: the optimizer, the EMA, and TransformerBlock, which never autocasts) it is the variable's torch Parameter,
