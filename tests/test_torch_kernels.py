@@ -374,3 +374,46 @@ def test_variable_tensors_are_the_variables_parameters_and_keep_nothing_alive():
     c = keras.Variable(np.full(3, 5.0, "float32"))
     # Whatever the ids, a list with a new variable gets that variable's tensor.
     assert np.all(to_numpy(variable_tensors([c, None, b])[0]) == 5.0)
+
+
+@pytest.mark.parametrize("options", [{}, {"num_layers": 1}, {"use_bias": False, "norm_last_layer": True}])
+def test_fused_projection_head_matches_the_keras_layers_with_gradients(options, plain_path, monkeypatch):
+    import torch
+
+    keras.utils.set_random_seed(11)
+    head = DINOHead(num_prototypes=12, hidden_dim=16, bottleneck_dim=8, **{"num_layers": 3, **options})
+    head.build((None, 10))
+    x = np.random.default_rng(2).standard_normal((5, 10)).astype("float32")
+    x[3] = 0.0  # a zero row: the normalization's floor
+    dense_calls = []
+    original = keras.layers.Dense.call
+    monkeypatch.setattr(keras.layers.Dense, "call",
+                        lambda self, *a, **k: dense_calls.append(1) or original(self, *a, **k))
+
+    def run():
+        for v in head.trainable_variables:
+            v.value.grad = None
+        inputs = torch.tensor(x, requires_grad=True)
+        logits = head(inputs)
+        (logits * torch.linspace(-1, 1, 12)).sum().backward()
+        return [to_numpy(logits), to_numpy(inputs.grad)] + [to_numpy(v.value.grad) for v in head.trainable_variables]
+
+    fused = run()
+    assert dense_calls == []  # one kernel call, no Dense layer
+    plain_path()
+    plain = run()
+    assert len(dense_calls) == head.num_layers
+    for a, b in zip(fused, plain):  # the zero row's gradients are ~1e10 (1 / the floor): tolerances scale with them
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * max(1.0, np.abs(b).max()))
+    assert np.all(np.isfinite(fused[1]))
+
+
+def test_projection_head_kernel_declines_mixed_precision_and_batch_norm():
+    import torch
+
+    x = torch.ones((2, 6))
+    for kwargs in ({"dtype": "mixed_bfloat16"}, {"use_bn": True}):
+        head = DINOHead(num_prototypes=4, hidden_dim=8, bottleneck_dim=4, **kwargs)
+        head.build((None, 6))
+        assert head._fused(x) is None
+        assert tuple(head(x).shape) == (2, 4)

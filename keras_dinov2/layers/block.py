@@ -127,8 +127,12 @@ def _plain_sublayers(norm, *denses):
     are all a fused branch kernel has to reproduce."""
     if norm.rms_scaling or list(norm.axis) != [-1]:
         return False
-    return all(d.activation is keras.activations.linear and not d.lora_enabled and d.quantization_mode is None
-               for d in denses)
+    return all(plain_dense(d) for d in denses)
+
+
+def plain_dense(layer):
+    """Whether a Dense layer is x @ kernel + bias and nothing more (no activation, LoRA or quantization)."""
+    return layer.activation is keras.activations.linear and not layer.lora_enabled and layer.quantization_mode is None
 
 
 def _norm(layer):

@@ -6,9 +6,12 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.attention import torch_linear_init
-from keras_dinov2.ops import call_layer, gelu, gradient_boundary, weight_normalized_kernel
+from keras_dinov2.layers.block import plain_dense
+from keras_dinov2.ops import call_layer, gelu, gradient_boundary, projection_head, weight_normalized_kernel
 
 _MIXED_COMPUTE_DTYPES = ("float16", "bfloat16")
+# Under the squared norm of each prototype column: only an all-zero column meets it (the reference has none).
+_COLUMN_NORM_FLOOR = 1e-24
 
 
 @keras.saving.register_keras_serializable(package="keras_dinov2")
@@ -51,8 +54,7 @@ class WeightNormPrototypes(keras.layers.Layer):
         """The kernel the layer applies, g * v / ||v|| per prototype (column), (bottleneck, K)."""
         v = ops.cast(self.weight_v, self.compute_dtype)
         g = ops.cast(self.weight_g, self.compute_dtype)
-        # The floor only matters for an all-zero column (the reference has none and would divide by 0).
-        return weight_normalized_kernel(v, g, 1e-24)
+        return weight_normalized_kernel(v, g, _COLUMN_NORM_FLOOR)
 
     def call(self, x):
         return ops.matmul(x, self.effective_kernel())
@@ -216,7 +218,20 @@ class DINOHead(keras.layers.Layer):
         """The prototype layer's variables, [weight_v, weight_g]."""
         return list(self.last_layer.weights)
 
+    def _fused(self, x):
+        """The backend's one-call head (PyTorch, float32, no batch norm), or None."""
+        if self.use_bn or self.compute_dtype != "float32" or self.last_layer.compute_dtype != "float32":
+            return None
+        if not all(plain_dense(layer) for layer in self.mlp_layers):
+            return None
+        layers = [(layer.kernel, layer.bias) for layer in self.mlp_layers]
+        prototypes = (self.last_layer.weight_v, self.last_layer.weight_g)
+        return projection_head(x, layers, prototypes, self.epsilon, _COLUMN_NORM_FLOOR)
+
     def call(self, x, row_weights=None, reduction=None):
+        fused = self._fused(x)
+        if fused is not None:
+            return fused
         if reduction is not None and getattr(reduction, "num_replicas", 1) < 2:
             reduction = None
         for i, layer in enumerate(self.mlp_layers):

@@ -338,6 +338,22 @@ def mlp_branch(x, norm, fc1, fc2, layer_scale=None, compute_dtype="float32"):
                                                   keras.backend.standardize_dtype(compute_dtype))
 
 
+def projection_head(x, layers, prototypes, epsilon, floor):
+    """A DINO head without batch norm in float32 as one kernel call where the backend has one, else None.
+
+    x through the Dense `layers` [(kernel (in, out), bias or None), ...] with the exact GELU between them, then
+    x / sqrt(max(sum(x^2), epsilon^2)) per row, then x @ (g * v / ||v||) with `prototypes` = (v, g) and `floor`
+    under the squared column norms (`weight_normalized_kernel`): `DINOHead.call` for float32 x and variables.
+    PyTorch: F.linear (addmm, the reference's nn.Linear) and the other ops as torch calls, without Keras' dispatch
+    (about half a millisecond per head call of a small model; docs/performance.md). Elsewhere None, and the caller
+    runs its layers.
+    """
+    if isinstance(x, keras.KerasTensor) or keras.backend.standardize_dtype(x.dtype) != "float32":
+        return None
+    function = _eager_kernel("projection_head")
+    return None if function is None else function(x, layers, prototypes, float(epsilon), float(floor))
+
+
 def patch_embedding(images, kernel, bias, patch_size, compute_dtype="float32"):
     """A Conv2D of stride = kernel = `patch_size` on (B, H, W, C) images as (B, N, D) tokens, row-major, as one
     kernel call where the backend has one, else None.

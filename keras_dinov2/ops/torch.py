@@ -185,6 +185,19 @@ def weight_normalized_kernel(v, g, floor):
     return v * (g / torch.sqrt(torch.clamp_min(torch.sum(torch.square(v), 0), floor)))
 
 
+def projection_head(x, layers, prototypes, epsilon, floor):
+    """`keras_dinov2.ops.projection_head` on PyTorch (None unless its variables are float32)."""
+    tensors = _float32_tensors([w for layer in layers for w in layer] + list(prototypes))
+    if tensors is None:
+        return None
+    for i in range(len(layers)):
+        if i:
+            x = torch.nn.functional.gelu(x)
+        x = torch.nn.functional.linear(x, tensors[2 * i].t(), tensors[2 * i + 1])
+    x = x / torch.sqrt(torch.clamp_min(torch.sum(torch.square(x), -1, keepdim=True), epsilon**2))
+    return torch.matmul(x, weight_normalized_kernel(tensors[-2], tensors[-1], floor))
+
+
 def patch_embedding(images, kernel, bias, patch_size, compute_dtype):
     """`keras_dinov2.ops.patch_embedding` on PyTorch (None unless its variables are float32)."""
     tensors = _float32_tensors([kernel, bias])
