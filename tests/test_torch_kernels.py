@@ -417,3 +417,19 @@ def test_projection_head_kernel_declines_mixed_precision_and_batch_norm():
         head.build((None, 6))
         assert head._fused(x) is None
         assert tuple(head(x).shape) == (2, 4)
+
+
+def test_kept_kernel_arguments_give_way_to_lora_enabled_after_a_fused_call(plain_path):
+    import torch
+
+    block = TransformerBlock(8, 2, mlp_ratio=2.0, layer_scale_init=0.5)
+    x = torch.tensor(np.random.default_rng(4).standard_normal((2, 5, 8)).astype("float32"))
+    block.build(x.shape)
+    before = to_numpy(block(x))  # the fused kernels, their arguments now kept
+    assert len(block.trainable_variables) == 14  # the kept tuples add no tracked variable
+    block.attn.qkv.enable_lora(2)
+    block.attn.qkv.lora_kernel_b.assign(np.full((2, 24), 0.1, "float32"))
+    with_lora = to_numpy(block(x))
+    plain_path()
+    np.testing.assert_allclose(with_lora, to_numpy(block(x)), rtol=1e-5, atol=1e-6)
+    assert np.abs(with_lora - before).max() > 1e-3

@@ -237,10 +237,32 @@ class TransformerBlock(keras.layers.Layer):
             self.ls2.build(input_shape)
         self.built = True
 
+    def _kernel_arguments(self, branch):
+        """The sublayer arguments of a fused branch kernel ("attention" or "ffn"), built once.
+
+        Built, they are the same variables at every call while the sublayers stay plain (`_plain_sublayers`,
+        checked at each call: LoRA or quantization turn the Keras layers back on); building them reads Dense's
+        `kernel` property and a dozen attributes, ~12 us a call on PyTorch. Kept outside Keras' attribute
+        tracking, which would otherwise count the variables in the tuple as the block's own.
+        """
+        cache = self.__dict__.get("_fused_arguments")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_fused_arguments", cache)
+        arguments = cache.get(branch)
+        if arguments is None:
+            if branch == "attention":
+                arguments = (_norm(self.norm1), _dense(self.attn.qkv), _dense(self.attn.proj), self.num_heads,
+                             self.attn.head_dim**-0.5, _gamma(self.ls1), self.compute_dtype)
+            else:
+                arguments = (_norm(self.norm2), _dense(self.mlp.fc1), _dense(self.mlp.fc2), _gamma(self.ls2),
+                             self.compute_dtype)
+            cache[branch] = arguments
+        return arguments
+
     def _attention_branch(self, x):
         if _plain_sublayers(self.norm1, self.attn.qkv, self.attn.proj):
-            y = attention_branch(x, _norm(self.norm1), _dense(self.attn.qkv), _dense(self.attn.proj),
-                                 self.num_heads, self.attn.head_dim**-0.5, _gamma(self.ls1), self.compute_dtype)
+            y = attention_branch(x, *self._kernel_arguments("attention"))
             if y is not None:  # the backend's one-call kernel (PyTorch; float32 variables)
                 return y
         y = self.attn(self.norm1(x))
@@ -248,8 +270,7 @@ class TransformerBlock(keras.layers.Layer):
 
     def _ffn_branch(self, x):
         if self.ffn_type == "mlp" and _plain_sublayers(self.norm2, self.mlp.fc1, self.mlp.fc2):
-            y = mlp_branch(x, _norm(self.norm2), _dense(self.mlp.fc1), _dense(self.mlp.fc2), _gamma(self.ls2),
-                           self.compute_dtype)
+            y = mlp_branch(x, *self._kernel_arguments("ffn"))
             if y is not None:
                 return y
         y = self.mlp(self.norm2(x))
