@@ -9,7 +9,7 @@ import keras_hub
 from keras import ops
 
 from keras_dinov2.config.architectures import ARCHITECTURES
-from keras_dinov2.layers.block import TransformerBlock, residual_stream_policy
+from keras_dinov2.layers.block import TransformerBlock, apply_layer_norm, residual_stream_policy
 from keras_dinov2.layers.embeddings import DINOv2Embeddings
 from keras_dinov2.ops import call_layer
 
@@ -199,7 +199,7 @@ class DINOv2Backbone(keras_hub.models.Backbone):
         x = call_layer(self.embeddings, images, None if masks is None else ops.convert_to_tensor(masks, "bool"))
         for block in self.transformer_blocks:
             x = call_layer(block, x, training=training)
-        normed = call_layer(self.norm, x)
+        normed = apply_layer_norm(self.norm, x)
         first_patch = 1 + self.num_register_tokens
         return {
             "cls_token": normed[:, 0],

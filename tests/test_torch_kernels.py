@@ -433,3 +433,22 @@ def test_kept_kernel_arguments_give_way_to_lora_enabled_after_a_fused_call(plain
     plain_path()
     np.testing.assert_allclose(with_lora, to_numpy(block(x)), rtol=1e-5, atol=1e-6)
     assert np.abs(with_lora - before).max() > 1e-3
+
+
+def test_layer_norm_kernel_against_numpy_and_where_it_declines():
+    import torch
+
+    x = np.random.default_rng(6).standard_normal((3, 4, 8)).astype("float32") * 3 + 1
+    layer = keras.layers.LayerNormalization(epsilon=1e-6)
+    layer.build(x.shape)
+    layer.gamma.assign(np.linspace(0.5, 1.5, 8).astype("float32"))
+    layer.beta.assign(np.linspace(-1, 1, 8).astype("float32"))
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    expected = (x - mean) / np.sqrt(var + 1e-6) * np.linspace(0.5, 1.5, 8) + np.linspace(-1, 1, 8)
+    got = kd_ops.layer_norm(torch.tensor(x), layer.gamma, layer.beta, 1e-6)
+    np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(kd_ops.layer_norm(torch.tensor(x), None, None, 1e-6)),
+                               (x - mean) / np.sqrt(var + 1e-6), rtol=1e-5, atol=1e-5)
+    assert kd_ops.layer_norm(torch.tensor(x).bfloat16(), layer.gamma, layer.beta, 1e-6) is None
+    with kd_ops.plain_keras_ops():
+        assert kd_ops.layer_norm(torch.tensor(x), layer.gamma, layer.beta, 1e-6) is None

@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_dinov2.layers.attention import Attention
 from keras_dinov2.layers.feedforward import MLP, SwiGLU, swiglu_hidden_dim
-from keras_dinov2.ops import attention_branch, gradient_boundary, mlp_branch, replica_seed
+from keras_dinov2.ops import attention_branch, call_layer, gradient_boundary, layer_norm, mlp_branch, replica_seed
 
 FFN_TYPES = ("mlp", "swiglu")
 
@@ -137,6 +137,16 @@ def plain_dense(layer):
 
 def _norm(layer):
     return layer.gamma if layer.scale else None, layer.beta if layer.center else None, layer.epsilon
+
+
+def apply_layer_norm(layer, x):
+    """`layer(x)` for a LayerNormalization: one kernel call (`keras_dinov2.ops.layer_norm`) where the backend has one
+    and the layer is a plain one over the last axis, else the layer (through `call_layer`)."""
+    if layer.built and not layer.rms_scaling and list(layer.axis) in ([-1], [len(x.shape) - 1]):
+        y = layer_norm(x, *_norm(layer))
+        if y is not None:
+            return y
+    return call_layer(layer, x)
 
 
 def _dense(layer):

@@ -338,6 +338,16 @@ def mlp_branch(x, norm, fc1, fc2, layer_scale=None, compute_dtype="float32"):
                                                   keras.backend.standardize_dtype(compute_dtype))
 
 
+def layer_norm(x, gamma, beta, epsilon):
+    """LayerNormalization over the last axis of float32 x with float32 `gamma` and `beta` variables (or None), as
+    one kernel call where the backend has one, else None. PyTorch: `F.layer_norm` (the reference's nn.LayerNorm; the
+    Keras layer's eager call is ~0.14 ms against ~0.02 ms at a tiny backbone's final norm). Elsewhere None."""
+    if isinstance(x, keras.KerasTensor) or keras.backend.standardize_dtype(x.dtype) != "float32":
+        return None
+    function = _eager_kernel("layer_norm")
+    return None if function is None else function(x, gamma, beta, float(epsilon))
+
+
 def projection_head(x, layers, prototypes, epsilon, floor):
     """A DINO head without batch norm in float32 as one kernel call where the backend has one, else None.
 

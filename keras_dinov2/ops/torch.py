@@ -185,6 +185,12 @@ def weight_normalized_kernel(v, g, floor):
     return v * (g / torch.sqrt(torch.clamp_min(torch.sum(torch.square(v), 0), floor)))
 
 
+def layer_norm(x, gamma, beta, epsilon):
+    """`keras_dinov2.ops.layer_norm` on PyTorch (None unless its variables are float32)."""
+    tensors = _float32_tensors([gamma, beta])
+    return None if tensors is None else torch.nn.functional.layer_norm(x, x.shape[-1:], *tensors, epsilon)
+
+
 def projection_head(x, layers, prototypes, epsilon, floor):
     """`keras_dinov2.ops.projection_head` on PyTorch (None unless its variables are float32)."""
     tensors = _float32_tensors([w for layer in layers for w in layer] + list(prototypes))
