@@ -235,5 +235,6 @@ def test_host_int_reads_only_host_integers():
     assert kd_ops.host_int(counter) == expected
     assert kd_ops.host_int(ops.convert_to_tensor(5, "int32")) == expected
     assert kd_ops.host_int(ops.convert_to_tensor(5.0, "float32")) is None
+    assert kd_ops.host_int(ops.convert_to_tensor(True)) is None
     with kd_ops.plain_keras_ops():
         assert kd_ops.host_int(counter) is None

@@ -32,7 +32,8 @@ def active_replicas():
 
 def host_int(x):
     """`keras_dinov2.ops.host_int` on PyTorch: int(x) for a one-element integer tensor on the CPU, else None."""
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() == 1 and not x.is_floating_point():
+    if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() == 1 and not x.is_floating_point()
+            and x.dtype != torch.bool):
         return int(x)
     return None
 
