@@ -4,10 +4,9 @@ Every schedule is a `keras.optimizers.schedules.LearningRateSchedule`: `schedule
 step tensor with `keras.ops` only, so it runs inside a compiled train step (`jax.jit`, `tf.function` with XLA,
 torch) and reads the current step instead of a value frozen at trace time. It returns a float32 tensor with the
 shape of `step` (a scalar for a scalar step). `schedule.value_at(step)` gives the same numbers in float64 NumPy,
-for logging and tests. Where the step is a host value at no cost (a Python or NumPy integer; on PyTorch a CPU tensor:
-`keras_dinov2.ops.host_int`) `schedule(step)` is `value_at(step)` rounded to float32, as the reference's float64
-schedule arrays: a dozen eager Keras ops per call otherwise, ~0.6 ms of a small model's PyTorch step; the two agree
-within 2e-6 relative. Schedules serialize with `keras.saving.serialize_keras_object`.
+for logging and tests. At a host step (a Python or NumPy integer; on PyTorch a CPU tensor: `ops.host_int`)
+`schedule(step)` is `value_at(step)` rounded to float32, as the reference's float64 arrays (a dozen eager Keras ops
+otherwise; the two agree within 2e-6). Schedules serialize with `keras.saving.serialize_keras_object`.
 
 Reference: facebookresearch/dinov2 `utils/utils.py` (CosineScheduler), `train/train.py` (build_schedulers) and
 `configs/ssl_default_config.yaml` (the defaults of `dinov2_schedules`); DINO v1's rules (linear lr scaling, the
@@ -42,9 +41,13 @@ _LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
 
 def _host_value(schedule, step):
-    """`schedule.value_at(step)` as a float32 tensor where the step is on the host at no cost, else None."""
-    index = host_int(step)
-    return None if index is None else ops.convert_to_tensor(np.float32(schedule.value_at(index)))
+    """`schedule.value_at(step)` as a float32 tensor where the step is on the host at no cost, else None; the last
+    step's tensor kept (a step reads the learning rate three times: the logs, Keras' optimizer, the groups)."""
+    index, last = host_int(step), schedule.__dict__.get("_last_host_value")
+    if index is not None and (last is None or last[0] != index):
+        value = ops.convert_to_tensor(np.float32(schedule.value_at(index)))
+        last = schedule.__dict__["_last_host_value"] = (index, value)
+    return None if index is None else last[1]
 
 
 def _check_int(name, value, minimum=0):
@@ -60,11 +63,7 @@ def _check_float(name, value):
 
 
 def _steps_from_epochs(name, epochs, steps_per_epoch):
-    if (
-        isinstance(epochs, bool)
-        or not isinstance(epochs, numbers.Real)
-        or not 0 <= epochs < math.inf
-    ):
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not 0 <= epochs < math.inf:
         raise ValueError(f"`{name}` must be a finite number >= 0, received {epochs!r}.")
     return int(round(epochs * steps_per_epoch))
 

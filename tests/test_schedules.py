@@ -223,6 +223,21 @@ def test_a_host_step_takes_value_at_and_agrees_with_the_formula():
             np.testing.assert_allclose(to_numpy(value), expected[key], rtol=2e-6, atol=1e-12)
 
 
+def test_a_host_step_value_is_kept_until_the_step_changes():
+    schedule = CosineSchedule(1e-3, 1e-6, total_steps=100, warmup_steps=10)
+    first = schedule(12)
+    assert schedule(np.int64(12)) is first  # a step reads the learning rate three times: converted once
+    counter = keras.Variable(12, dtype="int64", trainable=False)
+    for step in (13, 14, 12):  # an advancing counter (on PyTorch updated in place) gets each step's value
+        counter.assign(step)
+        expected = np.float32(schedule.value_at(step))
+        assert to_numpy(schedule(step)) == expected
+        # PyTorch reads the counter on the host (value_at, exactly); elsewhere it is a tensor (the float32 formula).
+        np.testing.assert_allclose(to_numpy(schedule(counter)), expected,
+                                   rtol=0 if keras.backend.backend() == "torch" else 2e-6)
+    assert to_numpy(schedule(12)) == np.float32(schedule.value_at(12)) != np.float32(schedule.value_at(13))
+
+
 def test_host_int_reads_only_host_integers():
     from keras_dinov2 import ops as kd_ops
 
