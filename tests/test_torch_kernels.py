@@ -295,8 +295,8 @@ class Outer(keras.layers.Layer):
         super().__init__(**kwargs)
         self.inner = inner
 
-    def call(self, x):
-        return kd_ops.call_layer(self.inner, x, training=True)
+    def call(self, x, *more):
+        return kd_ops.call_layer(self.inner, x, *more, training=True) if not more else self.inner(x, *more)
 
 
 def test_call_layer_skips_layer_call_only_where_it_is_a_no_op():
@@ -334,6 +334,13 @@ def test_call_layer_keeps_layer_call_where_dtypes_need_it():
     # Inside the outer layer's bfloat16 autocast scope the inner float32 layer still reads its float32 weight.
     assert plain.keras_calls == 2
     np.testing.assert_allclose(to_numpy(out), [[2.501, 2.5, 2.5]], rtol=1e-6)
+    # A mixed layer that does not autocast still gets a scope from Keras (its variables read in bfloat16 there).
+    unscaled = Scale(dtype="mixed_bfloat16", autocast=False)
+    unscaled.build((None, 3))
+    unscaled.w.assign([1.001, 1.0, 1.0])
+    out = kd_ops.call_layer(unscaled, torch.ones((1, 3), dtype=torch.bfloat16), training=False)
+    assert unscaled.keras_calls == 1
+    np.testing.assert_array_equal(to_numpy(out), [[1.5, 1.5, 1.5]])  # 1.001 rounds to 1 in bfloat16
 
 
 def test_backbone_blocks_run_without_layer_call_and_match_the_plain_path(monkeypatch, plain_path):
@@ -452,3 +459,199 @@ def test_layer_norm_kernel_against_numpy_and_where_it_declines():
     assert kd_ops.layer_norm(torch.tensor(x).bfloat16(), layer.gamma, layer.beta, 1e-6) is None
     with kd_ops.plain_keras_ops():
         assert kd_ops.layer_norm(torch.tensor(x), layer.gamma, layer.beta, 1e-6) is None
+
+
+def _np_koleo(x, eps=1e-8):
+    """KoLeo in float64 NumPy: the reference's normalization, nearest other row by dot product, pairwise distance."""
+    x = x.astype("float64")
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+    dots = x @ x.T
+    np.fill_diagonal(dots, -2.0)
+    distance = np.linalg.norm(x - x[dots.argmax(-1)] + eps, axis=-1)
+    return -np.mean(np.log(distance + eps))
+
+
+@pytest.mark.parametrize("rows", ["random", "duplicates", "zero row"])
+def test_koleo_kernel_matches_numpy_and_the_plain_gradient(rows, plain_path):
+    import torch
+
+    from keras_dinov2.losses import koleo
+
+    x = np.random.default_rng(7).standard_normal((6, 5)).astype("float32")
+    if rows == "duplicates":
+        x[4] = x[1]
+    if rows == "zero row":
+        x[2] = 0.0
+    assert kd_ops.koleo(torch.tensor(x), 1e-8) is not None  # the kernel runs here
+
+    def run():
+        inputs = torch.tensor(x, requires_grad=True)
+        loss = koleo(inputs)
+        loss.backward()
+        return to_numpy(loss), to_numpy(inputs.grad)
+
+    loss, grad = run()
+    np.testing.assert_allclose(loss, _np_koleo(x), rtol=1e-5, atol=1e-6)
+    plain_path()
+    plain_loss, plain_grad = run()
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    # Duplicated rows sit eps apart: their gradients are ~1/eps, so the tolerance scales with them.
+    np.testing.assert_allclose(grad, plain_grad, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(plain_grad).max()))
+
+
+def test_koleo_kernel_declines_other_dtypes_and_gathers_first():
+    import torch
+
+    from keras_dinov2.losses import CrossReplica, koleo
+
+    x = np.random.default_rng(8).standard_normal((4, 3)).astype("float32")
+    assert kd_ops.koleo(torch.tensor(x).double(), 1e-8) is None
+    assert kd_ops.koleo(torch.tensor(x).bfloat16(), 1e-8) is None
+    # A reduction gathers every replica's rows before the (kernel's) search: two identical replicas here.
+    doubled = CrossReplica(all_gather_fn=lambda t: torch.cat([t, t + 0.5]), num_replicas=2)
+    np.testing.assert_allclose(to_numpy(koleo(torch.tensor(x), reduction=doubled)),
+                               _np_koleo(np.concatenate([x, x + 0.5])), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 10), (1, 1, 10)])
+def test_centering_kernels_match_numpy(shape, plain_path):
+    import torch
+
+    from keras_dinov2.losses import CrossReplica, softmax_center, update_center
+
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal((7, 10)).astype("float32") * 3
+    center = rng.standard_normal(shape).astype("float32")
+    valid = np.array([1, 1, 0, 1, 0, 1, 1], bool)
+    assert kd_ops.softmax_center(torch.tensor(logits), torch.tensor(center), 0.07) is not None
+    shifted = (logits - center.reshape(-1)) / 0.07
+    expected = np.exp(shifted - shifted.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    twice = CrossReplica(sum_fn=lambda t: 2 * t, num_replicas=2)  # two replicas holding the same rows
+    cases = {
+        "probs": lambda: softmax_center(torch.tensor(logits), torch.tensor(center), 0.07),
+        "probs, tensor temperature": lambda: softmax_center(torch.tensor(logits), torch.tensor(center),
+                                                            torch.tensor(0.07)),
+        "center": lambda: update_center(torch.tensor(center), torch.tensor(logits), momentum=0.8),
+        "masked center": lambda: update_center(torch.tensor(center), torch.tensor(logits), 0.8,
+                                               valid=torch.tensor(valid)),
+        "masked center, two replicas": lambda: update_center(torch.tensor(center), torch.tensor(logits), 0.8,
+                                                             valid=torch.tensor(valid), reduction=twice),
+        "center, two replicas": lambda: update_center(torch.tensor(center), torch.tensor(logits), 0.8,
+                                                      reduction=twice),
+    }
+    numpy = {
+        "probs": expected,
+        "probs, tensor temperature": expected,
+        "center": 0.8 * center + 0.2 * logits.mean(0).reshape(shape),
+        "masked center": 0.8 * center + 0.2 * logits[valid].mean(0).reshape(shape),
+        "masked center, two replicas": 0.8 * center + 0.2 * logits[valid].mean(0).reshape(shape),
+        "center, two replicas": 0.8 * center + 0.2 * logits.mean(0).reshape(shape),
+    }
+    fused = {name: to_numpy(case()) for name, case in cases.items()}
+    plain_path()
+    for name, case in cases.items():
+        assert fused[name].shape == numpy[name].shape, name
+        np.testing.assert_allclose(fused[name], numpy[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(fused[name], to_numpy(case()), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["original", "registers"])
+def test_resample_axes_kernel_matches_einsum_with_gradients(mode, plain_path):
+    import torch
+
+    from keras_dinov2.layers.interpolation import resample_grid
+
+    grid = np.random.default_rng(10).standard_normal((6, 6, 4)).astype("float32")
+    weights = np.random.default_rng(11).standard_normal((3, 5, 4)).astype("float32")
+
+    def run(height, width):
+        inputs = torch.tensor(grid, requires_grad=True)
+        out = resample_grid(inputs, height, width, mode)
+        (out * torch.tensor(weights)).sum().backward()
+        return to_numpy(out), to_numpy(inputs.grad)
+
+    fused = run(3, 5)  # known sizes: the kept NumPy matrices
+    again = run(3, 5)  # converted once, the same values after
+    traced = run(torch.tensor(3), torch.tensor(5))  # tensor sizes: matrices built by keras.ops
+    plain_path()
+    plain = run(3, 5)
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused, again):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(traced[0], plain[0], rtol=1e-5, atol=3e-5)
+    rows, cols = (np.asarray(np.random.default_rng(12).standard_normal(s), "float32") for s in ((3, 6), (5, 6)))
+    np.testing.assert_allclose(to_numpy(kd_ops.resample_axes(rows, torch.tensor(grid), cols)),
+                               np.einsum("hm,mnd,wn->hwd", rows, grid, cols), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("registers", [0, 2])
+def test_assembled_tokens_match_numpy_and_the_plain_gradients(policy, registers, plain_path, monkeypatch):
+    import torch
+
+    import keras_dinov2.ops.torch as torch_kernels
+    from keras_dinov2.layers.embeddings import DINOv2Embeddings
+
+    kernel, assembled = torch_kernels.assemble_tokens, []
+    monkeypatch.setattr(torch_kernels, "assemble_tokens", lambda *a: assembled.append(kernel(*a)) or assembled[-1])
+
+    keras.utils.set_random_seed(12)
+    layer = DINOv2Embeddings(8, 4, 16, num_register_tokens=registers, dtype=policy)
+    rng = np.random.default_rng(13)
+    images = rng.standard_normal((2, 8, 12, 3)).astype("float32")  # a 2 x 3 grid: positions resampled
+    masks = rng.random((2, 6)) > 0.5
+    layer(images, masks)
+    for w in layer.weights:
+        w.assign(rng.standard_normal(w.shape).astype("float32"))
+    patches = to_numpy(layer.patch_embedding(images)).astype("float32")
+    positions = to_numpy(layer.interpolated_position_embedding(8, 12))
+    x = np.where(masks[..., None], to_numpy(layer.mask_token)[None], patches)
+    x = np.concatenate([np.broadcast_to(to_numpy(layer.cls_token), (2, 1, 8)), x], 1) + positions
+    if registers:
+        x = np.concatenate([x[:, :1], np.broadcast_to(to_numpy(layer.register_tokens), (2, 2, 8)), x[:, 1:]], 1)
+    assert kd_ops.assemble_tokens(torch.tensor(patches), torch.tensor(masks), layer.mask_token, layer.cls_token,
+                                  torch.tensor(positions), layer.register_tokens if registers else None) is not None
+
+    # Inside a model (here an outer layer of the same policy), as the backbone calls it: under a mixed policy the
+    # outer layer's bfloat16 scope is lifted for the embeddings, which read their tokens in float32.
+    outer = Outer(layer, dtype=policy)
+
+    def run():
+        for v in layer.trainable_variables:
+            v.value.grad = None
+        out = outer(torch.tensor(images), torch.tensor(masks))
+        (out * torch.linspace(-1, 1, out.shape[1])[:, None]).sum().backward()
+        return [to_numpy(out)] + [to_numpy(v.value.grad) for v in layer.trainable_variables]
+
+    before = len(assembled)
+    fused = run()
+    assert len(assembled) == before + 1 and assembled[-1] is not None  # the kernel made the tokens
+    tolerance = 1e-5 if policy == "float32" else 2e-2  # bfloat16 patch products
+    np.testing.assert_allclose(fused[0], x, rtol=tolerance, atol=tolerance)
+    plain_path()
+    for a, b in zip(fused, run()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_take_rows_kernel_matches_numpy_with_gradients(plain_path):
+    import torch
+
+    x = np.random.default_rng(14).standard_normal((7, 3)).astype("float32")
+    indices = np.array([4, 0, 4, 6], "int32")
+
+    def run():
+        inputs = torch.tensor(x, requires_grad=True)
+        out = kd_ops.take_rows(inputs, torch.tensor(indices))
+        (out * torch.arange(4.0)[:, None]).sum().backward()
+        return to_numpy(out), to_numpy(inputs.grad)
+
+    out, grad = run()
+    np.testing.assert_array_equal(out, x[indices])
+    expected = np.zeros_like(x)
+    np.add.at(expected, indices, np.broadcast_to(np.arange(4.0)[:, None], (4, 3)))
+    np.testing.assert_array_equal(grad, expected)
+    plain_path()
+    for a, b in zip((out, grad), run()):
+        np.testing.assert_array_equal(a, b)

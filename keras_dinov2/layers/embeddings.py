@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.interpolation import INTERPOLATION_MODES, resample_grid
-from keras_dinov2.ops import call_layer, patch_embedding
+from keras_dinov2.ops import assemble_tokens, call_layer, patch_embedding
 
 
 @keras.saving.register_keras_serializable(package="keras_dinov2")
@@ -219,6 +219,12 @@ class DINOv2Embeddings(keras.layers.Layer):
         shape = ops.shape(images)
         height, width = shape[1], shape[2]
         x = call_layer(self.patch_embedding, images)
+        positions = self.interpolated_position_embedding(height, width)
+        if self.variable_dtype == "float32":  # PyTorch: one kernel
+            tokens = assemble_tokens(x, masks, self.mask_token, self.cls_token, positions,
+                                     self.register_tokens if self.num_register_tokens else None)
+            if tokens is not None:
+                return tokens
         if masks is not None:
             mask_token = ops.cast(self.mask_token, x.dtype)[None]
             x = ops.where(ops.expand_dims(masks, -1), mask_token, x)
@@ -226,7 +232,7 @@ class DINOv2Embeddings(keras.layers.Layer):
         batch = ops.shape(x)[0]
         cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (batch, 1, self.hidden_dim))
         x = ops.concatenate([cls, x], axis=1)
-        x = x + ops.cast(self.interpolated_position_embedding(height, width), x.dtype)
+        x = x + ops.cast(positions, x.dtype)
         if self.num_register_tokens:
             registers = ops.broadcast_to(
                 ops.cast(self.register_tokens, x.dtype),

@@ -16,6 +16,8 @@ import types
 import numpy as np
 from keras import ops
 
+from keras_dinov2.ops import resample_axes
+
 # The three resampling rules found in released DINOv2 models.
 INTERPOLATION_MODES = ("original", "registers", "transformers")
 
@@ -104,12 +106,12 @@ def resample_grid(grid, out_height, out_width, mode):
     size = int(grid.shape[0])
     grid = ops.cast(grid, "float32")
     rows, cols = (_axis_matrix(size, out, mode) for out in (out_height, out_width))
-    return ops.einsum("hm,mnd,wn->hwd", rows, grid, cols)
+    return resample_axes(rows, grid, cols)
 
 
 def _axis_matrix(size, out, mode):
     if isinstance(out, int):
-        return ops.convert_to_tensor(_constant_matrix(size, out, mode))
+        return _constant_matrix(size, out, mode)
     if mode == "original":
         return bicubic_matrix(size, out, step=_offset_step(size, out))
     return bicubic_matrix(size, out, antialias=mode == "registers")

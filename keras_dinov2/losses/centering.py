@@ -7,6 +7,8 @@ from keras import ops
 from keras_dinov2.losses.checks import as_float32, check_center, check_rank, rows_mask, static_shape
 from keras_dinov2.losses.replicas import SINGLE_DEVICE
 from keras_dinov2.ops import max_over_rows, sum_over_rows
+from keras_dinov2.ops import softmax_center as ops_softmax_center
+from keras_dinov2.ops import update_center as ops_update_center
 
 
 def softmax_center(teacher_logits, center, temperature):
@@ -29,7 +31,11 @@ def softmax_center(teacher_logits, center, temperature):
     shape = static_shape(teacher_logits)
     check_center(center, shape)
     logits = ops.stop_gradient(as_float32(teacher_logits))
-    center = ops.reshape(ops.stop_gradient(as_float32(center)), (-1,))
+    center = as_float32(center)
+    probs = ops_softmax_center(logits, center, temperature)  # PyTorch: one kernel
+    if probs is not None:
+        return probs
+    center = ops.reshape(ops.stop_gradient(center), (-1,))
     return ops.softmax((logits - center) / temperature, axis=-1)
 
 
@@ -140,6 +146,9 @@ def update_center(center, teacher_logits, momentum=0.9, valid=None, reduction=No
     logits = ops.reshape(logits, (-1, ops.shape(logits)[-1]))
     rows_shape = (math.prod(shape[:-1]) if all(d is not None for d in shape[:-1]) else None,)
     mask = rows_mask("teacher_logits", valid, None, None, rows_shape)
+    updated = ops_update_center(center, logits, momentum, mask, reduction)  # PyTorch: one kernel
+    if updated is not None:
+        return updated
     if mask is None:
         local_mean = sum_over_rows(logits) / ops.cast(ops.shape(logits)[0], "float32")
         batch_mean = reduction.mean(local_mean)

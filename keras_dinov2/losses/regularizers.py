@@ -3,6 +3,7 @@
 from keras import ops
 
 from keras_dinov2.losses.checks import as_float32, check_rank, static_shape
+from keras_dinov2.ops import koleo as koleo_kernel
 
 
 def koleo(features, eps=1e-8, reduction=None, groups=1):
@@ -50,6 +51,9 @@ def koleo(features, eps=1e-8, reduction=None, groups=1):
         return _grouped_koleo(x, shape, eps, groups)
     if shape[0] is not None and shape[0] < 2:
         return ops.zeros((), "float32")
+    loss = None if shape[0] is None else koleo_kernel(x, eps)  # PyTorch: the reference's calls
+    if loss is not None:
+        return loss
     # sqrt(max(|x|^2, eps^2)) == max(|x|, eps), with a finite gradient at x = 0.
     x = x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), eps * eps))
     dots = ops.matmul(x, ops.transpose(x))

@@ -197,15 +197,16 @@ def call_layer(layer, *args, **kwargs):
     `Layer.__call__` converts the inputs, checks the input spec, builds, resolves `training` from the outer call,
     enters name and autocast scopes and propagates masks: ~0.15 ms a call on PyTorch, ~5 ms of a small model's
     40 ms step (34 calls; docs/performance.md). It is skipped only when all of that is a no-op: the layer is built;
-    no autocast scope is active and the layer enters none (its variables are in its compute dtype, or it does not
-    autocast); every input is a backend tensor that the layer would not cast, a Python value or None (one level of
-    dicts, lists and tuples); and `training`, where `call` takes it, is given explicitly. Keras masks
+    no autocast scope is active and the layer enters none (its variables are in its compute dtype: Keras enters one
+    for a mixed layer even where it does not autocast); every input is a backend tensor that the layer would not
+    cast, a Python value or None (one level of dicts, lists and tuples); and `training`, where `call` takes it, is
+    given explicitly. Keras masks
     (`_keras_mask`) are not propagated through the direct call, and torch module hooks registered on the layer do
     not fire; no code of this library uses either.
     """
     if not (eager_dispatch() and layer.built) or get_autocast_scope() is not None:
         return layer(*args, **kwargs)
-    if layer.autocast and layer.compute_dtype != layer.variable_dtype:
+    if layer.compute_dtype != layer.variable_dtype:  # Keras enters a scope for these, autocast or not
         return layer(*args, **kwargs)
     if _takes_training(type(layer)) and kwargs.get("training") is None:
         return layer(*args, **kwargs)
@@ -378,3 +379,62 @@ def patch_embedding(images, kernel, bias, patch_size, compute_dtype="float32"):
     function = _block_kernel("patch_embedding", images)
     return None if function is None else function(images, kernel, bias, int(patch_size),
                                                   keras.backend.standardize_dtype(compute_dtype))
+
+
+def _float32_kernel(name, *tensors):
+    """`_eager_kernel(name)` where every tensor is a float32 backend tensor (not symbolic), else None."""
+    if not all(keras.ops.is_tensor(x) for x in tensors) or not _float32(*tensors):
+        return None
+    return _eager_kernel(name, tensors)
+
+
+def resample_axes(rows, grid, cols):
+    """einsum("hm,mnd,wn->hwd", rows, grid, cols): a (M, N, D) grid resampled by (H, M) and (W, N) matrices (NumPy
+    arrays kept by the caller, or tensors). PyTorch in float32: two torch matmuls, NumPy matrices converted once
+    (`keras_dinov2.ops.torch.resample_axes`; the local crops' position grid was ~0.3 ms of a small model's step).
+    Elsewhere the Keras einsum."""
+    matrices = [m for m in (rows, cols) if not isinstance(m, np.ndarray)]
+    function = _float32_kernel("resample_axes", grid, *matrices)
+    if function is not None:
+        return function(rows, grid, cols)
+    return keras.ops.einsum("hm,mnd,wn->hwd", rows, grid, cols)
+
+
+def koleo(x, eps):
+    """KoLeo of float32 rows x (N >= 2, D) as `keras_dinov2.losses.koleo` defines it (one group), as one kernel where
+    the backend has one, else None. PyTorch: the nearest-neighbour search without autograd and `pairwise_distance`."""
+    function = _float32_kernel("koleo", x)
+    return None if function is None else function(x, float(eps))
+
+
+def softmax_center(logits, center, temperature):
+    """softmax((logits - center) / temperature) over the last axis for float32 `logits` and `center`, as one kernel
+    where the backend has one, else None (`keras_dinov2.losses.softmax_center`)."""
+    function = _float32_kernel("softmax_center", logits, center)
+    return None if function is None else function(logits, center, temperature)
+
+
+def update_center(center, logits, momentum, valid, reduction):
+    """`keras_dinov2.losses.update_center` for float32 `center` and `logits` and a boolean `valid` or None, as one
+    kernel where the backend has one (the collectives through `reduction`), else None."""
+    function = _float32_kernel("update_center", center, logits)
+    return None if function is None else function(center, logits, float(momentum), valid, reduction)
+
+
+def assemble_tokens(patches, masks, mask_token, cls_token, positions, registers=None):
+    """[CLS; patches, masked ones replaced by `mask_token`] + `positions`, with the `registers` inserted after CLS:
+    `DINOv2Embeddings`' token sequence (float32) from patch embeddings in any float dtype, as one kernel where the
+    backend has one, else None. `positions` is a float32 tensor (1, 1 + N, D); the tokens are float32 variables, read
+    as they are: None within an autocast scope that would read them in another dtype."""
+    scope = get_autocast_scope()
+    if not keras.ops.is_tensor(patches) or not _float32(positions) or (scope is not None and scope.dtype):
+        return None
+    function = _eager_kernel("assemble_tokens", (patches, positions))
+    return None if function is None else function(patches, masks, mask_token, cls_token, positions, registers)
+
+
+def take_rows(x, indices):
+    """Rows of `x` at integer `indices`, each in [0, rows) (no negative indices): `keras.ops.take(x, indices, axis=0)`;
+    on PyTorch one `index_select` (Keras' take is ~30 us of dispatch around it)."""
+    function = _eager_kernel("take_rows") if keras.ops.is_tensor(x) and keras.ops.is_tensor(indices) else None
+    return keras.ops.take(x, indices, axis=0) if function is None else function(x, indices)

@@ -216,3 +216,79 @@ def patch_embedding(images, kernel, bias, patch_size, compute_dtype):
     patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, patch_size * patch_size * channels)
     weight = _as(tensors[0], patches.dtype).reshape(-1, kernel.shape[-1]).t()
     return torch.nn.functional.linear(patches, weight, _as(tensors[1], patches.dtype))
+
+
+# The objectives' small eager steps (the position grid's resampling, KoLeo, centering): each is a dozen Keras ops of
+# 5-15 us of dispatch around kernels of a few microseconds; on PyTorch they run as the torch calls the reference makes.
+_MATRICES = {}
+
+
+def _constant(matrix, device):
+    """A kept NumPy matrix (read-only, cached by its caller) as a float32 tensor on `device`, converted once."""
+    if isinstance(matrix, torch.Tensor):
+        return matrix
+    key = (id(matrix), device)
+    entry = _MATRICES.get(key)
+    if entry is None or entry[0] is not matrix:
+        if len(_MATRICES) >= 256:
+            _MATRICES.clear()
+        entry = _MATRICES[key] = (matrix, torch.tensor(matrix, dtype=torch.float32, device=device))
+    return entry[1]
+
+
+def resample_axes(rows, grid, cols):
+    """`keras_dinov2.ops.resample_axes` on PyTorch: two matrix products (the three-operand einsum is ~6x slower)."""
+    rows, cols = _constant(rows, grid.device), _constant(cols, grid.device)
+    size, width, dim = grid.shape
+    resampled = torch.matmul(rows, grid.reshape(size, width * dim)).reshape(-1, width, dim)
+    return torch.matmul(cols, resampled)
+
+
+def koleo(x, eps):
+    """`keras_dinov2.ops.koleo` on PyTorch: the reference's search (no gradient through it) and pairwise distance."""
+    x = x / torch.sqrt(torch.clamp_min(torch.sum(torch.square(x), -1, keepdim=True), eps * eps))
+    with torch.no_grad():
+        dots = torch.matmul(x, x.t())
+        dots.fill_diagonal_(-2.0)
+        nearest = torch.argmax(dots, -1)
+    distance = torch.nn.functional.pairwise_distance(x, x.index_select(0, nearest), p=2.0, eps=eps)
+    return -torch.mean(torch.log(distance + eps))
+
+
+@torch.no_grad()
+def softmax_center(logits, center, temperature):
+    """`keras_dinov2.ops.softmax_center` on PyTorch."""
+    return torch.softmax((logits - center.reshape(-1)) / temperature, -1)
+
+
+@torch.no_grad()
+def update_center(center, logits, momentum, valid, reduction):
+    """`keras_dinov2.ops.update_center` on PyTorch (the collectives through `reduction`)."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    if valid is None:
+        batch_mean = reduction.mean(torch.sum(logits, 0) / logits.shape[0])
+    else:
+        count = torch.sum(valid.float()).reshape(1)
+        total = reduction.sum(torch.cat([torch.sum(torch.where(valid[:, None], logits, 0.0), 0), count]))
+        batch_mean = total[:-1] / torch.clamp_min(total[-1], 1.0)
+    return momentum * center + (1.0 - momentum) * batch_mean.reshape(center.shape)
+
+
+def assemble_tokens(patches, masks, mask_token, cls_token, positions, registers):
+    """`keras_dinov2.ops.assemble_tokens` on PyTorch (None unless its variables are float32)."""
+    tensors = _float32_tensors([mask_token, cls_token, registers])
+    if tensors is None:
+        return None
+    mask_token, cls_token, registers = tensors
+    if masks is not None:
+        patches = torch.where(masks.unsqueeze(-1), _as(mask_token, patches.dtype), patches)
+    batch = patches.shape[0]
+    x = torch.cat([cls_token.expand(batch, -1, -1), patches.float()], 1) + positions
+    if registers is None:
+        return x
+    return torch.cat([x[:, :1], registers.expand(batch, -1, -1), x[:, 1:]], 1)
+
+
+def take_rows(x, indices):
+    """`keras_dinov2.ops.take_rows` on PyTorch: one `index_select`."""
+    return x.index_select(0, indices)

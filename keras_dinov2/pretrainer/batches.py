@@ -9,6 +9,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.data.batch import N_MASKED_PATCHES
+from keras_dinov2.ops import take_rows
 
 
 def unpack(data):
@@ -60,7 +61,7 @@ def stacked_patch_indices(mask_indices, shards, crops_per_shard, num_patches):
 def gather_rows(tokens, flat_indices):
     """Rows of (B, N, D) tokens at flat indices into the B * N patches."""
     shape = ops.shape(tokens)
-    return ops.take(ops.reshape(tokens, (-1, shape[-1])), flat_indices, axis=0)
+    return take_rows(ops.reshape(tokens, (-1, shape[-1])), flat_indices)
 
 
 def batch_layout(data, k):
