@@ -19,6 +19,7 @@ from keras import ops
 from keras_dinov2 import DINOHead, DINOv2Backbone
 from keras_dinov2 import ops as kd_ops
 from keras_dinov2.layers import TransformerBlock
+from keras_dinov2.ops import eager as kd_eager
 from keras_dinov2.optim import DINOv2AdamW, clip_by_part, param_groups
 from keras_dinov2.pretrainer.teacher import EMATeacher
 
@@ -482,7 +483,7 @@ def test_koleo_kernel_matches_numpy_and_the_plain_gradient(rows, plain_path):
         x[4] = x[1]
     if rows == "zero row":
         x[2] = 0.0
-    assert kd_ops.koleo(torch.tensor(x), 1e-8) is not None  # the kernel runs here
+    assert kd_eager.koleo(torch.tensor(x), 1e-8) is not None  # the kernel runs here
 
     def run():
         inputs = torch.tensor(x, requires_grad=True)
@@ -505,8 +506,8 @@ def test_koleo_kernel_declines_other_dtypes_and_gathers_first():
     from keras_dinov2.losses import CrossReplica, koleo
 
     x = np.random.default_rng(8).standard_normal((4, 3)).astype("float32")
-    assert kd_ops.koleo(torch.tensor(x).double(), 1e-8) is None
-    assert kd_ops.koleo(torch.tensor(x).bfloat16(), 1e-8) is None
+    assert kd_eager.koleo(torch.tensor(x).double(), 1e-8) is None
+    assert kd_eager.koleo(torch.tensor(x).bfloat16(), 1e-8) is None
     # A reduction gathers every replica's rows before the (kernel's) search: two identical replicas here.
     doubled = CrossReplica(all_gather_fn=lambda t: torch.cat([t, t + 0.5]), num_replicas=2)
     np.testing.assert_allclose(to_numpy(koleo(torch.tensor(x), reduction=doubled)),
@@ -523,7 +524,7 @@ def test_centering_kernels_match_numpy(shape, plain_path):
     logits = rng.standard_normal((7, 10)).astype("float32") * 3
     center = rng.standard_normal(shape).astype("float32")
     valid = np.array([1, 1, 0, 1, 0, 1, 1], bool)
-    assert kd_ops.softmax_center(torch.tensor(logits), torch.tensor(center), 0.07) is not None
+    assert kd_eager.softmax_center(torch.tensor(logits), torch.tensor(center), 0.07) is not None
     shifted = (logits - center.reshape(-1)) / 0.07
     expected = np.exp(shifted - shifted.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
@@ -582,7 +583,7 @@ def test_resample_axes_kernel_matches_einsum_with_gradients(mode, plain_path):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(traced[0], plain[0], rtol=1e-5, atol=3e-5)
     rows, cols = (np.asarray(np.random.default_rng(12).standard_normal(s), "float32") for s in ((3, 6), (5, 6)))
-    np.testing.assert_allclose(to_numpy(kd_ops.resample_axes(rows, torch.tensor(grid), cols)),
+    np.testing.assert_allclose(to_numpy(kd_eager.resample_axes(rows, torch.tensor(grid), cols)),
                                np.einsum("hm,mnd,wn->hwd", rows, grid, cols), rtol=1e-5, atol=1e-5)
 
 
@@ -611,7 +612,7 @@ def test_assembled_tokens_match_numpy_and_the_plain_gradients(policy, registers,
     x = np.concatenate([np.broadcast_to(to_numpy(layer.cls_token), (2, 1, 8)), x], 1) + positions
     if registers:
         x = np.concatenate([x[:, :1], np.broadcast_to(to_numpy(layer.register_tokens), (2, 2, 8)), x[:, 1:]], 1)
-    assert kd_ops.assemble_tokens(torch.tensor(patches), torch.tensor(masks), layer.mask_token, layer.cls_token,
+    assert kd_eager.assemble_tokens(torch.tensor(patches), torch.tensor(masks), layer.mask_token, layer.cls_token,
                                   torch.tensor(positions), layer.register_tokens if registers else None) is not None
 
     # Inside a model (here an outer layer of the same policy), as the backbone calls it: under a mixed policy the
@@ -643,7 +644,7 @@ def test_take_rows_kernel_matches_numpy_with_gradients(plain_path):
 
     def run():
         inputs = torch.tensor(x, requires_grad=True)
-        out = kd_ops.take_rows(inputs, torch.tensor(indices))
+        out = kd_eager.take_rows(inputs, torch.tensor(indices))
         (out * torch.arange(4.0)[:, None]).sum().backward()
         return to_numpy(out), to_numpy(inputs.grad)
 
@@ -655,3 +656,46 @@ def test_take_rows_kernel_matches_numpy_with_gradients(plain_path):
     plain_path()
     for a, b in zip((out, grad), run()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cross_entropies_and_collapse_signals_match_numpy_and_the_plain_path(plain_path):
+    import torch
+
+    from keras_dinov2.losses import CrossReplica, dino_cross_entropy, ibot_cross_entropy
+    from keras_dinov2.pretrainer.teacher import collapse_signals
+
+    rng = np.random.default_rng(15)
+    logits = rng.standard_normal((6, 9)).astype("float32") * 2
+    probs = rng.dirichlet(np.ones(9), 6).astype("float32")
+    probs[0] = np.eye(9, dtype="float32")[3]  # a one-hot row: log of the floor, 0 * log 1e-12
+    weight = np.array([0.5, 0.5, 0.0, 1.0, 0.25, 0.0], "float32")  # zeros: padding rows
+    assert kd_eager.soft_cross_entropy(torch.tensor(logits), torch.tensor(probs), 0.1) is not None
+    log_probs = logits / 0.1 - np.log(np.exp(logits / 0.1).sum(-1, keepdims=True))
+    rows = -(probs * log_probs).sum(-1)
+    marginal = probs.mean(0)
+    entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(-1).mean()
+    numpy = {"dino": rows.mean(), "ibot": (rows * weight).sum() / 4, "teacher_entropy": entropy,
+             "teacher_kl_uniform": np.log(9) - entropy,
+             "teacher_marginal_entropy": -(marginal * np.log(marginal)).sum()}
+    twice = CrossReplica(sum_fn=lambda t: 2 * t, num_replicas=2)  # two replicas with the same rows
+
+    def run():
+        inputs = torch.tensor(logits, requires_grad=True)
+        values = {"dino": dino_cross_entropy(inputs, torch.tensor(probs), 0.1),
+                  "ibot": ibot_cross_entropy(inputs, torch.tensor(probs), torch.tensor(weight), 4, 0.1)}
+        (values["dino"] + 2 * values["ibot"]).backward()
+        values.update(collapse_signals(torch.tensor(probs)))
+        replicas = collapse_signals(torch.tensor(probs), reduction=twice)
+        return {k: to_numpy(v) for k, v in values.items()}, to_numpy(inputs.grad), to_numpy(
+            replicas["teacher_marginal_entropy"])
+
+    fused, grad, replicated = run()
+    for name, value in numpy.items():
+        np.testing.assert_allclose(fused[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(replicated, numpy["teacher_marginal_entropy"], rtol=1e-5)
+    plain_path()
+    plain, plain_grad, plain_replicated = run()
+    for name in numpy:
+        np.testing.assert_allclose(fused[name], plain[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(grad, plain_grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(replicated, plain_replicated, rtol=1e-6)

@@ -6,7 +6,8 @@ import keras
 from keras import ops
 
 from keras_dinov2.layers.interpolation import INTERPOLATION_MODES, resample_grid
-from keras_dinov2.ops import assemble_tokens, call_layer, patch_embedding
+from keras_dinov2.ops import call_layer, patch_embedding
+from keras_dinov2.ops.eager import assemble_tokens
 
 
 @keras.saving.register_keras_serializable(package="keras_dinov2")

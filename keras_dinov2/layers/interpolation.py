@@ -16,7 +16,7 @@ import types
 import numpy as np
 from keras import ops
 
-from keras_dinov2.ops import resample_axes
+from keras_dinov2.ops.eager import resample_axes
 
 # The three resampling rules found in released DINOv2 models.
 INTERPOLATION_MODES = ("original", "registers", "transformers")

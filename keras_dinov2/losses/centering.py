@@ -7,8 +7,8 @@ from keras import ops
 from keras_dinov2.losses.checks import as_float32, check_center, check_rank, rows_mask, static_shape
 from keras_dinov2.losses.replicas import SINGLE_DEVICE
 from keras_dinov2.ops import max_over_rows, sum_over_rows
-from keras_dinov2.ops import softmax_center as ops_softmax_center
-from keras_dinov2.ops import update_center as ops_update_center
+from keras_dinov2.ops.eager import softmax_center as ops_softmax_center
+from keras_dinov2.ops.eager import update_center as ops_update_center
 
 
 def softmax_center(teacher_logits, center, temperature):

@@ -9,6 +9,7 @@ from keras_dinov2.losses.checks import (
     same_dim,
     static_shape,
 )
+from keras_dinov2.ops.eager import soft_cross_entropy
 
 
 def dino_cross_entropy(student_logits, teacher_probs, temperature=0.1):
@@ -26,9 +27,12 @@ def dino_cross_entropy(student_logits, teacher_probs, temperature=0.1):
     >>> dino_cross_entropy(student_logits, softmax_center(teacher_logits, center, 0.04))
     """
     check_same_shape("student_logits", student_logits, "teacher_probs", teacher_probs)
-    log_probs = ops.log_softmax(as_float32(student_logits) / temperature, axis=-1)
-    targets = ops.stop_gradient(as_float32(teacher_probs))
-    return -ops.mean(ops.sum(targets * log_probs, axis=-1))
+    student_logits, targets = as_float32(student_logits), as_float32(teacher_probs)
+    rows = soft_cross_entropy(student_logits, targets, temperature)  # PyTorch: one kernel
+    if rows is not None:
+        return ops.mean(rows)
+    log_probs = ops.log_softmax(student_logits / temperature, axis=-1)
+    return -ops.mean(ops.sum(ops.stop_gradient(targets) * log_probs, axis=-1))
 
 
 def ibot_cross_entropy(
@@ -64,10 +68,14 @@ def ibot_cross_entropy(
             "`masks_weight` must have one entry per masked-patch row, received "
             f"masks_weight.shape={wshape} and student_patch_logits.shape={shape}."
         )
-    log_probs = ops.log_softmax(as_float32(student_patch_logits) / temperature, axis=-1)
-    targets = ops.stop_gradient(as_float32(teacher_patch_probs))
+    student_patch_logits, targets = as_float32(student_patch_logits), as_float32(teacher_patch_probs)
     weight = ops.stop_gradient(as_float32(masks_weight))
-    per_patch = ops.sum(targets * log_probs, axis=-1)
+    per_patch = soft_cross_entropy(student_patch_logits, targets, temperature)  # PyTorch: one kernel
+    if per_patch is None:
+        log_probs = ops.log_softmax(student_patch_logits / temperature, axis=-1)
+        per_patch = -ops.sum(ops.stop_gradient(targets) * log_probs, axis=-1)
+    # Summed as the reference's sum(t * log s): the rows' cross-entropy with its sign turned.
+    per_patch = -per_patch
     # `where`, not a product: a padding row must not turn the sum into NaN whatever it holds.
     weighted = ops.where(ops.greater(weight, 0.0), per_patch * weight, 0.0)
     return -ops.sum(weighted) / as_float32(num_images)

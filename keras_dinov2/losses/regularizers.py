@@ -3,7 +3,7 @@
 from keras import ops
 
 from keras_dinov2.losses.checks import as_float32, check_rank, static_shape
-from keras_dinov2.ops import koleo as koleo_kernel
+from keras_dinov2.ops.eager import koleo as koleo_kernel
 
 
 def koleo(features, eps=1e-8, reduction=None, groups=1):

@@ -145,7 +145,7 @@ def weight_normalized_kernel(v, g, floor):
         function = _cpu_function(keras.backend.backend(), "weight_normalized_kernel")
         if function is not None:
             return function(v, g, float(floor))
-    function = None if isinstance(v, keras.KerasTensor) else _eager_kernel("weight_normalized_kernel")
+    function = None if isinstance(v, keras.KerasTensor) else eager_kernel("weight_normalized_kernel")
     if function is not None:
         return function(keras.ops.convert_to_tensor(v), keras.ops.convert_to_tensor(g), float(floor))
     ops = keras.ops
@@ -247,9 +247,10 @@ def host_int(x):
     return _kernel("torch", "host_int")(x.value if isinstance(x, keras.Variable) else x)
 
 
-def _eager_kernel(name, tensors=()):
-    """`_kernel(backend, name)`, except for symbolic tensors and inside a StatelessScope (`stateless_apply`), where
-    the kernels' in-place updates would miss the scope's values."""
+def eager_kernel(name, tensors=()):
+    """The active backend's kernel `name` (`keras_dinov2.ops.<backend>.<name>`), or None: for symbolic `tensors`,
+    inside a StatelessScope (`stateless_apply`, where the kernels' in-place updates would miss the scope's values),
+    within `plain_keras_ops()`, or where the backend has none."""
     if in_stateless_scope() or any(isinstance(x, keras.KerasTensor) for x in tensors):
         return None
     return _kernel(keras.backend.backend(), name)
@@ -257,7 +258,7 @@ def _eager_kernel(name, tensors=()):
 
 def has_multi_tensor_adamw():
     """Whether `multi_tensor_adamw` has a kernel here (PyTorch, outside a StatelessScope)."""
-    return _eager_kernel("multi_tensor_adamw") is not None
+    return eager_kernel("multi_tensor_adamw") is not None
 
 
 def multi_tensor_adamw(variables, grads, momentums, velocities, lr, weight_decay, step, beta_1, beta_2, epsilon):
@@ -271,7 +272,7 @@ def multi_tensor_adamw(variables, grads, momentums, velocities, lr, weight_decay
     instead of a dozen eager Keras ops per variable); it returns False elsewhere and changes nothing, and the caller
     takes its per-variable Keras update, which XLA and tf.function compile into one program anyway.
     """
-    function = _eager_kernel("multi_tensor_adamw")
+    function = eager_kernel("multi_tensor_adamw")
     if function is None:
         return False
     return function(variables, grads, momentums, velocities, lr, weight_decay, step, beta_1, beta_2, epsilon)
@@ -284,7 +285,7 @@ def ema_update(teacher, student, momentum):
     `_foreach_add_` with the momentum as a Python float); elsewhere one Keras assign per pair (inside the compiled
     JAX and TF steps, the momentum a traced tensor).
     """
-    function = _eager_kernel("ema_update")
+    function = eager_kernel("ema_update")
     if function is not None:
         return function(teacher, student, momentum)
     for t, s in zip(teacher, student):
@@ -297,7 +298,7 @@ def scaled_by_global_norm(grads, max_norm):
 
     On PyTorch `keras_dinov2.ops.torch.scaled_by_global_norm` (`_foreach_norm`, `_foreach_mul`); elsewhere Keras ops.
     """
-    function = _eager_kernel("scaled_by_global_norm", grads)
+    function = eager_kernel("scaled_by_global_norm", grads)
     if function is not None:
         return function(grads, max_norm)
     ops = keras.ops
@@ -308,12 +309,12 @@ def scaled_by_global_norm(grads, max_norm):
 
 
 def _block_kernel(name, x):
-    """`_eager_kernel(name)` for float32, bfloat16 or float16 x (float32 or a mixed policy); the kernel itself
+    """`eager_kernel(name)` for float32, bfloat16 or float16 x (float32 or a mixed policy); the kernel itself
     returns None unless the variables are float32."""
     if isinstance(x, keras.KerasTensor) or keras.backend.standardize_dtype(x.dtype) not in (
             "float32", "bfloat16", "float16"):
         return None
-    return _eager_kernel(name)
+    return eager_kernel(name)
 
 
 def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale=None, compute_dtype="float32"):
@@ -346,7 +347,7 @@ def layer_norm(x, gamma, beta, epsilon):
     Keras layer's eager call is ~0.14 ms against ~0.02 ms at a tiny backbone's final norm). Elsewhere None."""
     if isinstance(x, keras.KerasTensor) or keras.backend.standardize_dtype(x.dtype) != "float32":
         return None
-    function = _eager_kernel("layer_norm")
+    function = eager_kernel("layer_norm")
     return None if function is None else function(x, gamma, beta, float(epsilon))
 
 
@@ -362,7 +363,7 @@ def projection_head(x, layers, prototypes, epsilon, floor):
     """
     if isinstance(x, keras.KerasTensor) or keras.backend.standardize_dtype(x.dtype) != "float32":
         return None
-    function = _eager_kernel("projection_head")
+    function = eager_kernel("projection_head")
     return None if function is None else function(x, layers, prototypes, float(epsilon), float(floor))
 
 
@@ -381,60 +382,8 @@ def patch_embedding(images, kernel, bias, patch_size, compute_dtype="float32"):
                                                   keras.backend.standardize_dtype(compute_dtype))
 
 
-def _float32_kernel(name, *tensors):
-    """`_eager_kernel(name)` where every tensor is a float32 backend tensor (not symbolic), else None."""
+def float32_kernel(name, *tensors):
+    """`eager_kernel(name)` where every one of `tensors` is a float32 backend tensor (not symbolic), else None."""
     if not all(keras.ops.is_tensor(x) for x in tensors) or not _float32(*tensors):
         return None
-    return _eager_kernel(name, tensors)
-
-
-def resample_axes(rows, grid, cols):
-    """einsum("hm,mnd,wn->hwd", rows, grid, cols): a (M, N, D) grid resampled by (H, M) and (W, N) matrices (NumPy
-    arrays kept by the caller, or tensors). PyTorch in float32: two torch matmuls, NumPy matrices converted once
-    (`keras_dinov2.ops.torch.resample_axes`; the local crops' position grid was ~0.3 ms of a small model's step).
-    Elsewhere the Keras einsum."""
-    matrices = [m for m in (rows, cols) if not isinstance(m, np.ndarray)]
-    function = _float32_kernel("resample_axes", grid, *matrices)
-    if function is not None:
-        return function(rows, grid, cols)
-    return keras.ops.einsum("hm,mnd,wn->hwd", rows, grid, cols)
-
-
-def koleo(x, eps):
-    """KoLeo of float32 rows x (N >= 2, D) as `keras_dinov2.losses.koleo` defines it (one group), as one kernel where
-    the backend has one, else None. PyTorch: the nearest-neighbour search without autograd and `pairwise_distance`."""
-    function = _float32_kernel("koleo", x)
-    return None if function is None else function(x, float(eps))
-
-
-def softmax_center(logits, center, temperature):
-    """softmax((logits - center) / temperature) over the last axis for float32 `logits` and `center`, as one kernel
-    where the backend has one, else None (`keras_dinov2.losses.softmax_center`)."""
-    function = _float32_kernel("softmax_center", logits, center)
-    return None if function is None else function(logits, center, temperature)
-
-
-def update_center(center, logits, momentum, valid, reduction):
-    """`keras_dinov2.losses.update_center` for float32 `center` and `logits` and a boolean `valid` or None, as one
-    kernel where the backend has one (the collectives through `reduction`), else None."""
-    function = _float32_kernel("update_center", center, logits)
-    return None if function is None else function(center, logits, float(momentum), valid, reduction)
-
-
-def assemble_tokens(patches, masks, mask_token, cls_token, positions, registers=None):
-    """[CLS; patches, masked ones replaced by `mask_token`] + `positions`, with the `registers` inserted after CLS:
-    `DINOv2Embeddings`' token sequence (float32) from patch embeddings in any float dtype, as one kernel where the
-    backend has one, else None. `positions` is a float32 tensor (1, 1 + N, D); the tokens are float32 variables, read
-    as they are: None within an autocast scope that would read them in another dtype."""
-    scope = get_autocast_scope()
-    if not keras.ops.is_tensor(patches) or not _float32(positions) or (scope is not None and scope.dtype):
-        return None
-    function = _eager_kernel("assemble_tokens", (patches, positions))
-    return None if function is None else function(patches, masks, mask_token, cls_token, positions, registers)
-
-
-def take_rows(x, indices):
-    """Rows of `x` at integer `indices`, each in [0, rows) (no negative indices): `keras.ops.take(x, indices, axis=0)`;
-    on PyTorch one `index_select` (Keras' take is ~30 us of dispatch around it)."""
-    function = _eager_kernel("take_rows") if keras.ops.is_tensor(x) and keras.ops.is_tensor(indices) else None
-    return keras.ops.take(x, indices, axis=0) if function is None else function(x, indices)
+    return eager_kernel(name, tensors)

@@ -292,3 +292,18 @@ def assemble_tokens(patches, masks, mask_token, cls_token, positions, registers)
 def take_rows(x, indices):
     """`keras_dinov2.ops.take_rows` on PyTorch: one `index_select`."""
     return x.index_select(0, indices)
+
+
+def soft_cross_entropy(logits, targets, temperature):
+    """`keras_dinov2.ops.soft_cross_entropy` on PyTorch."""
+    return -torch.sum(targets.detach() * torch.log_softmax(logits / temperature, -1), -1)
+
+
+@torch.no_grad()
+def collapse_entropies(probs, reduction):
+    """`keras_dinov2.ops.collapse_entropies` on PyTorch (the marginal's mean over replicas through `reduction`)."""
+    mean_entropy = torch.mean(-torch.sum(probs * torch.log(torch.clamp_min(probs, 1e-12)), -1))
+    marginal = torch.mean(probs, 0)
+    if reduction is not None:
+        marginal = reduction.mean(marginal)
+    return mean_entropy, -torch.sum(marginal * torch.log(torch.clamp_min(marginal, 1e-12)))

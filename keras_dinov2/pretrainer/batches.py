@@ -9,7 +9,7 @@ import keras
 from keras import ops
 
 from keras_dinov2.data.batch import N_MASKED_PATCHES
-from keras_dinov2.ops import take_rows
+from keras_dinov2.ops.eager import take_rows
 
 
 def unpack(data):

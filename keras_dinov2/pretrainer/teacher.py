@@ -11,6 +11,7 @@ import math
 from keras import ops
 
 from keras_dinov2.ops import ema_update
+from keras_dinov2.ops.eager import collapse_entropies
 
 
 class EMATeacher:
@@ -74,12 +75,15 @@ def collapse_signals(teacher_probs, reduction=None):
     """
     p = ops.cast(teacher_probs, "float32")
     k = p.shape[-1]
-    entropy = -ops.sum(p * ops.log(ops.maximum(p, 1e-12)), axis=-1)
-    mean_entropy = ops.mean(entropy)
-    marginal = ops.mean(p, axis=0)
-    if reduction is not None:
-        marginal = reduction.mean(marginal)
-    marginal_entropy = -ops.sum(marginal * ops.log(ops.maximum(marginal, 1e-12)))
+    entropies = collapse_entropies(p, reduction)  # PyTorch: one kernel
+    if entropies is not None:
+        mean_entropy, marginal_entropy = entropies
+    else:
+        mean_entropy = ops.mean(-ops.sum(p * ops.log(ops.maximum(p, 1e-12)), axis=-1))
+        marginal = ops.mean(p, axis=0)
+        if reduction is not None:
+            marginal = reduction.mean(marginal)
+        marginal_entropy = -ops.sum(marginal * ops.log(ops.maximum(marginal, 1e-12)))
     return {
         "teacher_entropy": mean_entropy,
         "teacher_kl_uniform": math.log(k) - mean_entropy,
