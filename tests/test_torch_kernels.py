@@ -699,3 +699,26 @@ def test_cross_entropies_and_collapse_signals_match_numpy_and_the_plain_path(pla
         np.testing.assert_allclose(fused[name], plain[name], rtol=1e-6, atol=1e-7, err_msg=name)
     np.testing.assert_allclose(grad, plain_grad, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(replicated, plain_replicated, rtol=1e-6)
+
+
+def test_split_rows_matches_slices_with_gradients(plain_path):
+    import torch
+
+    x = np.random.default_rng(16).standard_normal((7, 3)).astype("float32")
+    weights = [torch.tensor(w) for w in (1.0, -2.0, 0.5)]
+
+    def run():
+        inputs = torch.tensor(x, requires_grad=True)
+        parts = kd_eager.split_rows(inputs, [2, 4, 1])
+        sum((p * w).sum() for p, w in zip(parts, weights)).backward()
+        return [to_numpy(p) for p in parts], to_numpy(inputs.grad)
+
+    parts, grad = run()
+    for part, expected in zip(parts, (x[:2], x[2:6], x[6:])):
+        np.testing.assert_array_equal(part, expected)
+    np.testing.assert_array_equal(grad, np.repeat([1.0, -2.0, 0.5], [2, 4, 1])[:, None] * np.ones((1, 3)))
+    plain_path()  # slices
+    plain_parts, plain_grad = run()
+    np.testing.assert_array_equal(plain_grad, grad)
+    for a, b in zip(parts, plain_parts):
+        np.testing.assert_array_equal(a, b)

@@ -80,3 +80,13 @@ def collapse_entropies(probs, reduction=None):
     mean row's over replicas with a `reduction`, as one kernel where the backend has one, else None."""
     function = float32_kernel("collapse_entropies", probs)
     return None if function is None else function(probs, reduction)
+
+
+def split_rows(x, sizes):
+    """x split along its first axis into consecutive parts of `sizes` rows (ints summing to the rows of x): slices;
+    on PyTorch one `split` (the reference's split of its head's output)."""
+    function = eager_kernel("split_rows") if keras.ops.is_tensor(x) else None
+    if function is not None:
+        return function(x, list(sizes))
+    starts = np.cumsum([0, *sizes])
+    return [x[int(a):int(b)] for a, b in zip(starts, starts[1:])]

@@ -160,7 +160,9 @@ def attention_branch(x, norm, qkv, proj, num_heads, scale, layer_scale, compute_
     gamma, beta, qkv_kernel, qkv_bias, proj_kernel, proj_bias, ls = tensors
     batch, tokens, width = x.shape
     h = _linear(_layer_norm(x, gamma, beta, norm[2], getattr(torch, compute_dtype)), qkv_kernel, qkv_bias)
-    q, k, v = h.reshape(batch, tokens, 3, num_heads, width // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    # Unbound on the (q, k, v) axis, then each transposed: the backward pass stacks the three gradients straight into
+    # qkv's layout (unbinding a permuted view would stack them permuted, then copy).
+    q, k, v = (t.transpose(1, 2) for t in h.reshape(batch, tokens, 3, num_heads, width // num_heads).unbind(2))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     out = _linear(out.transpose(1, 2).reshape(batch, tokens, width), proj_kernel, proj_bias)
     return _layer_scale(out, ls)
@@ -307,3 +309,9 @@ def collapse_entropies(probs, reduction):
     if reduction is not None:
         marginal = reduction.mean(marginal)
     return mean_entropy, -torch.sum(marginal * torch.log(torch.clamp_min(marginal, 1e-12)))
+
+
+def split_rows(x, sizes):
+    """`keras_dinov2.ops.eager.split_rows` on PyTorch: one `split` (one backward node that concatenates the parts'
+    gradients, where slices would each scatter into a zero tensor of the whole)."""
+    return list(x.split(sizes))

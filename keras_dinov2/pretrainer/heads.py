@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_dinov2.layers.dino_head import DINOHead
 from keras_dinov2.ops import call_layer, eager_dispatch
+from keras_dinov2.ops.eager import split_rows
 
 # One student's trainable parts: its backbone, its DINO head and its iBOT head (the DINO head itself when tied).
 StudentParts = collections.namedtuple("StudentParts", ["backbone", "dino_head", "ibot_head"])
@@ -65,9 +66,6 @@ def run_heads(calls, reduction=None):
             results[indices[0]] = call_layer(head, calls[indices[0]][1], reduction=reduction)
             continue
         logits = call_layer(head, ops.concatenate([calls[i][1] for i in indices], axis=0), reduction=reduction)
-        start = 0
-        for i in indices:
-            count = int(calls[i][1].shape[0])
-            results[i] = logits[start:start + count]
-            start += count
+        for i, part in zip(indices, split_rows(logits, [int(calls[i][1].shape[0]) for i in indices])):
+            results[i] = part
     return results
