@@ -722,3 +722,24 @@ def test_split_rows_matches_slices_with_gradients(plain_path):
     np.testing.assert_array_equal(plain_grad, grad)
     for a, b in zip(parts, plain_parts):
         np.testing.assert_array_equal(a, b)
+
+
+def test_kept_head_arguments_give_way_to_lora_enabled_after_a_fused_call(plain_path, monkeypatch):
+    import torch
+
+    head = DINOHead(num_prototypes=6, hidden_dim=8, bottleneck_dim=4, num_layers=2)
+    head.build((None, 5))
+    x = torch.tensor(np.random.default_rng(17).standard_normal((3, 5)).astype("float32"))
+    before = to_numpy(head(x))  # the one-call kernel, its variables now kept
+    assert len(head.trainable_variables) == 6  # the kept lists add no tracked variable
+    head.mlp_layers[0].enable_lora(2)
+    head.mlp_layers[0].lora_kernel_b.assign(np.full((2, 8), 0.3, "float32"))
+    dense_calls = []
+    original = keras.layers.Dense.call
+    monkeypatch.setattr(keras.layers.Dense, "call",
+                        lambda self, *a, **k: dense_calls.append(1) or original(self, *a, **k))
+    with_lora = to_numpy(head(x))
+    assert dense_calls  # the Keras layers again
+    plain_path()
+    np.testing.assert_allclose(with_lora, to_numpy(head(x)), rtol=1e-5, atol=1e-6)
+    assert np.abs(with_lora - before).max() > 1e-3

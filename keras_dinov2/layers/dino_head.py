@@ -224,9 +224,14 @@ class DINOHead(keras.layers.Layer):
             return None
         if not all(plain_dense(layer) for layer in self.mlp_layers):
             return None
-        layers = [(layer.kernel, layer.bias) for layer in self.mlp_layers]
-        prototypes = (self.last_layer.weight_v, self.last_layer.weight_g)
-        return projection_head(x, layers, prototypes, self.epsilon, _COLUMN_NORM_FLOOR)
+        # The variables, read once (Dense's `kernel` property checks its quantization at each read); kept outside
+        # Keras' attribute tracking, as TransformerBlock keeps its kernels' arguments.
+        arguments = self.__dict__.get("_fused_arguments")
+        if arguments is None:
+            arguments = ([(layer.kernel, layer.bias) for layer in self.mlp_layers],
+                         (self.last_layer.weight_v, self.last_layer.weight_g))
+            object.__setattr__(self, "_fused_arguments", arguments)
+        return projection_head(x, *arguments, self.epsilon, _COLUMN_NORM_FLOOR)
 
     def call(self, x, row_weights=None, reduction=None):
         fused = self._fused(x)

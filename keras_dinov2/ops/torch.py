@@ -203,7 +203,7 @@ def projection_head(x, layers, prototypes, epsilon, floor):
         if i:
             x = torch.nn.functional.gelu(x)
         x = torch.nn.functional.linear(x, tensors[2 * i].t(), tensors[2 * i + 1])
-    x = x / torch.sqrt(torch.clamp_min(torch.sum(torch.square(x), -1, keepdim=True), epsilon**2))
+    x = torch.nn.functional.normalize(x, dim=-1, eps=epsilon)  # x / max(|x|, eps), as the reference
     return torch.matmul(x, weight_normalized_kernel(tensors[-2], tensors[-1], floor))
 
 
