@@ -212,6 +212,24 @@ def test_train_step_rounds_alternate_and_each_round_is_its_own_baseline(capsys, 
 
 
 @pytest.mark.once
+def test_train_step_interleave_is_one_torch_run_and_reports_block_ratios(capsys, tmp_path):
+    ref = tmp_path / "ref"
+    (ref / "dinov2").mkdir(parents=True)
+    with pytest.raises(SystemExit):  # both run in one PyTorch process
+        benchmark_train_step.parse_args(["--backends", "jax", "--interleave", "3", "--reference-src", str(ref)])
+    assert "--interleave needs --backends torch and --reference-src" in capsys.readouterr().err
+    args = benchmark_train_step.parse_args(["--backends", "torch", "--interleave", "3", "--drop-path", "0.1", "0.3",
+                                            "--steps", "4", "--reference-src", str(ref)])
+    runs, _ = benchmark_train_step.plan(args)
+    assert runs == [{"kind": "interleaved", "backend": "torch", "drop_path": 0.1, "interleave": 3}]
+    blocks = [{"reference_s": r, "ours_s": o} for r, o in ((0.030, 0.032), (0.045, 0.044), (0.031, 0.031))]
+    benchmark_train_step._print_interleaved(args, {"blocks": blocks, "device": "cpu"})
+    out = capsys.readouterr().out
+    assert "3 blocks of 4 steps" in out and "30.0/32.0, 45.0/44.0, 31.0/31.0" in out
+    assert "per block: 0.938, 1.023, 1.000" in out and "median 1.000x" in out
+
+
+@pytest.mark.once
 def test_timing_loops_count_their_calls():
     calls, synced = [], []
     first, seconds = timing.warm_up(lambda: calls.append(1) or len(calls), 3, synced.append)

@@ -14,6 +14,8 @@ Run from the repository root:
     python tools/benchmark_train_step.py --model tiny --steps 3          # quick smoke run
     python tools/benchmark_train_step.py --backends jax --steps 3 --warmup 1 \\
         --reference-src /path/to/dinov2 --json out.json
+    python tools/benchmark_train_step.py --model tiny --backends torch --drop-path 0 --steps 10 \
+        --interleave 20 --reference-src /path/to/dinov2   # torch vs the reference, one process
 
 Run `python tools/benchmark_train_step.py --help` for what is timed and how.
 """
@@ -21,6 +23,7 @@ Run `python tools/benchmark_train_step.py --help` for what is timed and how.
 import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -219,6 +222,14 @@ def parse_args(argv=None):
         help="A checkout of facebookresearch/dinov2 (the folder holding the dinov2 "
         "package): also time its step, in PyTorch eager; ratios are then taken against it.",
     )
+    parser.add_argument(
+        "--interleave", type=int, default=0, metavar="N",
+        help="With --reference-src and --backends torch: build the reference and the torch backend in ONE process and "
+             "alternate N blocks of --steps steps each (the reference's block, then ours); report each block's "
+             "median step and the median of the blocks' ratios. This machine's speed changes by up to 2x within "
+             "seconds, which separate processes (even --rounds) see as noise; alternating blocks in one process gives "
+             "both the same machine. The first --drop-path rate only; no memory figures. Default: 0 (off).",
+    )
     cli.add_device(parser, "the framework", "implementations")
     parser.add_argument(
         "--torch-threads",
@@ -253,6 +264,10 @@ def parse_args(argv=None):
             )
     if not args.backends and not args.reference_src:
         parser.error("nothing to run: --backends none and no --reference-src.")
+    if args.interleave < 0:
+        parser.error("--interleave must be at least 0.")
+    if args.interleave and (args.backends != ["torch"] or not args.reference_src):
+        parser.error("--interleave needs --backends torch and --reference-src (both run in one PyTorch process).")
     return args
 
 
@@ -269,6 +284,9 @@ def plan(args):
             runs.append({"kind": "reference", "backend": "torch", "drop_path": rate})
         for backend in backends:
             runs.append({"kind": "ours", "backend": backend, "drop_path": rate})
+    if getattr(args, "interleave", 0):
+        return [{"kind": "interleaved", "backend": "torch", "drop_path": args.drop_path[0],
+                 "interleave": args.interleave}], skipped
     rounds = max(int(getattr(args, "rounds", 1)), 1)
     return [{**run, "round": index} for index in range(rounds) for run in runs], skipped
 
@@ -479,6 +497,15 @@ def parent(args, info):
                 result["round"] = run.get("round", 0)
             return result, reason
 
+        if args.interleave:
+            result, reason = run_one(runs[0], "interleaved")
+            if result is None:
+                print(f"The interleaved run failed: {reason}")
+                return 1
+            _print_interleaved(args, result)
+            if args.json:
+                write_json(args.json, args, info, [result], skipped)
+            return 0
         results, failed = run_all(runs, run_label, run_one, describe)
         skipped += failed
         info["load_after"] = load_average()
@@ -500,6 +527,8 @@ def _run_spec(spec):
         return _make_batch(spec)
     if spec["kind"] == "reference":
         return _measure_reference(spec)
+    if spec["kind"] == "interleaved":
+        return _measure_interleaved(spec)
     return _measure_keras(spec)
 
 
@@ -573,11 +602,9 @@ def _finish(spec, timed, first, loss, memory, device, method, notes, terms=None)
 # --------------------------------------------------------------------- keras_dinov2 worker
 
 
-def _measure_keras(spec):
-    backend = spec["backend"]
-    gpu = backend_gpu(backend, spec["device"], spec.get("torch_threads"))
-    keras = import_keras(backend)
-    import tensorflow as tf
+def _build_keras(spec):
+    """(keras, model, batch, memory) for a Keras run: the pretrainer compiled, the batch as NumPy arrays."""
+    keras = import_keras(spec["backend"])
 
     from keras_dinov2 import DINOv2Backbone, DINOv2Pretrainer, SSLConfig
     from keras_dinov2.config import HeadConfig, ModelConfig, OptimConfig
@@ -606,6 +633,15 @@ def _measure_keras(spec):
     model.compile()
     batch = _load_batch(spec)
     memory["built"] = peak_rss_mb()
+    return keras, model, batch, memory
+
+
+def _measure_keras(spec):
+    backend = spec["backend"]
+    gpu = backend_gpu(backend, spec["device"], spec.get("torch_threads"))
+    keras, model, batch, memory = _build_keras(spec)
+    import tensorflow as tf
+
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
     sync = device_sync(backend, gpu)
     timer = step_timer(sync)
@@ -645,6 +681,43 @@ def _measure_keras(spec):
     result = _finish(spec, timed, first, timer.last_loss, memory, gpu or "cpu", method, notes, timer.last_terms)
     result["gpu_peak_mb"] = gpu_peak_mb(backend, gpu)
     return result
+
+
+def _measure_interleaved(spec):
+    """The torch backend's step (`model.train_step` on the batch's tensors, after a warm-up `fit`) and the
+    reference's in one process, in alternated blocks of `steps` steps: each block's median step of each."""
+    gpu = torch_gpu(spec["device"], spec.get("torch_threads"))
+    keras, model, batch, _ = _build_keras(spec)
+    import tensorflow as tf
+
+    model.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=max(spec["warmup"], 1),
+              verbose=0)
+    tensors = {key: keras.ops.convert_to_tensor(value) for key, value in batch.items()}
+
+    def ours():
+        return model.train_step(tensors)["loss"]
+
+    reference = _build_reference(spec, gpu).step
+    sync = device_sync("torch", gpu)
+    warm_up(reference, max(spec["warmup"], 1), sync)
+    blocks = []
+    for _ in range(spec["interleave"]):
+        times = [statistics.median(time_calls(call, spec["steps"], sync).times) for call in (reference, ours)]
+        blocks.append({"reference_s": times[0], "ours_s": times[1]})
+    return {"blocks": blocks, "device": gpu or "cpu"}
+
+
+def _print_interleaved(args, result):
+    blocks = result["blocks"]
+    ratios = [b["reference_s"] / b["ours_s"] for b in blocks]
+    print(f"Interleaved in one process ({result['device']}), {len(blocks)} blocks of {args.steps} steps, median step "
+          f"per block (reference / torch backend, ms):")
+    print("  " + ", ".join(f"{b['reference_s'] * 1e3:.1f}/{b['ours_s'] * 1e3:.1f}" for b in blocks))
+    print(f"  speed of the torch backend against the reference, per block: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"  median {statistics.median(ratios):.3f}x (>1 = faster), median steps: reference "
+          f"{statistics.median([b['reference_s'] for b in blocks]) * 1e3:.2f} ms, torch backend "
+          f"{statistics.median([b['ours_s'] for b in blocks]) * 1e3:.2f} ms")
 
 
 def _count(variables):
@@ -773,10 +846,11 @@ def _reference_inputs(ref, spec, batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}, n_local
 
 
-def _measure_reference(spec):
-    if not spec.get("reference_src"):
-        raise Skip("no --reference-src given.")
-    gpu = torch_gpu(spec["device"], spec.get("torch_threads"))
+def _build_reference(spec, gpu):
+    """The reference's training step on `spec`'s batch: a namespace with `step` (one update, returns the loss),
+    `terms` (the last step's loss terms), `memory` and what the notes report."""
+    import types
+
     import torch
     from torch import nn
 
@@ -962,6 +1036,19 @@ def _measure_reference(spec):
             torch._foreach_add_(teacher_params, student_params, alpha=1 - MOMENTUM_TEACHER)
         return loss
 
+    return types.SimpleNamespace(step=step, terms=terms, memory=memory, ref=ref, optimizer=optimizer, data=data,
+                                 student_params=student_params, autocast_dtype=autocast_dtype)
+
+
+def _measure_reference(spec):
+    if not spec.get("reference_src"):
+        raise Skip("no --reference-src given.")
+    gpu = torch_gpu(spec["device"], spec.get("torch_threads"))
+    import torch
+
+    built = _build_reference(spec, gpu)
+    step, terms, memory, ref, optimizer = built.step, built.terms, built.memory, built.ref, built.optimizer
+    data, student_params, autocast_dtype = built.data, built.student_params, built.autocast_dtype
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     sync = device_sync("torch", gpu)
