@@ -644,7 +644,7 @@ def test_take_rows_kernel_matches_numpy_with_gradients(plain_path):
 
     def run():
         inputs = torch.tensor(x, requires_grad=True)
-        out = kd_eager.take_rows(inputs, torch.tensor(indices))
+        out = kd_eager.take_rows(inputs.reshape(7, 1, 3), torch.tensor(indices))  # leading axes flattened
         (out * torch.arange(4.0)[:, None]).sum().backward()
         return to_numpy(out), to_numpy(inputs.grad)
 

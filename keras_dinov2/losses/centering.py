@@ -30,11 +30,11 @@ def softmax_center(teacher_logits, center, temperature):
     """
     shape = static_shape(teacher_logits)
     check_center(center, shape)
-    logits = ops.stop_gradient(as_float32(teacher_logits))
-    center = as_float32(center)
-    probs = ops_softmax_center(logits, center, temperature)  # PyTorch: one kernel
+    logits, center = as_float32(teacher_logits), as_float32(center)
+    probs = ops_softmax_center(logits, center, temperature)  # PyTorch: one kernel (no gradient)
     if probs is not None:
         return probs
+    logits = ops.stop_gradient(logits)
     center = ops.reshape(ops.stop_gradient(center), (-1,))
     return ops.softmax((logits - center) / temperature, axis=-1)
 
@@ -141,14 +141,13 @@ def update_center(center, teacher_logits, momentum=0.9, valid=None, reduction=No
     reduction = SINGLE_DEVICE if reduction is None else reduction
     shape = static_shape(teacher_logits)
     check_center(center, shape)
-    center = as_float32(center)
-    logits = ops.stop_gradient(as_float32(teacher_logits))
-    logits = ops.reshape(logits, (-1, ops.shape(logits)[-1]))
+    center, logits = as_float32(center), as_float32(teacher_logits)
     rows_shape = (math.prod(shape[:-1]) if all(d is not None for d in shape[:-1]) else None,)
     mask = rows_mask("teacher_logits", valid, None, None, rows_shape)
-    updated = ops_update_center(center, logits, momentum, mask, reduction)  # PyTorch: one kernel
+    updated = ops_update_center(center, logits, momentum, mask, reduction)  # PyTorch: one kernel (no gradient)
     if updated is not None:
         return updated
+    logits = ops.reshape(ops.stop_gradient(logits), (-1, ops.shape(logits)[-1]))
     if mask is None:
         local_mean = sum_over_rows(logits) / ops.cast(ops.shape(logits)[0], "float32")
         batch_mean = reduction.mean(local_mean)

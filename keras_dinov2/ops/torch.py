@@ -1,5 +1,6 @@
 """PyTorch kernels: the per-process replica seed and replica count, the multi-tensor optimizer / clipping / EMA
-updates, the transformer block's residual branches in one call each, and the fused weight-norm kernel."""
+updates, the transformer block's residual branches in one call each, the fused weight-norm kernel, and the small
+eager steps of the embeddings and the objectives (`keras_dinov2.ops.eager`)."""
 
 import math
 import weakref
@@ -239,7 +240,8 @@ def _constant(matrix, device):
 
 
 def resample_axes(rows, grid, cols):
-    """`keras_dinov2.ops.resample_axes` on PyTorch: two matrix products (the three-operand einsum is ~6x slower)."""
+    """`keras_dinov2.ops.eager.resample_axes` on PyTorch: two matrix products (a three-operand einsum: ~6x the
+    time)."""
     rows, cols = _constant(rows, grid.device), _constant(cols, grid.device)
     size, width, dim = grid.shape
     resampled = torch.matmul(rows, grid.reshape(size, width * dim)).reshape(-1, width, dim)
@@ -247,7 +249,8 @@ def resample_axes(rows, grid, cols):
 
 
 def koleo(x, eps):
-    """`keras_dinov2.ops.koleo` on PyTorch: the reference's search (no gradient through it) and pairwise distance."""
+    """`keras_dinov2.ops.eager.koleo` on PyTorch: the reference's search (no gradient through it) and its pairwise
+    distance."""
     x = x / torch.sqrt(torch.clamp_min(torch.sum(torch.square(x), -1, keepdim=True), eps * eps))
     with torch.no_grad():
         dots = torch.matmul(x, x.t())
@@ -259,13 +262,13 @@ def koleo(x, eps):
 
 @torch.no_grad()
 def softmax_center(logits, center, temperature):
-    """`keras_dinov2.ops.softmax_center` on PyTorch."""
+    """`keras_dinov2.ops.eager.softmax_center` on PyTorch."""
     return torch.softmax((logits - center.reshape(-1)) / temperature, -1)
 
 
 @torch.no_grad()
 def update_center(center, logits, momentum, valid, reduction):
-    """`keras_dinov2.ops.update_center` on PyTorch (the collectives through `reduction`)."""
+    """`keras_dinov2.ops.eager.update_center` on PyTorch (the collectives through `reduction`)."""
     logits = logits.reshape(-1, logits.shape[-1])
     if valid is None:
         batch_mean = reduction.mean(torch.sum(logits, 0) / logits.shape[0])
@@ -277,7 +280,7 @@ def update_center(center, logits, momentum, valid, reduction):
 
 
 def assemble_tokens(patches, masks, mask_token, cls_token, positions, registers):
-    """`keras_dinov2.ops.assemble_tokens` on PyTorch (None unless its variables are float32)."""
+    """`keras_dinov2.ops.eager.assemble_tokens` on PyTorch (None unless its variables are float32)."""
     tensors = _float32_tensors([mask_token, cls_token, registers])
     if tensors is None:
         return None
@@ -292,18 +295,19 @@ def assemble_tokens(patches, masks, mask_token, cls_token, positions, registers)
 
 
 def take_rows(x, indices):
-    """`keras_dinov2.ops.take_rows` on PyTorch: one `index_select`."""
-    return x.index_select(0, indices)
+    """`keras_dinov2.ops.eager.take_rows` on PyTorch: one `index_select`."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, indices)
 
 
 def soft_cross_entropy(logits, targets, temperature):
-    """`keras_dinov2.ops.soft_cross_entropy` on PyTorch."""
+    """`keras_dinov2.ops.eager.soft_cross_entropy` on PyTorch."""
     return -torch.sum(targets.detach() * torch.log_softmax(logits / temperature, -1), -1)
 
 
 @torch.no_grad()
 def collapse_entropies(probs, reduction):
-    """`keras_dinov2.ops.collapse_entropies` on PyTorch (the marginal's mean over replicas through `reduction`)."""
+    """`keras_dinov2.ops.eager.collapse_entropies` on PyTorch (the marginal's mean over replicas through
+    `reduction`)."""
     mean_entropy = torch.mean(-torch.sum(probs * torch.log(torch.clamp_min(probs, 1e-12)), -1))
     marginal = torch.mean(probs, 0)
     if reduction is not None:

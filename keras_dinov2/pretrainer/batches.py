@@ -60,8 +60,7 @@ def stacked_patch_indices(mask_indices, shards, crops_per_shard, num_patches):
 
 def gather_rows(tokens, flat_indices):
     """Rows of (B, N, D) tokens at flat indices into the B * N patches."""
-    shape = ops.shape(tokens)
-    return take_rows(ops.reshape(tokens, (-1, shape[-1])), flat_indices)
+    return take_rows(tokens, flat_indices)
 
 
 def batch_layout(data, k):

@@ -264,8 +264,7 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
             if centering:
                 probs = losses.sinkhorn_knopp(logits["ibot"], temperature, valid=valid, reduction=reduction)
             else:
-                probs = losses.softmax_center(logits["ibot"], ops.reshape(self.ibot_center, (1, -1)),
-                                              temperature)
+                probs = losses.softmax_center(logits["ibot"], self.ibot_center, temperature)  # (1, 1, K): K values
                 if update_centers:
                     # The mean over every masked patch of the update (see update_center).
                     self.ibot_center.assign(losses.update_center(
