@@ -2,7 +2,9 @@
 updates, the transformer block's residual branches in one call each, the fused weight-norm kernel, and the small
 eager steps of the embeddings and the objectives (`keras_dinov2.ops.eager`)."""
 
+import itertools
 import math
+import operator
 import weakref
 
 import torch
@@ -62,13 +64,15 @@ def variable_tensors(variables):
     key = tuple(map(id, variables))
     entry = _TENSORS.get(key)
     if entry is not None:
+        # The same variables (identity, C-level loops), and as many None tensors as None variables: none has died.
         tensors = [t() for t in entry[1]]
-        if all(r() is v and (t is not None or v is None) for r, t, v in zip(entry[0], tensors, variables)):
+        if (all(map(operator.is_, [r() for r in entry[0]], variables))
+                and sum(map(operator.is_, tensors, itertools.repeat(None))) == entry[2]):
             return tensors
     tensors = [None if v is None else v.value for v in variables]
     if len(_TENSORS) >= _TENSORS_LIMIT:
         _TENSORS.clear()
-    _TENSORS[key] = ([_ref(v) for v in variables], [_ref(t) for t in tensors])
+    _TENSORS[key] = ([_ref(v) for v in variables], [_ref(t) for t in tensors], sum(v is None for v in variables))
     return tensors
 
 
