@@ -74,8 +74,6 @@ def ibot_cross_entropy(
     if per_patch is None:
         log_probs = ops.log_softmax(student_patch_logits / temperature, axis=-1)
         per_patch = -ops.sum(ops.stop_gradient(targets) * log_probs, axis=-1)
-    # Summed as the reference's sum(t * log s): the rows' cross-entropy with its sign turned.
-    per_patch = -per_patch
     # `where`, not a product: a padding row must not turn the sum into NaN whatever it holds.
     weighted = ops.where(ops.greater(weight, 0.0), per_patch * weight, 0.0)
-    return -ops.sum(weighted) / as_float32(num_images)
+    return ops.sum(weighted) / as_float32(num_images)

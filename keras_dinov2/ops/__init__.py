@@ -200,9 +200,8 @@ def call_layer(layer, *args, **kwargs):
     no autocast scope is active and the layer enters none (its variables are in its compute dtype: Keras enters one
     for a mixed layer even where it does not autocast); every input is a backend tensor that the layer would not
     cast, a Python value or None (one level of dicts, lists and tuples); and `training`, where `call` takes it, is
-    given explicitly. Keras masks
-    (`_keras_mask`) are not propagated through the direct call, and torch module hooks registered on the layer do
-    not fire; no code of this library uses either.
+    given explicitly. Keras masks (`_keras_mask`) are not propagated through the direct call, and torch module hooks
+    registered on the layer do not fire; no code of this library uses either.
     """
     if not (eager_dispatch() and layer.built) or get_autocast_scope() is not None:
         return layer(*args, **kwargs)

@@ -1,12 +1,13 @@
 """Kernels for the small eager steps of the embeddings and the objectives, behind one interface.
 
-Each function is a handful of tensor ops: the position grid's resampling, the token assembly, a row gather, KoLeo,
-the teacher's centering, the soft cross-entropy and the collapse signals. Where ops dispatch one by one from Python
-(PyTorch), a dozen Keras ops of 5-15 us of dispatch each cost more than the kernels they wrap, so the backend's module
-(`keras_dinov2.ops.torch`) runs them as the torch calls the reference makes. The functions that return None where
-the backend has no kernel leave the plain Keras formulation to their caller (the losses and layers, which define the
-values); tests compare each kernel against it and against NumPy. Compiled backends (XLA, tf.function) take the plain
-path: their compiler removes the dispatch.
+Each function is a handful of tensor ops: the position grid's resampling, the token assembly, a row gather, the
+split of a concatenated head output, KoLeo, the teacher's centering, the soft cross-entropy and the collapse
+signals. Where ops dispatch one by one from Python (PyTorch), a dozen Keras ops of 5-15 us of dispatch each cost
+more than the kernels they wrap, so the backend's module (`keras_dinov2.ops.torch`) runs them as the torch calls the
+reference makes. The functions that return None where the backend has no kernel (all but `resample_axes`,
+`take_rows` and `split_rows`) leave the plain Keras formulation to their caller (the losses and layers, which define
+the values); tests compare each kernel against it and against NumPy. Compiled backends (XLA, tf.function) take the
+plain path: their compiler removes the dispatch.
 """
 
 import keras
