@@ -33,11 +33,33 @@ def trainer_module(backend=None):
 class TrainerHooks:
     """The two places where Keras' backend trainers call into a model during `fit`, routed to the trainer module.
 
-    A mixin before `keras.Model` in the pretrainers' bases. `_maybe_symbolic_build` is called by Keras' TensorFlow
-    trainer only; `_make_function` by the JAX and TensorFlow trainers, with the (compiled) step function, which the
-    module may wrap (`wrap_step_function`: JAX compiles the step ahead of its first run, see
-    `keras_dinov2.trainers.jax`).
+    A mixin before `keras.Model` in the pretrainers' bases, which also keeps the variable list of the eager step
+    (`update_variables`). `_maybe_symbolic_build` is called by Keras' TensorFlow trainer only; `_make_function` by
+    the JAX and TensorFlow trainers, with the (compiled) step function, which the module may wrap
+    (`wrap_step_function`: JAX compiles the step ahead of its first run, see `keras_dinov2.trainers.jax`).
     """
+
+    def compile(self, *args, **kwargs):
+        self.__dict__.pop("_update_variables", None)  # a recompile takes `trainable` changes into account
+        super().compile(*args, **kwargs)
+
+    def update_variables(self):
+        """`trainable_variables`, the list an eager step (PyTorch) differentiates and updates, read once per compile.
+
+        Keras walks every layer each time `trainable_variables` is read (~0.25 ms at a small model's step). Once the
+        optimizer is built the list is kept until the next `compile`: the JAX and TensorFlow trainers fix it at the
+        same point (their compiled steps), so a change of `trainable` takes effect after a recompile on every
+        backend, as Keras documents. Until the optimizer is built (the first step) the list is read each time.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        kept = self.__dict__.get("_update_variables")
+        if kept is not None and kept[0] is optimizer:
+            return kept[1]
+        variables = self.trainable_variables
+        if optimizer is not None and optimizer.built:
+            # Past Keras' attribute tracking: the list is a cache, not state of the model.
+            object.__setattr__(self, "_update_variables", (optimizer, variables))
+        return variables
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         return trainer_module().maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)

@@ -14,9 +14,9 @@ def train_step(model, data):
     """
     reduction = distribute.replica_reduction()
     # Clear every trainable variable's gradient: Module.zero_grad() only reaches parameters
-    # registered on modules, and a left-over gradient would be added to this step's. One list for the whole step:
-    # `trainable_variables` walks every layer each time it is read.
-    variables = model.trainable_variables
+    # registered on modules, and a left-over gradient would be added to this step's. The list is kept per compile
+    # (`update_variables`): `trainable_variables` walks every layer each time it is read.
+    variables = model.update_variables()
     tensors = variable_tensors(variables)  # their Parameters, without Keras' per-read checks
     for tensor in tensors:
         tensor.grad = None
