@@ -45,7 +45,8 @@ def _host_value(schedule, step):
     step's tensor kept (a step reads the learning rate three times: the logs, Keras' optimizer, the groups)."""
     index, last = host_int(step), schedule.__dict__.get("_last_host_value")
     if index is not None and (last is None or last[0] != index):
-        value = ops.convert_to_tensor(np.float32(schedule.value_at(index)))
+        # A Python float with the dtype named: a third of the conversion time of a NumPy scalar on PyTorch.
+        value = ops.convert_to_tensor(float(schedule.value_at(index)), "float32")
         last = schedule.__dict__["_last_host_value"] = (index, value)
     return None if index is None else last[1]
 

@@ -7,6 +7,9 @@ from keras import ops
 
 
 def as_float32(x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and ops.is_tensor(x) and keras.backend.standardize_dtype(dtype) == "float32":
+        return x  # already one: the conversion and the cast are ~5 us of dispatch each on PyTorch
     return ops.cast(ops.convert_to_tensor(x), "float32")
 
 
