@@ -557,6 +557,63 @@ def test_centering_kernels_match_numpy(shape, plain_path):
         np.testing.assert_allclose(fused[name], to_numpy(case()), rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("shape", [(1, 10), (1, 1, 10)])
+def test_centered_targets_kernel_updates_the_center_in_place_as_numpy(shape, plain_path, monkeypatch):
+    import torch
+
+    import keras_dinov2.ops.torch as torch_kernels
+    from keras_dinov2.losses import CrossReplica
+    from keras_dinov2.pretrainer.teacher import centered_targets
+
+    kernel, used = torch_kernels.center_targets, []
+    monkeypatch.setattr(torch_kernels, "center_targets", lambda *a: used.append(1) or kernel(*a))
+    rng = np.random.default_rng(19)
+    logits = rng.standard_normal((7, 10)).astype("float32") * 3
+    start = rng.standard_normal(shape).astype("float32")
+    valid = np.array([1, 0, 1, 1, 0, 1, 1], bool)
+    twice = CrossReplica(sum_fn=lambda t: 2 * t, num_replicas=2)  # two replicas holding the same rows
+    shifted = (logits - start.reshape(-1)) / 0.05
+    probs = np.exp(shifted - shifted.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    cases = {  # (keyword arguments, the center after the call)
+        "mean": ({}, 0.9 * start + 0.1 * logits.mean(0).reshape(shape)),
+        "masked, two replicas": ({"valid": torch.tensor(valid), "reduction": twice},
+                                 0.9 * start + 0.1 * logits[valid].mean(0).reshape(shape)),
+        "no update": ({"update": False}, start),
+    }
+
+    def run(kwargs):
+        center = keras.Variable(start, trainable=False, dtype="float32")
+        out = centered_targets(torch.tensor(logits), center, 0.05, 0.9, **kwargs)
+        return to_numpy(out), to_numpy(center)
+
+    fused = {name: run(kwargs) for name, (kwargs, _) in cases.items()}
+    assert len(used) == 2  # the two updating cases ran the kernel; without an update, softmax_center alone
+    plain_path()
+    for name, (kwargs, center) in cases.items():
+        # The targets use the center from before the update (the reference's staging).
+        np.testing.assert_allclose(fused[name][0], probs, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(fused[name][1], center, rtol=1e-5, atol=1e-6, err_msg=name)
+        for a, b in zip(fused[name], run(kwargs)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert len(used) == 2
+
+
+def test_centered_targets_kernel_declines_what_it_does_not_read():
+    import torch
+
+    from keras_dinov2.losses import CrossReplica
+
+    logits, one = torch.zeros(3, 4), CrossReplica()
+    center = keras.Variable(np.zeros((1, 4), "float32"), trainable=False)
+    assert kd_eager.center_targets(logits, center, 0.1, 0.9, torch.tensor([True, False, True]), one) is not None
+    assert kd_eager.center_targets(logits, center, 0.1, 0.9, torch.tensor([1.0, 0.0, 1.0]), one) is None  # 0/1 floats
+    assert kd_eager.center_targets(logits, center.value, 0.1, 0.9, None, one) is None  # a tensor: nothing to assign
+    assert kd_eager.center_targets(logits.double(), center, 0.1, 0.9, None, one) is None
+    bf16 = keras.Variable(np.zeros((1, 4), "float32"), trainable=False, dtype="bfloat16")
+    assert kd_eager.center_targets(logits, bf16, 0.1, 0.9, None, one) is None
+
+
 @pytest.mark.parametrize("mode", ["original", "registers"])
 def test_resample_axes_kernel_matches_einsum_with_gradients(mode, plain_path):
     import torch

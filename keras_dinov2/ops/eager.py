@@ -1,13 +1,13 @@
 """Kernels for the small eager steps of the embeddings and the objectives, behind one interface.
 
 Each function is a handful of tensor ops: the position grid's resampling, the token assembly, a row gather, the
-split of a concatenated head output, KoLeo, the teacher's centering, the soft cross-entropy and the collapse
-signals. Where ops dispatch one by one from Python (PyTorch), a dozen Keras ops of 5-15 us of dispatch each cost
-more than the kernels they wrap, so the backend's module (`keras_dinov2.ops.torch`) runs them as the torch calls the
-reference makes. The functions that return None where the backend has no kernel (all but `resample_axes`,
-`take_rows` and `split_rows`) leave the plain Keras formulation to their caller (the losses and layers, which define
-the values); tests compare each kernel against it and against NumPy. Compiled backends (XLA, tf.function) take the
-plain path: their compiler removes the dispatch.
+split of a concatenated head output, KoLeo, the teacher's centering (with its center's update: one call per head in a
+step), the soft cross-entropy and the collapse signals. Where ops dispatch one by one from Python (PyTorch), a dozen
+Keras ops of 5-15 us of dispatch each cost more than the kernels they wrap, so the backend's module
+(`keras_dinov2.ops.torch`) runs them as the torch calls the reference makes. The functions that return None where the
+backend has no kernel (all but `resample_axes`, `take_rows` and `split_rows`) leave the plain Keras formulation to
+their caller (the losses and layers, which define the values); tests compare each kernel against it and against
+NumPy. Compiled backends (XLA, tf.function) take the plain path: their compiler removes the dispatch.
 """
 
 import keras
@@ -48,6 +48,21 @@ def update_center(center, logits, momentum, valid, reduction):
     kernel where the backend has one (the collectives through `reduction`), else None."""
     function = float32_kernel("update_center", center, logits)
     return None if function is None else function(center, logits, float(momentum), valid, reduction)
+
+
+def center_targets(logits, center, temperature, momentum, valid, reduction):
+    """`softmax_center(logits, center, temperature)`, then `center` assigned `update_center(center, logits, momentum,
+    valid, reduction)` in place, for float32 `logits`, a float32 Keras variable `center` and a boolean `valid` or None,
+    as one kernel where the backend has one, else None (nothing assigned then). A training step's centering of one
+    head: the prologue and the assignment of the two calls cost more than their kernels on PyTorch."""
+    if not isinstance(center, keras.Variable) or center.dtype != "float32" or not _bool_or_none(valid):
+        return None
+    function = float32_kernel("center_targets", logits)
+    return None if function is None else function(logits, center.value, temperature, float(momentum), valid, reduction)
+
+
+def _bool_or_none(x):
+    return x is None or (keras.ops.is_tensor(x) and keras.backend.standardize_dtype(x.dtype) == "bool")
 
 
 def assemble_tokens(patches, masks, mask_token, cls_token, positions, registers=None):

@@ -273,6 +273,19 @@ def softmax_center(logits, center, temperature):
 @torch.no_grad()
 def update_center(center, logits, momentum, valid, reduction):
     """`keras_dinov2.ops.eager.update_center` on PyTorch (the collectives through `reduction`)."""
+    return _updated_center(center, logits, momentum, valid, reduction)
+
+
+@torch.no_grad()
+def center_targets(logits, center, temperature, momentum, valid, reduction):
+    """`keras_dinov2.ops.eager.center_targets` on PyTorch: the targets with the center as it is, then the update
+    copied into the center's tensor (what Keras' `assign` does, without its conversions and checks)."""
+    probs = torch.softmax((logits - center.reshape(-1)) / temperature, -1)
+    center.copy_(_updated_center(center, logits, momentum, valid, reduction))
+    return probs
+
+
+def _updated_center(center, logits, momentum, valid, reduction):
     logits = logits.reshape(-1, logits.shape[-1])
     if valid is None:
         batch_mean = reduction.mean(torch.sum(logits, 0) / logits.shape[0])

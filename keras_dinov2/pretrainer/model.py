@@ -21,7 +21,7 @@ from keras_dinov2.pretrainer.batches import (
 )
 from keras_dinov2.pretrainer.heads import StudentParts, projection_heads, run_heads
 from keras_dinov2.pretrainer.registry import TrainerHooks, trainer_module
-from keras_dinov2.pretrainer.teacher import EMATeacher, collapse_signals
+from keras_dinov2.pretrainer.teacher import EMATeacher, centered_targets, collapse_signals
 from keras_dinov2.schedules import schedules_from_config
 
 
@@ -252,24 +252,17 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         if self.do_dino:
             if centering:
                 probs = losses.sinkhorn_knopp(logits["dino"], temperature, reduction=reduction)
-            else:
-                probs = losses.softmax_center(logits["dino"], self.dino_center, temperature)
-                # The reference stages the center update: this update's mean is used next time.
-                if update_centers:
-                    self.dino_center.assign(losses.update_center(
-                        self.dino_center, logits["dino"], momentum=momentum, reduction=reduction))
+            else:  # the center's staged update assigned once per update
+                probs = centered_targets(logits["dino"], self.dino_center, temperature, momentum,
+                                         reduction=reduction, update=update_centers)
             targets["dino"] = ops.stop_gradient(probs)
             logs.update(collapse_signals(probs, reduction=reduction))
         if self.do_ibot:
             if centering:
                 probs = losses.sinkhorn_knopp(logits["ibot"], temperature, valid=valid, reduction=reduction)
-            else:
-                probs = losses.softmax_center(logits["ibot"], self.ibot_center, temperature)  # (1, 1, K): K values
-                if update_centers:
-                    # The mean over every masked patch of the update (see update_center).
-                    self.ibot_center.assign(losses.update_center(
-                        self.ibot_center, logits["ibot"], momentum=momentum, valid=valid,
-                        reduction=reduction))
+            else:  # the center (1, 1, K) moves by the mean over every masked patch of the update (update_center)
+                probs = centered_targets(logits["ibot"], self.ibot_center, temperature, momentum, valid=valid,
+                                         reduction=reduction, update=update_centers)
             targets["ibot"] = ops.stop_gradient(probs)
         return targets, logs
 

@@ -10,8 +10,11 @@ import math
 
 from keras import ops
 
+from keras_dinov2 import losses
+from keras_dinov2.losses.checks import check_center, static_shape
+from keras_dinov2.losses.replicas import SINGLE_DEVICE
 from keras_dinov2.ops import ema_update
-from keras_dinov2.ops.eager import collapse_entropies
+from keras_dinov2.ops.eager import center_targets, collapse_entropies
 
 
 class EMATeacher:
@@ -59,6 +62,24 @@ class FrozenTeacher:
         """Moves the students' EMA copies only: the teacher stays bit-identical."""
         if self.ema is not None:
             self.ema.update(momentum)
+
+
+def centered_targets(teacher_logits, center, temperature, momentum, valid=None, reduction=None, update=True):
+    """A head's centered targets, `losses.softmax_center` with the center variable as it is, then (`update`) the
+    staged EMA update `losses.update_center` assigned to it: the reference's order (this update's mean is used by
+    the next). `valid`: the rows that count in the mean (the masked-patch buffer's). PyTorch: one kernel, the center
+    updated in place."""
+    if update:
+        check_center(center, static_shape(teacher_logits))
+        probs = center_targets(teacher_logits, center, temperature, momentum, valid,
+                               SINGLE_DEVICE if reduction is None else reduction)
+        if probs is not None:
+            return probs
+    probs = losses.softmax_center(teacher_logits, center, temperature)
+    if update:
+        center.assign(losses.update_center(center, teacher_logits, momentum=momentum, valid=valid,
+                                           reduction=reduction))
+    return probs
 
 
 def collapse_signals(teacher_probs, reduction=None):
