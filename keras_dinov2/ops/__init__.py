@@ -291,15 +291,17 @@ def ema_update(teacher, student, momentum):
         t.assign(keras.ops.cast(momentum, t.dtype) * t + keras.ops.cast(1.0 - momentum, t.dtype) * s)
 
 
-def scaled_by_global_norm(grads, max_norm):
+def scaled_by_global_norm(grads, max_norm, in_place=False):
     """(grads * min(max_norm / (norm + 1e-6), 1), norm) for a non-empty list of tensors, norm = the float32 L2 norm
-    of all of them together (torch's `clip_grad_norm_`, not in place).
+    of all of them together (torch's `clip_grad_norm_`).
 
     On PyTorch `keras_dinov2.ops.torch.scaled_by_global_norm` (`_foreach_norm`, `_foreach_mul`); elsewhere Keras ops.
+    `in_place=True` lets the kernel scale the tensors themselves, as `clip_grad_norm_` does (a caller that no longer
+    needs them unscaled: the PyTorch step's own gradient buffers); new tensors otherwise, and always on the plain path.
     """
     function = eager_kernel("scaled_by_global_norm", grads)
     if function is not None:
-        return function(grads, max_norm)
+        return function(grads, max_norm, in_place)
     ops = keras.ops
     squared = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads]
     norm = ops.sqrt(ops.sum(ops.stack(squared)))

@@ -116,12 +116,16 @@ def ema_update(teacher, student, momentum):
     torch._foreach_add_(teacher, variable_tensors(student), alpha=1.0 - momentum)
 
 
-def scaled_by_global_norm(grads, max_norm):
-    """`keras_dinov2.ops.scaled_by_global_norm` on PyTorch: `clip_grad_norm_`'s foreach norms, not in place."""
+def scaled_by_global_norm(grads, max_norm, in_place):
+    """`keras_dinov2.ops.scaled_by_global_norm` on PyTorch: `clip_grad_norm_`'s foreach norms (and its in-place
+    `_foreach_mul_` where allowed: no copy of every gradient, ~130 us of a small model's step)."""
     norms = torch._foreach_norm([g.float() for g in grads])
     norm = torch.linalg.vector_norm(torch.stack(norms))
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     if len({g.dtype for g in grads}) == 1:
+        if in_place:
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+            return list(grads), norm
         return list(torch._foreach_mul(grads, scale.to(grads[0].dtype))), norm
     return [g * scale.to(g.dtype) for g in grads], norm
 

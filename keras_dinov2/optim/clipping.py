@@ -9,7 +9,7 @@ from keras import ops
 from keras_dinov2.ops import scaled_by_global_norm
 
 
-def clip_by_global_norm(grads, max_norm):
+def clip_by_global_norm(grads, max_norm, in_place=False):
     """Scales gradients so that their joint L2 norm is at most `max_norm`, as torch's `clip_grad_norm_`.
 
     norm = sqrt(sum over tensors of sum(g^2)), computed in float32; every gradient is multiplied by
@@ -20,6 +20,8 @@ def clip_by_global_norm(grads, max_norm):
     Args:
         grads: list of tensors or None.
         max_norm: float > 0. The reference clips at 3.0 (`optim.clip_grad`).
+        in_place: bool, default False. The gradients may be scaled in place (PyTorch, as `clip_grad_norm_`): for a
+            caller that no longer needs them unscaled. Elsewhere, and by default, new tensors.
 
     Returns:
         (list of clipped gradients in their own dtypes, float32 scalar norm before clipping).
@@ -36,12 +38,12 @@ def clip_by_global_norm(grads, max_norm):
     present = [g for g in grads if g is not None]
     if not present:
         return list(grads), ops.zeros((), "float32")
-    scaled, norm = scaled_by_global_norm(present, float(max_norm))
+    scaled, norm = scaled_by_global_norm(present, float(max_norm), in_place)
     scaled = iter(scaled)
     return [None if g is None else next(scaled) for g in grads], norm
 
 
-def clip_by_part(grads, variables, param_groups, max_norm=3.0):
+def clip_by_part(grads, variables, param_groups, max_norm=3.0, in_place=False):
     """Clips the gradients of each part (backbone, each head) by its own global norm, as the reference.
 
     Args:
@@ -49,6 +51,7 @@ def clip_by_part(grads, variables, param_groups, max_norm=3.0):
         variables: list of variables (the ones `param_groups` was built from).
         param_groups: `ParamGroups`. Each variable's `part` decides its clipping unit.
         max_norm: float, default 3.0.
+        in_place: bool, default False. As `clip_by_global_norm`'s.
 
     Returns:
         (list of clipped gradients aligned with `variables`, dict {part: float32 norm before clipping}).
@@ -72,7 +75,7 @@ def clip_by_part(grads, variables, param_groups, max_norm=3.0):
         indices.setdefault(group.part, []).append(i)
     clipped, norms = list(grads), {}
     for part, part_indices in indices.items():
-        part_grads, norms[part] = clip_by_global_norm([grads[i] for i in part_indices], max_norm)
+        part_grads, norms[part] = clip_by_global_norm([grads[i] for i in part_indices], max_norm, in_place)
         for i, g in zip(part_indices, part_grads):
             clipped[i] = g
     return clipped, norms
@@ -114,17 +117,19 @@ def clip_per_parameter(grads, variables, param_groups, max_norm=3.0):
     return clipped, norms
 
 
-def clip_gradients(grads, variables, param_groups, max_norm, mode="per_part", loss_scale=None):
+def clip_gradients(grads, variables, param_groups, max_norm, mode="per_part", loss_scale=None, in_place=False):
     """Clipping by `mode` ("per_part": `clip_by_part`; "per_parameter": `clip_per_parameter`) of the unscaled
     gradients: under loss scaling (`loss_scale`, the LossScaleOptimizer's current scale) the gradients are unscaled,
-    clipped, and handed back scaled. Returns (gradients, {part: norm before clipping})."""
+    clipped, and handed back scaled. `in_place`: `clip_by_part` may scale the gradients in place (PyTorch).
+    Returns (gradients, {part: norm before clipping})."""
     clip = {"per_part": clip_by_part, "per_parameter": clip_per_parameter}.get(mode)
     if clip is None:
         raise ValueError(f'`mode` must be "per_part" or "per_parameter", received {mode!r}.')
     if loss_scale is not None:
         loss_scale = ops.convert_to_tensor(loss_scale)
         grads = [None if g is None else g / ops.cast(loss_scale, g.dtype) for g in grads]
-    grads, norms = clip(grads, variables, param_groups, max_norm)
+    grads, norms = clip(grads, variables, param_groups, max_norm,
+                        **({"in_place": in_place} if clip is clip_by_part else {}))
     if loss_scale is not None:
         grads = [None if g is None else g * ops.cast(loss_scale, g.dtype) for g in grads]
     return grads, norms

@@ -389,14 +389,14 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         """The loss to differentiate: scaled under mixed_float16 (Keras' LossScaleOptimizer)."""
         return self.optimizer.scale_loss(loss)
 
-    def apply_dinov2_update(self, grads, logs, optimizer=None, variables=None):
+    def apply_dinov2_update(self, grads, logs, optimizer=None, variables=None, in_place=False):
         """Clipping per part, the optimizer step, then the teacher's EMA (`apply_gradients`,
         `update_teacher`). `grads` are the whole update's (the mean over its micro-batches)."""
-        logs = self.apply_gradients(grads, logs, optimizer=optimizer, variables=variables)
+        logs = self.apply_gradients(grads, logs, optimizer=optimizer, variables=variables, in_place=in_place)
         self.update_teacher(logs["momentum"])
         return logs
 
-    def apply_gradients(self, grads, logs, optimizer=None, variables=None):
+    def apply_gradients(self, grads, logs, optimizer=None, variables=None, in_place=False):
         """Clipping per part (once per update, on the accumulated gradients) and the optimizer step.
 
         Written with stateful keras.ops; the JAX trainer runs it inside a StatelessScope.
@@ -404,6 +404,7 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         optimizer of a LossScaleOptimizer with gradients it has already unscaled). Reads every
         schedule at the update's step into `logs` (lr, wd, momentum) before the step counter
         advances. `variables`: `self.trainable_variables` (default) if the caller has the list (an eager step).
+        `in_place`: the gradients are the step's own buffers, which clipping may scale in place (PyTorch).
         """
         optimizer = self.optimizer if optimizer is None else optimizer
         variables = self.trainable_variables if variables is None else variables
@@ -417,7 +418,7 @@ class DINOv2Pretrainer(TrainerHooks, keras.Model):
         if optim.clip_grad:
             # Under loss scaling (mixed_float16) the unscaled gradients are clipped.
             grads, norms = clip_gradients(grads, variables, self.param_groups, optim.clip_grad,
-                                          optim.clip_mode, getattr(optimizer, "dynamic_scale", None))
+                                          optim.clip_mode, getattr(optimizer, "dynamic_scale", None), in_place)
             for part, norm in norms.items():
                 logs[f"grad_norm_{part}"] = norm
         optimizer.apply(grads, variables)

@@ -36,7 +36,8 @@ def train_step(model, data):
         # Keras' torch backend has no DDP: average the ranks' gradients here, before clipping.
         grads = distribute.all_reduce_gradients(grads)
     with torch.no_grad():
-        logs = model.apply_dinov2_update(grads, logs, variables=variables)
+        # The gradients are this step's own buffers: clipping scales them in place, as clip_grad_norm_ does.
+        logs = model.apply_dinov2_update(grads, logs, variables=variables, in_place=True)
     if reduction is not None:
         logs = distribute.average_logs(logs)
     return logs
