@@ -107,6 +107,36 @@ def test_scaled_by_global_norm_against_numpy():
     mixed = [ops.convert_to_tensor(grads[0]), ops.cast(grads[1], "bfloat16")]
     scaled, _ = kd_ops.scaled_by_global_norm(mixed, 1e-3)
     assert [keras.backend.standardize_dtype(s.dtype) for s in scaled] == ["float32", "bfloat16"]
+    # In place (the torch step's own gradient buffers): the same values, in the tensors given; by default the
+    # tensors given are left as they were.
+    tensors = [ops.convert_to_tensor(g) for g in grads]
+    scaled, _ = kd_ops.scaled_by_global_norm(tensors, 0.5 * total)
+    assert all(s is not t for s, t in zip(scaled, tensors))
+    np.testing.assert_array_equal(to_numpy(tensors[0]), grads[0])
+    in_place, norm = kd_ops.scaled_by_global_norm(tensors, 0.5 * total, in_place=True)
+    np.testing.assert_allclose(float(to_numpy(norm)), total, rtol=1e-6)
+    for s, t, expected in zip(in_place, tensors, scaled):
+        assert s is t
+        np.testing.assert_array_equal(to_numpy(t), to_numpy(expected))
+
+
+def test_grouped_adamw_follows_a_new_order_of_the_variables(plain_path):
+    """The update's group plan is kept for the last list of variables; another list (here reversed) gets its own."""
+    def run(order):
+        backbone, head = parts(0)
+        groups = param_groups(backbone, heads=[head], layer_decay=0.8, patch_embed_lr_mult=0.3)
+        variables = backbone.trainable_variables + head.trainable_variables
+        optimizer = DINOv2AdamW(0.05, weight_decay=0.2, param_groups=groups)
+        for step, reverse in enumerate(order):
+            grads = gradients(variables, step)
+            pairs = list(zip(grads, variables))[::-1] if reverse else list(zip(grads, variables))
+            optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+        return [to_numpy(v) for v in variables]
+
+    mixed = run([False, False, True, False])
+    plain_path()
+    for a, b in zip(mixed, run([False] * 4)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.996])
