@@ -51,7 +51,8 @@ def bicubic_matrix(in_size, out_size, step=None, antialias=False, ops=ops):
             (a = -0.75, four taps clamped to the edge). True reproduces its antialiased kernel
             (a = -0.5, support widened by the step when downsampling, taps outside the input
             dropped, weights renormalized to sum to one).
-        ops: the module of operations, default keras.ops; `_NUMPY` for NumPy arrays.
+        ops: the module of operations, default keras.ops; any namespace with the same functions works (the
+            resampling keeps matrices of known sizes built by a NumPy one, as float32 arrays).
 
     Example:
     >>> w = bicubic_matrix(16, 7, antialias=True)   # (7, 16); resized = w @ grid

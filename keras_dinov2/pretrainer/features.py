@@ -7,6 +7,7 @@ from keras_dinov2 import losses
 from keras_dinov2.backbone import DINOv2Backbone
 from keras_dinov2.data.batch import GLOBAL_CROPS, LOCAL_CROPS
 from keras_dinov2.layers.projector import FeatureProjector
+from keras_dinov2.ops import call_layer
 from keras_dinov2.pretrainer.batches import replica_count, unpack
 from keras_dinov2.pretrainer.distill import DistillationPretrainer, as_students, ema_copy
 from keras_dinov2.pretrainer.registry import trainer_module
@@ -115,7 +116,7 @@ class FeatureDistiller(DistillationPretrainer):
             if crops is None or not crops.shape[0]:
                 targets[name] = None
                 continue
-            out = self.teacher({"images": crops}, training=False)
+            out = call_layer(self.teacher, {"images": crops}, training=False)
             grid = (crops.shape[1] // self.teacher.patch_size, crops.shape[2] // self.teacher.patch_size)
             targets[name] = (ops.stop_gradient(out["cls_token"]), ops.stop_gradient(out["patch_tokens"]), grid)
         return targets, {}
@@ -133,11 +134,12 @@ class FeatureDistiller(DistillationPretrainer):
                     continue
                 crops = data[key]
                 teacher_cls, teacher_patches, grid = targets[name]
-                out = student({"images": crops}, training=training)
+                # call_layer: without Keras' __call__ where it changes nothing (PyTorch: ~0.15 ms a call).
+                out = call_layer(student, {"images": crops}, training=training)
                 own = (crops.shape[1] // student.patch_size, crops.shape[2] // student.patch_size)
-                patches = on_grid(self.patch_projectors[i](out["patch_tokens"]), own, grid)
+                patches = on_grid(call_layer(self.patch_projectors[i], out["patch_tokens"]), own, grid)
                 parts.append(losses.feature_distillation_loss(
-                    self.cls_projectors[i](out["cls_token"]), micro_slice(teacher_cls, index, k, replicas),
+                    call_layer(self.cls_projectors[i], out["cls_token"]), micro_slice(teacher_cls, index, k, replicas),
                     patches, micro_slice(teacher_patches, index, k, replicas), kind=self.loss_kind,
                     cls_weight=self.cls_weight, patch_weight=self.patch_weight))
                 weights.append(float(crops.shape[0]))
