@@ -207,6 +207,32 @@ def test_jax_step_compiles_once_ahead_and_releases_host_memory_before_running(mo
     assert np.isfinite(history.history["loss"][-1])
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's graph and XLA compilations")
+def test_tensorflow_xla_step_matches_the_graph_step_and_releases_host_memory_once(monkeypatch):
+    from keras_dinov2.trainers import tensorflow as tf_trainer
+
+    events = []
+    monkeypatch.setattr(tf_trainer, "release_host_memory", lambda: events.append("released") or True)
+    runs = {}
+    for jit in (False, True):
+        model = tiny_model(tiny_config(warmup_epochs=0))  # the same seed: the same weights
+        model.compile(jit_compile=jit)
+        recorder = LossRecorder()
+
+        class Calls(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                events.append(f"step {batch}")
+
+        model.fit(dataset([make_batch(0), make_batch(1)]), epochs=1, verbose=0, callbacks=[recorder, Calls()])
+        runs[jit] = (recorder.losses, _values(model.trainable_variables), _values(model.teacher.weights))
+    # Once per model, after its first (compiling) call, never after later steps.
+    assert events == ["released", "step 0", "step 1"] * 2, events
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    for key in (1, 2):
+        for xla, graph in zip(runs[True][key], runs[False][key]):
+            np.testing.assert_allclose(xla, graph, rtol=1e-4, atol=2e-5)  # AdamW: ~0.3% of one update
+
+
 def test_validation_data_reports_the_loss_without_updating():
     model = tiny_model()
     center = to_numpy(model.dino_center)

@@ -36,7 +36,9 @@ class TrainerHooks:
     A mixin before `keras.Model` in the pretrainers' bases, which also keeps the variable list of the eager step
     (`update_variables`). `_maybe_symbolic_build` is called by Keras' TensorFlow trainer only; `_make_function` by
     the JAX and TensorFlow trainers, with the (compiled) step function, which the module may wrap
-    (`wrap_step_function`: JAX compiles the step ahead of its first run, see `keras_dinov2.trainers.jax`).
+    (`wrap_step_function`: JAX compiles the step ahead of its first run, see `keras_dinov2.trainers.jax`), and
+    the function Keras makes of it likewise (`wrap_made_function`: TensorFlow hands the host memory of its first
+    call's compilation back, see `keras_dinov2.trainers.tensorflow`).
     """
 
     def compile(self, *args, **kwargs):
@@ -65,5 +67,8 @@ class TrainerHooks:
         return trainer_module().maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
 
     def _make_function(self, step_function, *args, **kwargs):
-        wrap = getattr(trainer_module(), "wrap_step_function", None)
-        return super()._make_function(step_function if wrap is None else wrap(step_function), *args, **kwargs)
+        module = trainer_module()
+        wrap = getattr(module, "wrap_step_function", None)
+        function = super()._make_function(step_function if wrap is None else wrap(step_function), *args, **kwargs)
+        after = getattr(module, "wrap_made_function", None)
+        return function if after is None else after(self, function)
