@@ -90,6 +90,33 @@ def test_pretrain_rejects_bad_flags_in_one_or_two_lines(tmp_path, capsys, flags,
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
+def test_xla_flag_compiles_the_step_with_xla_and_is_refused_on_torch(tmp_path, capsys, monkeypatch):
+    import keras
+
+    from keras_dinov2.cli.parser import build_parser
+    from keras_dinov2.run.session import Session, compile_model, compile_options
+
+    class Model:
+        def compile(self, **kwargs):
+            self.kwargs = kwargs
+
+    class Single:
+        num_replicas = 1
+
+    for flags, expected in (([], {}), (["--xla"], {"jit_compile": True})):
+        args = build_parser().parse_args(["pretrain", "--out", str(tmp_path / "run")] + flags)
+        if keras.backend.backend() != "torch":
+            session = Session("pretrain", None, Single(), None, "digits", None, compile_options=compile_options(args))
+            model = Model()
+            compile_model(session, model)
+            assert model.kwargs == expected
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(ValueError, match="--xla.*tensorflow"):
+        compile_options(args)
+    assert_short_error(capsys, ["pretrain", "--xla", "--out", str(tmp_path / "run")], "--xla", "tensorflow")
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_pretrain_rejects_missing_empty_and_unknown_data(tmp_path, capsys, monkeypatch):
     run = ["pretrain", "--out", str(tmp_path / "run"), "--batch-size", "2", "--verbose", "0"]
     assert_short_error(capsys, run + ["--data", str(tmp_path / "missing")], "missing", "does not exist")

@@ -42,6 +42,7 @@ class Session:
         data_spec: str.
         resumed: None for a new run, else (the stored config.json dict, the changes of the resume).
         max_image_pixels: int or None.
+        compile_options: dict. Passed to `model.compile` (`{"jit_compile": True}` for `--xla`).
     """
 
     command: str
@@ -51,6 +52,7 @@ class Session:
     data_spec: str
     resumed: object
     max_image_pixels: object = DEFAULT_MAX_IMAGE_PIXELS
+    compile_options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def chief(self):
@@ -76,6 +78,7 @@ def open_session(command, args, resolve):
     Raises:
         ValueError: the data gives no full batch per pass.
     """
+    options = compile_options(args)
     # First: JAX places variables on the mesh as they are created, and several hosts must
     # meet before anything runs; TF builds the model in the strategy's scope.
     dist = distribute.setup(getattr(args, "distribution", "auto"),
@@ -98,7 +101,21 @@ def open_session(command, args, resolve):
         updates = max(batches_per_pass // config.optim.gradient_accumulation_steps, 1)
         config = dataclasses.replace(
             config, optim=dataclasses.replace(config.optim, steps_per_epoch=updates))
-    return Session(command, run, dist, config, data_spec, resumed, max_image_pixels), extra
+    return Session(command, run, dist, config, data_spec, resumed, max_image_pixels, options), extra
+
+
+def compile_options(args):
+    """The `model.compile` options of the flags: `--xla` asks for `jit_compile=True`.
+
+    Raises:
+        ValueError: `--xla` on the torch backend (Keras would take it for torch.compile, which is not XLA).
+    """
+    if not getattr(args, "xla", False):
+        return {}
+    if keras.backend.backend() == "torch":
+        raise ValueError("--xla compiles the step with XLA on the tensorflow backend (jax always does); the torch "
+                         "backend has no XLA step: leave --xla out or set KERAS_BACKEND=tensorflow.")
+    return {"jit_compile": True}
 
 
 def compile_model(session, model):
@@ -107,9 +124,9 @@ def compile_model(session, model):
     if dist.num_replicas > 1:
         # The learning rate scales with the global batch (all replicas).
         model.compile(global_batch_size=dist.global_batch_size(config.batch_size)
-                      * config.optim.gradient_accumulation_steps)
+                      * config.optim.gradient_accumulation_steps, **session.compile_options)
     else:
-        model.compile()
+        model.compile(**session.compile_options)
 
 
 def restore(session, model, record):
