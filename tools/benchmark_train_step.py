@@ -109,7 +109,7 @@ and over, so the input pipeline is not timed:
                 with SSLConfig(batch_size, HeadConfig(num_prototypes), OptimConfig(warmup_epochs=
                 0), model=ModelConfig(patch, drop_path_rate=R)), model.compile() (the default:
                 JAX jit; TensorFlow tf.function, with XLA only where Keras' jit_compile="auto"
-                picks it, i.e. not on a CPU-only machine; PyTorch eager), and model.fit on
+                picks it, i.e. not on a CPU-only machine, or with --tf-xla; PyTorch eager), and model.fit on
                 tf.data.Dataset.from_tensors(batch).repeat(). --warmup steps run in a first fit()
                 call (the first step compiles); the timed steps run in a second fit() call.
   reference     (--reference-src DIR) facebookresearch/dinov2 imported from DIR at run time:
@@ -231,6 +231,11 @@ def parse_args(argv=None):
              "both the same machine. The first --drop-path rate only; no memory figures. Default: 0 (off).",
     )
     cli.add_device(parser, "the framework", "implementations")
+    parser.add_argument(
+        "--tf-xla", action="store_true",
+        help="TensorFlow: compile the step with XLA (model.compile(jit_compile=True)), which Keras does not choose on "
+             "a CPU-only machine. Default: Keras' choice.",
+    )
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -470,6 +475,7 @@ def parent(args, info):
         "device": args.device,
         "reference_src": args.reference_src,
         "torch_threads": args.torch_threads,
+        "tf_xla": args.tf_xla,
     }
     with work_folder(args.keep, "dinov2_train_bench_") as workdir:
         print(
@@ -630,7 +636,7 @@ def _build_keras(spec):
     model_config = ModelConfig(patch_size=model_info["patch"], drop_path_rate=rate, layer_scale_init=LAYER_SCALE_INIT)
     config = SSLConfig(batch_size=spec["batch_size"], heads=heads, optim=optim, data=data_config, model=model_config)
     model = DINOv2Pretrainer(backbone, config, steps_per_epoch=STEPS_PER_EPOCH)
-    model.compile()
+    model.compile(**({"jit_compile": True} if spec.get("tf_xla") and spec["backend"] == "tensorflow" else {}))
     batch = _load_batch(spec)
     memory["built"] = peak_rss_mb()
     return keras, model, batch, memory
