@@ -18,6 +18,12 @@ def _reset_keras():
 
 
 def to_numpy(x):
+    if isinstance(x, keras.Variable):
+        x = x.value
+    if hasattr(x, "detach") and str(getattr(x, "dtype", "")) != "torch.bfloat16":
+        # From the torch tensor itself: Keras' conversion goes through `np.array(tensor)`, whose `__array__`
+        # lacks the `copy` keyword NumPy 2 passes, and warns on every call (~3,000 warnings in the torch job).
+        return x.detach().cpu().numpy().copy()  # a copy, as Keras gives: in-place updates must not reach it
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 

@@ -284,7 +284,7 @@ def update_center(center, logits, momentum, valid, reduction):
 def center_targets(logits, center, temperature, momentum, valid, reduction):
     """`keras_dinov2.ops.eager.center_targets` on PyTorch: the targets with the center as it is, then the update
     copied into the center's tensor (what Keras' `assign` does, without its conversions and checks)."""
-    probs = torch.softmax((logits - center.reshape(-1)) / temperature, -1)
+    probs = softmax_center(logits, center, temperature)
     center.copy_(_updated_center(center, logits, momentum, valid, reduction))
     return probs
 
