@@ -348,3 +348,15 @@ def test_inference_bound_counts_the_models_matrix_products(capsys):
     bound = results["inference"]["bounds"]["XLA"]
     assert bound["s_per_batch"] == pytest.approx(flops / (bound["gflops"] * 1e9))
     assert "images/s" in capsys.readouterr().out
+
+
+@pytest.mark.once
+def test_peak_rss_reset_leaves_out_the_memory_held_before_it():
+    from bench import machine
+
+    block = np.ones(256 * 2**20 // 8)  # 256 MB, touched
+    before = machine.peak_rss_mb()
+    del block  # a block this large is unmapped at once
+    if not machine.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs on this system")
+    assert machine.peak_rss_mb() < before - 128

@@ -44,6 +44,7 @@ from bench.machine import (
     installed_backends,
     load_average,
     peak_rss_mb,
+    reset_peak_rss,
 )
 from bench.reference import load_file_module, reference_collate, reference_commit
 from bench.report import fmt, print_footer, print_header, print_table, write_json
@@ -150,9 +151,10 @@ compilation caches together. "import RSS" is the peak after the imports alone (o
 backend importing keras_hub imports TensorFlow), "end RSS" the resident size after the timed
 steps (VmRSS): a peak far above it was transient (compilation, or a buffer freed since). The
 notes give the peak after the imports, after building the models, after the warm-up and at the
-end, and on JAX the size of the live arrays after the steps. On GPU the table adds the peak
-device memory (JAX memory_stats peak_bytes_in_use, TensorFlow get_memory_info peak, PyTorch
-max_memory_allocated).
+end, and (on Linux, where /proc/self/clear_refs resets the peak after the warm-up) the peak of the
+timed steps alone, which leaves out what compiling the step held; on JAX the size of the live arrays
+after the steps. On GPU the table adds the peak device memory (JAX memory_stats peak_bytes_in_use,
+TensorFlow get_memory_info peak, PyTorch max_memory_allocated).
 
 Ratios: "vs ref" is the throughput of the row over the reference's at the same drop-path
 rate (above 1 = faster); "mem vs ref" its peak RSS over the reference's. Without the
@@ -393,6 +395,7 @@ def print_report(args, info, results, skipped):
             f"imports / build / warm-up / timed steps: {fmt(r.get('import_rss_mb'), '{:.0f}')} / "
             f"{fmt(r.get('built_peak_rss_mb'), '{:.0f}')} / "
             f"{fmt(r.get('warm_peak_rss_mb'), '{:.0f}')} / {r['peak_rss_mb']:.0f}"
+            + (f" (the timed steps alone: {r['steps_peak_rss_mb']:.0f})" if r.get("steps_peak_rss_mb") else "")
             + (f"  <-- unsteady (slowest / fastest {spread:.1f})" if spread > 1.5 else "")
         )
     _print_loss_terms(results, baselines)
@@ -596,7 +599,9 @@ def _finish(spec, timed, first, loss, memory, device, method, notes, terms=None)
         "first_step_s": first,
         "loss": loss,
         "loss_terms": terms or {},
-        "peak_rss_mb": peak_rss_mb(),
+        # The process's peak: the warm-up's (compilation included) or the timed steps' since the reset.
+        "peak_rss_mb": max(memory["warm"], peak_rss_mb()) if memory.get("reset") else peak_rss_mb(),
+        "steps_peak_rss_mb": peak_rss_mb() if memory.get("reset") else None,
         "import_rss_mb": memory["import"],
         "built_peak_rss_mb": memory["built"],
         "warm_peak_rss_mb": memory["warm"],
@@ -659,6 +664,7 @@ def _measure_keras(spec):
     first = timer.times[0] if timer.times else None
     warm_wall = time.perf_counter() - warm_start
     memory["warm"] = peak_rss_mb()
+    memory["reset"] = reset_peak_rss()  # the timed steps' own peak from here
     timer.reset()
     start = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=spec["steps"], verbose=0, callbacks=[timer])
@@ -1060,6 +1066,7 @@ def _measure_reference(spec):
     sync = device_sync("torch", gpu)
     first, warm_wall = warm_up(step, spec["warmup"], sync)
     memory["warm"] = peak_rss_mb()
+    memory["reset"] = reset_peak_rss()  # the timed steps' own peak from here
     timed = time_calls(step, spec["steps"], sync)
     if first is None:
         first = timed.times[0]
