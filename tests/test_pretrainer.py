@@ -209,10 +209,14 @@ def test_jax_step_compiles_once_ahead_and_releases_host_memory_before_running(mo
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's graph and XLA compilations")
 def test_tensorflow_xla_step_matches_the_graph_step_and_releases_host_memory_once(monkeypatch):
+    import time
+
+    from keras_dinov2.trainers import host
     from keras_dinov2.trainers import tensorflow as tf_trainer
 
     events = []
-    monkeypatch.setattr(tf_trainer, "release_host_memory", lambda: events.append("released") or True)
+    monkeypatch.setattr(host, "release_host_memory", lambda: events.append("released") or True)
+    monkeypatch.setattr(tf_trainer, "FIRST_CALL_RELEASE_EVERY", 0.05)  # several releases within the first call
     runs = {}
     for jit in (False, True):
         model = tiny_model(tiny_config(warmup_epochs=0))  # the same seed: the same weights
@@ -225,12 +229,36 @@ def test_tensorflow_xla_step_matches_the_graph_step_and_releases_host_memory_onc
 
         model.fit(dataset([make_batch(0), make_batch(1)]), epochs=1, verbose=0, callbacks=[recorder, Calls()])
         runs[jit] = (recorder.losses, _values(model.trainable_variables), _values(model.teacher.weights))
-    # Once per model, after its first (compiling) call, never after later steps.
-    assert events == ["released", "step 0", "step 1"] * 2, events
+    time.sleep(0.2)  # the releasing thread stopped with the first call: nothing more comes
+    # Each model: releases during its first (compiling) call and one after it, none after later steps.
+    per_model = [events[: events.index("step 1") + 1]]
+    per_model.append(events[len(per_model[0]):])
+    for part in per_model:
+        assert part[-2:] == ["step 0", "step 1"], events
+        assert len(part) > 3 and set(part[:-2]) == {"released"}, events
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
     for key in (1, 2):
         for xla, graph in zip(runs[True][key], runs[False][key]):
             np.testing.assert_allclose(xla, graph, rtol=1e-4, atol=2e-5)  # AdamW: ~0.3% of one update
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.function retraces a step making variables")
+def test_tensorflow_step_is_traced_once_with_the_optimizer_built_before():
+    model = tiny_model()
+    real = model.train_step
+    traces = []
+
+    def train_step(data):  # runs when the step is traced
+        traces.append(model.optimizer.built)
+        return real(data)
+
+    model.train_step = train_step
+    model.fit(dataset([make_batch(0), make_batch(1)]), epochs=1, verbose=0)
+    # Keras would build the optimizer inside the first trace, and tf.function would trace the step again.
+    assert traces == [True], traces
+    evaluated = tiny_model()  # evaluation alone allocates no optimizer state
+    evaluated.evaluate(dataset([make_batch(2)]), verbose=0)
+    assert not evaluated.optimizer.built
 
 
 def test_validation_data_reports_the_loss_without_updating():

@@ -34,7 +34,9 @@ class TrainerHooks:
     """The two places where Keras' backend trainers call into a model during `fit`, routed to the trainer module.
 
     A mixin before `keras.Model` in the pretrainers' bases, which also keeps the variable list of the eager step
-    (`update_variables`). `_maybe_symbolic_build` is called by Keras' TensorFlow trainer only; `_make_function` by
+    (`update_variables`). `make_train_function` lets the module prepare the model first (`prepare_train_function`:
+    TensorFlow builds the optimizer before tracing, see `keras_dinov2.trainers.tensorflow`).
+    `_maybe_symbolic_build` is called by Keras' TensorFlow trainer only; `_make_function` by
     the JAX and TensorFlow trainers, with the (compiled) step function, which the module may wrap
     (`wrap_step_function`: JAX compiles the step ahead of its first run, see `keras_dinov2.trainers.jax`), and
     the function Keras makes of it likewise (`wrap_made_function`: TensorFlow hands the host memory of its first
@@ -62,6 +64,12 @@ class TrainerHooks:
             # Past Keras' attribute tracking: the list is a cache, not state of the model.
             object.__setattr__(self, "_update_variables", (optimizer, variables))
         return variables
+
+    def make_train_function(self, force=False):
+        prepare = getattr(trainer_module(), "prepare_train_function", None)
+        if prepare is not None:
+            prepare(self)
+        return super().make_train_function(force=force)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         return trainer_module().maybe_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)

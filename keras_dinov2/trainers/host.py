@@ -1,6 +1,8 @@
 """Host memory shared by the compiled trainers: handing the C heap's free pages back after a compilation."""
 
+import contextlib
 import ctypes
+import threading
 
 
 def release_host_memory():
@@ -16,3 +18,27 @@ def release_host_memory():
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         return False
+
+
+@contextlib.contextmanager
+def releasing_host_memory(every=1.0):
+    """Runs the block with `release_host_memory` called every `every` seconds from a thread, and once at its end.
+
+    For a call that compiles and then runs at once, with no point in between to release at (TensorFlow's first call
+    of an XLA-compiled step): the compiler's freed pages go back while it works, before the step's buffers are
+    allocated beside them. Each call takes the allocator's locks briefly; meant for one call, not every step.
+    """
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every):
+            release_host_memory()
+
+    thread = threading.Thread(target=loop, name="keras_dinov2-release-host-memory", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        release_host_memory()
