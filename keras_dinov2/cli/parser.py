@@ -128,7 +128,7 @@ def _add_run_flags(parser, command):
     parser.add_argument("--xla", action="store_true",
                         help="tensorflow: compile the training step with XLA on a CPU-only machine too, which "
                              "Keras leaves to GPUs (ViT-S/14 on 2 CPU cores: steps 1.46x faster and less memory "
-                             "between them; the first step takes ~20-30 s longer to compile, so short runs of "
+                             "between them; the first step takes ~15-20 s longer to compile, so short runs of "
                              "small models, like the digits default, finish later); jax always compiles with "
                              "XLA; not for torch")
     parser.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
