@@ -208,7 +208,7 @@ def test_jax_step_compiles_once_ahead_and_releases_host_memory_before_running(mo
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's graph and XLA compilations")
-def test_tensorflow_xla_step_matches_the_graph_step_and_releases_host_memory_once(monkeypatch):
+def test_tensorflow_xla_step_matches_the_graph_step_and_releases_host_memory_in_its_first_call(monkeypatch):
     import time
 
     from keras_dinov2.trainers import host
